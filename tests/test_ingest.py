@@ -1,0 +1,127 @@
+import dataclasses
+import io
+import tarfile
+
+import boto3
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.config import DataConfig, StorageConfig
+from pipeline.demo_world import tar_bytes, web_pairs, write_parquet_copy
+from pipeline.ingest import read_samples
+
+LOCAL = StorageConfig()
+
+
+def _rows(ds):
+    df = ds.to_pandas()
+    return df.sort_values("key").reset_index(drop=True)
+
+
+def _comparable(df):
+    return df[["key", "caption", "image", "skip_reason"]]
+
+
+def test_tar_and_parquet_read_the_same_rows(ray_local, tiny_world, tmp_path):
+    n = write_parquet_copy(str(tiny_world / "train"), str(tmp_path / "pq"), LOCAL)
+    tar_rows = _rows(read_samples(str(tiny_world / "train"), DataConfig(), LOCAL))
+    pq_rows = _rows(read_samples(str(tmp_path / "pq"), DataConfig(format="parquet"), LOCAL))
+    assert n == len(tar_rows) == 600
+    pd.testing.assert_frame_equal(_comparable(tar_rows), _comparable(pq_rows))
+    assert set(tar_rows.skip_reason) == {"", "empty_caption"}
+
+
+def test_s3_reads_the_same_rows_as_local(ray_local, tiny_world, s3_endpoint, tmp_path):
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for shard in sorted((tiny_world / "train").glob("*.tar")):
+        s3.upload_file(str(shard), "mode", f"world/train/{shard.name}")
+    write_parquet_copy(str(tiny_world / "train"), str(tmp_path / "pq"), LOCAL)
+    for f in sorted((tmp_path / "pq").glob("*.parquet")):
+        s3.upload_file(str(f), "mode", f"world/pq/{f.name}")
+    remote = StorageConfig(s3_endpoint_url=s3_endpoint)
+    local = _rows(read_samples(str(tiny_world / "train"), DataConfig(), LOCAL))
+    from_s3 = _rows(read_samples("s3://mode/world/train", DataConfig(), remote))
+    pd.testing.assert_frame_equal(_comparable(local), _comparable(from_s3))
+    assert from_s3.shard.str.startswith("mode/world/train/").all()
+    pq_s3 = _rows(read_samples("s3://mode/world/pq", DataConfig(format="parquet"), remote))
+    pd.testing.assert_frame_equal(_comparable(local), _comparable(pq_s3))
+
+
+def _good_pairs(stream, n, shard):
+    pairs = web_pairs(7, stream, n, 32, {"shapes": 1.0}, 10_000)
+    return [dataclasses.replace(p, key=f"{shard:05d}{p.key[5:]}") for p in pairs if p.noise == "clean"]
+
+
+def _members(pairs, drop=()):
+    for p in pairs:
+        for ext, data in (("jpg", p.jpg), ("txt", p.txt.encode())):
+            if (p.key, ext) not in drop:
+                yield f"{p.key}.{ext}", data
+
+
+def plant_bad_shards(folder, cut_member=10):
+    """Two shards: one with one bad record per reason, one truncated inside its 6th sample
+    (member 10 is that sample's image, member 11 its caption).
+
+    Returns (expected skip counts, keys of every good row).
+    """
+    pairs = _good_pairs("bad-a", 40, 0)[:12]
+    bad = {p.key: reason for p, reason in zip(pairs, [
+        "corrupt_image", "empty_caption", "caption_not_utf8", "missing_image", "missing_caption"], strict=False)}
+    members = []
+    for p in pairs:
+        reason = bad.get(p.key)
+        jpg, txt = p.jpg, p.txt.encode()
+        if reason == "corrupt_image":
+            jpg = jpg[: len(jpg) // 2]
+        elif reason == "empty_caption":
+            txt = b"  \n "
+        elif reason == "caption_not_utf8":
+            txt = b"caf\xe9 \xff sign"
+        if reason != "missing_image":
+            members.append((f"{p.key}.jpg", jpg))
+        if reason != "missing_caption":
+            members.append((f"{p.key}.txt", txt))
+    (folder / "a.tar").write_bytes(tar_bytes(iter(members)))
+
+    cut_pairs = _good_pairs("bad-b", 40, 1)[:10]
+    whole = tar_bytes(_members(cut_pairs))
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        member = tar.getmembers()[cut_member]
+    cut = member.offset_data + member.size // 2
+    (folder / "b.tar").write_bytes(whole[:cut])
+
+    expected = {r: 1 for r in bad.values()} | {"truncated_tar": 1}
+    good = {p.key for p in pairs if p.key not in bad} | {p.key for p in cut_pairs[:5]}
+    return expected, good
+
+
+@pytest.mark.parametrize("cut_member", [10, 11])
+def test_planted_bad_records_are_counted_and_good_rows_kept(ray_local, tmp_path, cut_member):
+    expected, good = plant_bad_shards(tmp_path, cut_member)
+    rows = _rows(read_samples(str(tmp_path), DataConfig(), LOCAL))
+    counts = rows[rows.skip_reason != ""].skip_reason.value_counts().to_dict()
+    assert counts == expected
+    kept = rows[rows.skip_reason == ""]
+    assert set(kept.key) == good and len(kept) == len(good) == 12
+    for image in kept.image:
+        Image.open(io.BytesIO(image)).load()
+    assert kept.caption.str.strip().eq(kept.caption).all() and kept.caption.str.len().gt(0).all()
+
+
+def test_captions_only_mode_keeps_presence_not_bytes(ray_local, tmp_path):
+    expected, good = plant_bad_shards(tmp_path)
+    rows = _rows(read_samples(str(tmp_path), DataConfig(), LOCAL, keep_images=False))
+    counts = rows[rows.skip_reason != ""].skip_reason.value_counts().to_dict()
+    # Without image bytes a corrupt JPEG cannot be seen; every other reason still is.
+    assert counts == {k: v for k, v in expected.items() if k != "corrupt_image"}
+    assert (rows[rows.skip_reason == ""].image == b"").all()
+
+
+def test_missing_data_fails_clearly(ray_local, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no shards"):
+        read_samples(str(tmp_path / "nowhere"), DataConfig(), LOCAL)
+    (tmp_path / "x.parquet").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no \.tar shards"):
+        read_samples(str(tmp_path), DataConfig(), LOCAL)
