@@ -1,0 +1,1 @@
+"""MoDE on Ray: Mixture of Data Experts (CLIP data experts via clustering) as Ray stages."""
