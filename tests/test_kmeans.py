@@ -1,0 +1,90 @@
+"""The k-means maths without Ray: each case runs in milliseconds."""
+
+import numpy as np
+import pytest
+
+from pipeline import kmeans
+
+
+def _blobs(seed=0, n=200):
+    rng = np.random.default_rng(seed)
+    a = rng.normal([0, 0], 0.1, (n, 2))
+    b = rng.normal([5, 5], 0.1, (n, 2))
+    return np.vstack([a, b]).astype(np.float32)
+
+
+def test_two_blobs_are_found():
+    x = _blobs()
+    centroids, history = kmeans.lloyd(x, 2, iterations=10, seed=0, balanced=False)
+    centres = sorted(map(tuple, np.round(centroids, 1)))
+    assert np.allclose(centres, [(0, 0), (5, 5)], atol=0.1)
+    assert history[-1] <= history[0]
+    d, labels = kmeans.nearest(x, centroids)
+    assert len(set(labels[:200, 0])) == 1 and len(set(labels[200:, 0])) == 1
+    assert labels[0, 0] != labels[-1, 0]
+
+
+def test_empty_cluster_is_reseeded_not_left_empty():
+    x = _blobs()
+    previous = np.array([[0, 0], [5, 5], [100, 100]], np.float32)   # third centre owns nothing
+    d, i = kmeans.nearest(x, previous)
+    stats = kmeans.block_stats(x, i[:, 0], d[:, 0], 3)
+    assert stats.counts[2] == 0
+    new, reseeded = kmeans.update_centroids(stats, previous, seed=1)
+    assert reseeded == 1
+    assert np.linalg.norm(new[2] - [100, 100]) > 50        # moved next to a populated cluster
+    d2, i2 = kmeans.nearest(x, new)
+    assert np.bincount(i2[:, 0], minlength=3).min() > 0    # and it owns points now
+
+
+def test_lloyd_never_ends_with_an_empty_cluster():
+    rng = np.random.default_rng(3)
+    x = np.vstack([rng.normal(0, 0.01, (300, 4)), rng.normal(3, 0.01, (5, 4))]).astype(np.float32)
+    centroids, _ = kmeans.lloyd(x, 8, iterations=15, seed=0, balanced=False)
+    _, i = kmeans.nearest(x, centroids)
+    assert np.bincount(i[:, 0], minlength=8).min() > 0
+
+
+@pytest.mark.parametrize("n,k", [(1000, 7), (999, 10), (64, 64)])
+def test_balanced_assignment_respects_capacities(n, k):
+    rng = np.random.default_rng(n)
+    # Skewed data: 80% of the points near one centre, which plain assignment would overfill.
+    centroids = rng.normal(size=(k, 8)).astype(np.float32)
+    x = (centroids[rng.choice(k, n, p=[0.8] + [0.2 / (k - 1)] * (k - 1))]
+         + rng.normal(0, 0.3, (n, 8))).astype(np.float32)
+    caps = kmeans.capacities(n, k)
+    labels, dist = kmeans.balanced_assign(x, centroids, caps, candidates=4)
+    sizes = np.bincount(labels, minlength=k)
+    assert (labels >= 0).all() and (sizes <= caps).all() and sizes.sum() == n
+    assert caps.max() - caps.min() <= 1
+    exact = ((x - centroids[labels]) ** 2).sum(1)
+    assert np.allclose(dist, exact, rtol=1e-4, atol=1e-4)
+    _, plain = kmeans.nearest(x, centroids)
+    assert np.bincount(plain[:, 0], minlength=k).max() > caps.max()   # the constraint did bind
+
+
+def test_capacities_sum_and_rotate():
+    caps = [kmeans.capacities(10, 4, b) for b in range(4)]
+    assert all(c.sum() == 10 for c in caps)
+    assert np.ptp(np.sum(caps, axis=0)) <= 1          # remainders spread over the centres
+
+
+def test_same_seed_gives_bit_identical_centroids():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    a, ha = kmeans.lloyd(x, 16, iterations=5, seed=7, balanced=True, blocks=4)
+    b, hb = kmeans.lloyd(x, 16, iterations=5, seed=7, balanced=True, blocks=4)
+    c, _ = kmeans.lloyd(x, 16, iterations=5, seed=8, balanced=True, blocks=4)
+    assert a.tobytes() == b.tobytes() and ha == hb
+    assert a.tobytes() != c.tobytes()
+
+
+def test_balanced_fit_gives_equal_sizes_on_skewed_data():
+    rng = np.random.default_rng(11)
+    topics = rng.normal(size=(5, 32))
+    x = topics[rng.choice(5, 4000, p=[0.6, 0.2, 0.1, 0.05, 0.05])] + rng.normal(0, 0.5, (4000, 32))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    centroids, _ = kmeans.lloyd(x, 20, iterations=8, seed=0, balanced=True, blocks=3)
+    labels, _ = kmeans.balanced_assign(x, centroids, kmeans.capacities(len(x), 20))
+    sizes = np.bincount(labels, minlength=20)
+    assert sizes.max() - sizes.min() <= 1
