@@ -1,5 +1,6 @@
 import json
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -9,7 +10,7 @@ from pipeline.config import load_config
 from pipeline.rundir import CountMismatch, RunDir
 from tests.test_ingest import plant_bad_shards
 
-sys.path.insert(0, "jobs")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import ingest as ingest_job  # noqa: E402  (jobs/ingest.py)
 
 
