@@ -31,7 +31,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from pipeline.config import DemoConfig, StorageConfig
-from pipeline.storage import filesystem, join
+from pipeline.storage import expand_shards, filesystem, join
 
 TRAIN_DOMAINS = ("shapes", "digits", "textures", "scenes")
 NEW_DOMAIN = "arrows"
@@ -445,8 +445,6 @@ def write_parquet_copy(src_tar_uri: str, dst_uri: str, storage: StorageConfig) -
     The tars are read with Python's tarfile: this is a test-and-demo utility for making a
     parquet twin of the demo world, not an ingest path.
     """
-    from pipeline.storage import expand_shards
-
     fs_src, _ = filesystem(src_tar_uri, storage)
     fs_dst, dst = filesystem(dst_uri, storage)
     fs_dst.makedirs(dst, exist_ok=True)

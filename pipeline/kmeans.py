@@ -96,6 +96,15 @@ def balanced_assign(x: np.ndarray, centroids: np.ndarray, caps: np.ndarray,
     return labels, dist
 
 
+def assign_block(x: np.ndarray, centroids: np.ndarray, balanced: bool,
+                 index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and squared distances of one block: capacity-constrained or plain nearest."""
+    if balanced:
+        return balanced_assign(x, centroids, capacities(len(x), len(centroids), index))
+    d, i = nearest(x, centroids)
+    return i[:, 0], d[:, 0]
+
+
 def block_stats(x: np.ndarray, labels: np.ndarray, dist: np.ndarray, k: int) -> Stats:
     """Per-centre float64 sums and counts of one block, and its objective."""
     sums = np.zeros((k, x.shape[1]), np.float64)
@@ -160,11 +169,7 @@ def lloyd(x: np.ndarray, k: int, iterations: int, seed: int, balanced: bool,
     for it in range(iterations):
         stats = []
         for b, rows in enumerate(parts):
-            if balanced:
-                labels, dist = balanced_assign(x[rows], centroids, capacities(len(rows), k, b))
-            else:
-                d, i = nearest(x[rows], centroids)
-                labels, dist = i[:, 0], d[:, 0]
+            labels, dist = assign_block(x[rows], centroids, balanced, b)
             stats.append(block_stats(x[rows], labels, dist, k))
         total = reduce_stats(stats)
         history.append(total.objective)

@@ -22,11 +22,7 @@ log = logging.getLogger(__name__)
 @ray.remote(num_cpus=1)
 def _block_stats(block: np.ndarray, centroids: np.ndarray, k: int, balanced: bool,
                  index: int) -> kmeans.Stats:
-    if balanced:
-        labels, dist = kmeans.balanced_assign(block, centroids, kmeans.capacities(len(block), k, index))
-    else:
-        d, i = kmeans.nearest(block, centroids)
-        labels, dist = i[:, 0], d[:, 0]
+    labels, dist = kmeans.assign_block(block, centroids, balanced, index)
     return kmeans.block_stats(block, labels, dist, k)
 
 
