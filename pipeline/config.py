@@ -77,6 +77,11 @@ class EmbedConfig:
     num_gpus_per_actor: float = 0.0
     # CPUs per encoder actor; keep below the node's CPUs so read tasks still get scheduled.
     num_cpus_per_actor: float = 1.0
+    # Distinct captions each encoder actor remembers, so repeated captions are embedded once
+    # (about 1.5 KB each at d=384); 0 de-duplicates within a batch only.
+    cache_size: int = 200_000
+    # Minimum rows per written parquet file (avoids one tiny file per batch).
+    rows_per_file: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,13 @@ class ClusterConfig:
     sample_per_centre: int = 256
     # Seed of the sample and of the initial centres.
     seed: int = 0
+    # Independent fits from different initial centres; the lowest final objective wins.
+    restarts: int = 1
+    # Rows per block of the fit and of the assignment: the capacity limit applies per block,
+    # so blocks must be large against fine_k for the balanced assignment to stay close.
+    block_rows: int = 65_536
+    # Coarse level: give every expert the same number of fine clusters instead of nearest.
+    balanced_coarse: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,36 @@ class TrainConfig:
     seed_fraction: float = 0.5
     # Share of out-of-cluster samples mixed into each expert's data (authors' code: 0.02).
     ooc_ratio: float = 0.02
+    # Samples of linear warmup at the start of the schedule; the cosine decays over the rest.
+    warmup_samples: int = 12_000
+    # AdamW weight decay, applied to weight matrices only (not gains, biases, logit scale).
+    weight_decay: float = 0.1
+    # Seed of the model init and of the data order.
+    seed: int = 0
+    # amp: float16 autocast + GradScaler; amp_bf16: bfloat16 autocast. Both on CUDA only: CPU
+    # workers always train in fp32.
+    precision: Literal["amp", "amp_bf16", "fp32"] = "amp"
+    # Use open_clip's training transform (random resized crop) instead of resize + centre crop.
+    augment: bool = True
+    # Rows in each worker's local shuffle buffer; 0 keeps the stream order.
+    shuffle_buffer: int = 10_000
+    # Write a checkpoint every this many optimiser steps (and always at the end).
+    checkpoint_every_steps: int = 1_000
+    # Checkpoints kept per run; older ones are deleted by Ray Train.
+    keep_checkpoints: int = 2
+    # Print loss, samples/s and ETA every this many steps.
+    log_every_steps: int = 50
+    # Ray Train workers per run; each takes batch_size / num_workers samples per step.
+    num_workers: int = 1
+    # One GPU per worker.
+    use_gpu: bool = False
+    # CPUs reserved per worker. Below 1 on small machines, so Ray Data's read and decode
+    # tasks still get scheduled next to the trainer.
+    cpus_per_worker: float = 1.0
+    # torch threads per worker; 0 keeps Ray's default (the worker's whole CPUs, at least 1).
+    threads_per_worker: int = 0
+    # Worker-group failures retried from the latest checkpoint within one run.
+    max_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,24 +197,38 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "embed": {"model": "minilm-offline", "batch_size": 256, "num_actors": 1,
                   "num_cpus_per_actor": 1.0},
         # 64 fine centres over ~700 distinct demo captions: 1024 would be mostly duplicates.
-        "cluster": {"fine_k": 64, "num_experts": 4, "iterations": 20, "sample_per_centre": 0},
+        # The k-means seed decides whether experts match the domains (CALIBRATION.md): restarts.
+        "cluster": {"fine_k": 64, "num_experts": 4, "iterations": 20, "sample_per_centre": 0,
+                    "restarts": 3},
+        # CALIBRATION.md: batch 128 beat 256, lr 3e-3 beat 1e-3, warmup 12k samples. A 0.5-CPU
+        # worker with 2 torch threads leaves Ray Data room to decode on a 2-core laptop.
         "train": {"model": "mode-tiny", "batch_size": 128, "lr": 3e-3, "total_samples": 240_000,
-                  "seed_fraction": 0.5},
+                  "seed_fraction": 0.5, "warmup_samples": 12_000, "precision": "fp32",
+                  "augment": False, "shuffle_buffer": 2_048, "checkpoint_every_steps": 250,
+                  "keep_checkpoints": 2, "log_every_steps": 50, "num_workers": 1,
+                  "use_gpu": False, "cpus_per_worker": 0.5, "threads_per_worker": 2},
     },
     "small": {
         "embed": {"model": "minilm-offline", "batch_size": 512, "num_actors": 2,
                   "num_gpus_per_actor": 0.25},
         "cluster": {"fine_k": 256, "num_experts": 4},
         "train": {"model": "ViT-B-32", "batch_size": 1024, "lr": 5e-4,
-                  "total_samples": 128_000_000, "seed_fraction": 27 / 32},
+                  "total_samples": 128_000_000, "seed_fraction": 27 / 32,
+                  "warmup_samples": 2_048_000, "use_gpu": True, "cpus_per_worker": 4.0,
+                  "checkpoint_every_steps": 2_000, "max_failures": 3},
     },
     "laion": {
         "embed": {"model": "princeton-nlp/unsup-simcse-bert-base-uncased", "batch_size": 1024,
                   "num_actors": 8, "num_gpus_per_actor": 1.0, "num_cpus_per_actor": 4.0},
         "cluster": {"fine_k": 1024, "num_experts": 4, "iterations": 20,
                     "sample_per_centre": 256},
+        # OpenCLIP's B/16 recipe: 2k warmup steps at batch 32k, bf16. 32 workers = the 8
+        # g5.12xlarge GPU nodes of cluster.yaml (4 GPUs, 48 vCPUs: the rest decode images).
         "train": {"model": "ViT-B-16", "batch_size": 32_768, "lr": 5e-4,
-                  "total_samples": 12_800_000_000, "seed_fraction": 27 / 32},
+                  "total_samples": 12_800_000_000, "seed_fraction": 27 / 32,
+                  "warmup_samples": 65_536_000, "precision": "amp_bf16", "num_workers": 32,
+                  "use_gpu": True, "cpus_per_worker": 4.0, "checkpoint_every_steps": 1_000,
+                  "max_failures": 3},
     },
 }
 
@@ -250,6 +306,12 @@ def _check_ranges(cfg: Config) -> None:
         "cluster.iterations": cfg.cluster.iterations, "train.batch_size": cfg.train.batch_size,
         "train.total_samples": cfg.train.total_samples, "train.lr": cfg.train.lr,
         "embed.num_cpus_per_actor": cfg.embed.num_cpus_per_actor,
+        "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "train.log_every_steps": cfg.train.log_every_steps,
+        "train.num_workers": cfg.train.num_workers, "train.cpus_per_worker": cfg.train.cpus_per_worker,
+        "embed.rows_per_file": cfg.embed.rows_per_file, "cluster.restarts": cfg.cluster.restarts,
+        "cluster.block_rows": cfg.cluster.block_rows,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -258,6 +320,11 @@ def _check_ranges(cfg: Config) -> None:
         "demo.new_domain_samples": cfg.demo.new_domain_samples,
         "cluster.sample_per_centre": cfg.cluster.sample_per_centre,
         "embed.num_gpus_per_actor": cfg.embed.num_gpus_per_actor,
+        "train.warmup_samples": cfg.train.warmup_samples, "train.weight_decay": cfg.train.weight_decay,
+        "train.shuffle_buffer": cfg.train.shuffle_buffer,
+        "train.threads_per_worker": cfg.train.threads_per_worker,
+        "train.max_failures": cfg.train.max_failures,
+        "embed.cache_size": cfg.embed.cache_size,
     }
     for name, value in non_negative.items():
         if value < 0:
@@ -268,6 +335,12 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"train.seed_fraction: must be in (0, 1), got {cfg.train.seed_fraction}")
     if not 0 <= cfg.train.ooc_ratio < 1:
         raise ConfigError(f"train.ooc_ratio: must be in [0, 1), got {cfg.train.ooc_ratio}")
+    if cfg.train.warmup_samples >= cfg.train.total_samples:
+        raise ConfigError(f"train.warmup_samples ({cfg.train.warmup_samples}) must be below "
+                          f"train.total_samples ({cfg.train.total_samples})")
+    if cfg.train.batch_size % cfg.train.num_workers:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
+                          f"train.num_workers ({cfg.train.num_workers})")
     if cfg.cluster.num_experts > cfg.cluster.fine_k:
         raise ConfigError(f"cluster.num_experts ({cfg.cluster.num_experts}) must not exceed "
                           f"cluster.fine_k ({cfg.cluster.fine_k})")

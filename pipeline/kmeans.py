@@ -108,7 +108,13 @@ def assign_block(x: np.ndarray, centroids: np.ndarray, balanced: bool,
 def block_stats(x: np.ndarray, labels: np.ndarray, dist: np.ndarray, k: int) -> Stats:
     """Per-centre float64 sums and counts of one block, and its objective."""
     sums = np.zeros((k, x.shape[1]), np.float64)
-    np.add.at(sums, labels, x.astype(np.float64))
+    if len(labels):
+        # Rows grouped by centre (stable: block order kept), then one segmented float64 sum:
+        # the same row-by-row additions as np.add.at, bit for bit, about 3x faster.
+        order = np.argsort(labels, kind="stable")
+        grouped = labels[order]
+        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+        sums[grouped[starts]] = np.add.reduceat(x[order], starts, axis=0, dtype=np.float64)
     return Stats(sums, np.bincount(labels, minlength=k).astype(np.int64), float(dist.astype(np.float64).sum()))
 
 
@@ -175,3 +181,50 @@ def lloyd(x: np.ndarray, k: int, iterations: int, seed: int, balanced: bool,
         history.append(total.objective)
         centroids, _ = update_centroids(total, centroids, seed + it + 1)
     return centroids, history
+
+
+def weighted_kmeans(x: np.ndarray, weights: np.ndarray, k: int, seed: int, iterations: int = 50,
+                    restarts: int = 10, balanced: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """Small weighted k-means, for the coarse level: x are the fine centres, weights their sizes.
+
+    Each restart starts from k distinct rows drawn with ``seed + restart``; the lowest weighted
+    objective wins. With ``balanced`` every cluster gets len(x)//k or len(x)//k + 1 rows (the
+    same number of fine clusters per expert). An empty cluster takes the row farthest from its
+    centre. Returns (centroids (k, d) float32, labels (n,) int64, weighted objective).
+    """
+    x = np.ascontiguousarray(x, np.float32)
+    w = np.asarray(weights, np.float64)
+    if len(x) < k:
+        raise ValueError(f"need at least k={k} rows, got {len(x)}")
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError("weights must be non-negative with a positive sum")
+    best = None
+    for r in range(restarts):
+        centroids = init_centroids(x, k, seed + r)
+        for _ in range(iterations):
+            labels, dist = assign_block(x, centroids, balanced, 0)
+            new = centroids.astype(np.float64).copy()
+            for j in range(k):
+                members = labels == j
+                if w[members].sum() > 0:
+                    new[j] = np.average(x[members], axis=0, weights=w[members])
+                elif members.any():
+                    new[j] = x[members].mean(axis=0)
+                else:
+                    far = int(np.argmax(dist))
+                    new[j] = x[far]
+                    dist[far] = -1.0
+            new = new.astype(np.float32)
+            if np.array_equal(new, centroids):
+                break
+            centroids = new
+        labels, dist = assign_block(x, centroids, balanced, 0)
+        for j in np.flatnonzero(np.bincount(labels, minlength=k) == 0):
+            # Every expert must own a fine cluster: it takes the worst-fitting shareable row.
+            shareable = np.bincount(labels, minlength=k)[labels] > 1
+            far = int(np.argmax(np.where(shareable, dist, -1.0)))
+            labels[far], dist[far], centroids[j] = j, 0.0, x[far]
+        objective = float((w * dist).sum())
+        if best is None or objective < best[2]:
+            best = (centroids, labels, objective)
+    return best

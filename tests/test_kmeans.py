@@ -101,3 +101,23 @@ def test_ray_fit_is_bit_identical_to_the_single_process_reference(ray_local, bal
     centroids, records = kmeans_ray.fit(blocks, kmeans.init_centroids(x, 32, 9), 4, 9, balanced)
     assert centroids.tobytes() == reference.tobytes()
     assert [r["objective"] for r in records] == history
+
+
+def test_weighted_coarse_level_follows_the_weights_and_leaves_no_expert_empty():
+    rng = np.random.default_rng(0)
+    centres = np.array([[1, 0], [-1, 0], [0, 1]], np.float32)
+    x = np.concatenate([c + 0.05 * rng.standard_normal((10, 2)) for c in centres]).astype(np.float32)
+    w = np.ones(len(x))
+    _, labels, _ = kmeans.weighted_kmeans(x, w, 3, seed=0)
+    assert sorted(np.bincount(labels).tolist()) == [10, 10, 10]
+    assert all(len(set(labels[i:i + 10])) == 1 for i in (0, 10, 20))
+    # One heavy row pulls its centre onto itself.
+    w2 = w.copy()
+    w2[0] = 1e6
+    c2, labels2, _ = kmeans.weighted_kmeans(x, w2, 3, seed=0)
+    assert np.allclose(c2[labels2[0]], x[0], atol=1e-3)
+    # More experts than natural groups: still none empty; balanced: equal counts.
+    _, labels3, _ = kmeans.weighted_kmeans(x, w, 6, seed=0)
+    assert np.bincount(labels3, minlength=6).min() >= 1
+    _, labels4, _ = kmeans.weighted_kmeans(x[:28], w[:28], 4, seed=0, balanced=True)
+    assert np.bincount(labels4).tolist() == [7, 7, 7, 7]

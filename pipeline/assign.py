@@ -1,0 +1,162 @@
+"""Stage ``assignments``: every embedded sample gets a fine cluster and an expert.
+
+Streams ``embeddings/`` in blocks of ``cluster.block_rows`` and writes (README, "Run directory")::
+
+    assignments/expert_id=<e>/*.parquet   key: string, fine_id: int32, expert_id: int32,
+                                          distance: float32 (L2 to the fine centre)
+    assignments/_sizes.png                 histogram of fine-cluster sizes, bar chart of experts
+
+With ``cluster.balanced`` every block is assigned under per-centre capacities that sum to the
+block's size, so the full data stays balanced, not only the fit sample. The manifest holds the
+rows per expert and per fine cluster; the write replaces earlier files (a rerun never
+duplicates rows).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import ray.data
+from ray.data import SaveMode
+from ray.data.datasource import Partitioning
+
+from pipeline import cluster, kmeans
+from pipeline.config import Config
+from pipeline.embed import count_rows, embedding_matrix
+from pipeline.rundir import RunDir, stage_hash
+from pipeline.storage import pyarrow_filesystem, write_bytes_atomic
+
+STAGE = "assignments"
+
+
+def assign_table(batch: pa.Table, fine: np.ndarray, fine_to_expert: np.ndarray,
+                 balanced: bool) -> pa.Table:
+    """One block of embeddings to its assignment rows (capacity-limited when ``balanced``)."""
+    keys = batch.column("key")
+    # The block's first key decides which centres take the remainder rows: fixed per block.
+    offset = int(cluster.key_rank(keys.slice(0, 1).to_numpy(zero_copy_only=False), 0)[0] % 2**31)
+    labels, d2 = kmeans.assign_block(embedding_matrix(batch), fine, balanced, offset)
+    return pa.table({"key": keys, "fine_id": pa.array(labels.astype(np.int32)),
+                     "expert_id": pa.array(fine_to_expert[labels].astype(np.int32)),
+                     "distance": pa.array(np.sqrt(np.maximum(d2, 0)).astype(np.float32))})
+
+
+def _fine_counts(batch: pd.DataFrame) -> pd.DataFrame:
+    return batch.groupby("fine_id", as_index=False).agg(n=("key", "size"),
+                                                         distance=("distance", "sum"))
+
+
+def plot_sizes(fine_counts: np.ndarray, expert_counts: np.ndarray) -> bytes:
+    """PNG: histogram of fine-cluster sizes and bar chart of expert sizes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.hist(fine_counts, bins=min(50, max(10, len(fine_counts) // 8)), color="#4472c4")
+    a.axvline(fine_counts.mean(), color="k", ls="--", lw=1, label=f"mean {fine_counts.mean():.0f}")
+    a.set(title=f"{len(fine_counts)} fine clusters", xlabel="samples per fine cluster",
+          ylabel="fine clusters")
+    a.legend()
+    b.bar(np.arange(len(expert_counts)), expert_counts, color="#ed7d31")
+    b.set(title=f"{len(expert_counts)} experts", xlabel="expert_id", ylabel="samples",
+          xticks=np.arange(len(expert_counts)))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[str, Any]:
+    """Assign every row of ``embeddings/`` with the fitted centres; write ``assignments/``."""
+    clusters = run.manifest("clusters")
+    if clusters is None:
+        raise FileNotFoundError(f"{run.stage_uri('clusters')} has no manifest: "
+                                "run jobs/cluster.py first")
+    emb = run.manifest("embeddings")
+    inputs = {"clusters": clusters["config_hash"], "embeddings": emb["config_hash"]}
+    config_hash = stage_hash(cfg, ("cluster",), inputs)
+    done = run.completed(STAGE, config_hash)
+    if done and not force:
+        log(f"[assign] complete for this config ({run.stage_uri(STAGE)}): skipped")
+        return done
+    started = run.begin(STAGE)
+    t0 = time.perf_counter()
+    arrays = cluster.load(run)
+    fine, fine_to_expert = arrays["fine_centroids"], arrays["fine_to_expert"]
+    k, m = len(fine), cfg.cluster.num_experts
+    rows_in = count_rows(run, "embeddings")
+    fs = pyarrow_filesystem(run.fs)
+    ds = ray.data.read_parquet(run.stage_uri("embeddings"), filesystem=fs)
+    assigned = ds.map_batches(assign_table, batch_format="pyarrow", batch_size=cfg.cluster.block_rows,
+                              fn_kwargs={"fine": fine, "fine_to_expert": fine_to_expert,
+                                         "balanced": cfg.cluster.balanced}).materialize()
+    tally = assigned.map_batches(_fine_counts, batch_format="pandas").to_pandas()
+    fine_counts = np.zeros(k, np.int64)
+    np.add.at(fine_counts, tally["fine_id"].to_numpy(), tally["n"].to_numpy())
+    expert_counts = np.bincount(fine_to_expert, weights=fine_counts, minlength=m).astype(np.int64)
+    # A partition per expert; repartition first so each expert gets few files, not one per block.
+    path = run.stage_path(STAGE)
+    assigned.repartition(max(1, int(np.ceil(rows_in / cfg.embed.rows_per_file)))) \
+        .write_parquet(path, filesystem=fs, partition_cols=["expert_id"], mode=SaveMode.OVERWRITE)
+    rows_out = count_rows(run, STAGE)
+    if rows_out != int(fine_counts.sum()):
+        raise RuntimeError(f"[assign] tallied {int(fine_counts.sum())} rows but wrote {rows_out}")
+    write_bytes_atomic(run.fs, run.stage_path(STAGE, "_sizes.png"),
+                       plot_sizes(fine_counts, expert_counts))
+    mean = fine_counts.mean()
+    stats = {
+        "balanced": cfg.cluster.balanced,
+        "rows_per_expert": {str(e): int(v) for e, v in enumerate(expert_counts)},
+        "rows_per_fine_cluster": fine_counts.tolist(),
+        "fine_sizes": {"min": int(fine_counts.min()), "max": int(fine_counts.max()),
+                       "mean": float(mean), "cv": float(fine_counts.std() / mean),
+                       "max_over_mean": float(fine_counts.max() / mean),
+                       "empty": int((fine_counts == 0).sum())},
+        "mean_distance": float(tally["distance"].sum() / max(rows_out, 1)),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return run.finish(STAGE, config_hash=config_hash, inputs=inputs, rows_in=rows_in,
+                      rows_out=rows_out, rows_skipped={}, started_at=started, stats=stats)
+
+
+def read(run: RunDir, experts: list[int] | None = None) -> ray.data.Dataset:
+    """The assignments as a Ray Dataset (optionally only some experts' partitions)."""
+    fs = pyarrow_filesystem(run.fs)
+    hive = Partitioning("hive", base_dir=run.stage_path(STAGE), field_types={"expert_id": int})
+    paths = run.stage_uri(STAGE) if experts is None else \
+        [run.stage_uri(STAGE, f"expert_id={e}") for e in experts]
+    return ray.data.read_parquet(paths, filesystem=fs, partitioning=hive)
+
+
+_STOP = frozenset("a an the of on in at with and or to for by from is are this that it its as".split())
+
+
+def top_words(captions: pd.Series, n: int = 6) -> list[tuple[str, int]]:
+    """The most frequent words of some captions (lower-cased, common English words dropped)."""
+    words = captions.str.lower().str.findall(r"[a-z][a-z0-9'-]+").explode().dropna()
+    counts = words[~words.isin(_STOP)].value_counts()
+    return [(w, int(c)) for w, c in counts.head(n).items()]
+
+
+def expert_summary(run: RunDir, n_words: int = 6) -> pd.DataFrame:
+    """Per expert: samples and most frequent caption words. Reads the run's assignments and
+    ingest/samples into pandas on the driver: for the demo and small runs."""
+    fs = pyarrow_filesystem(run.fs)
+    a = read(run).select_columns(["key", "expert_id"]).to_pandas()
+    captions = ray.data.read_parquet(run.stage_uri("ingest", "samples"), filesystem=fs,
+                                     columns=["key", "caption"]).to_pandas()
+    merged = a.merge(captions, on="key", how="left")
+    rows = []
+    for e, group in merged.groupby("expert_id"):
+        words = top_words(group["caption"].dropna(), n_words)
+        rows.append({"expert_id": int(e), "samples": len(group),
+                     "top_words": ", ".join(w for w, _ in words)})
+    return pd.DataFrame(rows)

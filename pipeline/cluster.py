@@ -1,0 +1,166 @@
+"""Stage ``clusters``: balanced fine k-means on Ray, then coarse clusters = data experts.
+
+Reads ``embeddings/`` and writes (README, "Run directory")::
+
+    clusters/fine_centroids.npy     (K, d) float32
+    clusters/coarse_centroids.npy   (m, d) float32
+    clusters/fine_to_expert.npy     (K,) int32, expert of every fine cluster
+    clusters/fine_sizes.npy         (K,) int64, rows per fine cluster in the fit sample
+
+The fit sample is a seeded uniform draw decided per row by a seeded hash of its key, so it does
+not depend on file layout or scheduling; it is cut into blocks of ``cluster.block_rows`` in a
+fixed order, and the Lloyd iterations run on Ray with statistics-only map tasks
+(``kmeans_ray.fit``). Experts are numbered by size, largest first (the order the paper trains
+them in).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import ray.data
+from ray.data import DataContext
+
+from pipeline import kmeans, kmeans_ray
+from pipeline.config import ClusterConfig, Config
+from pipeline.rundir import RunDir, stage_hash
+from pipeline.storage import pyarrow_filesystem, write_bytes_atomic
+
+STAGE = "clusters"
+FILES = ("fine_centroids", "coarse_centroids", "fine_to_expert", "fine_sizes")
+
+
+def key_rank(keys: Any, seed: int) -> np.ndarray:
+    """A seeded 64-bit hash per key: uniform, stable across runs, machines and block layouts."""
+    return pd.util.hash_array(np.asarray(keys, dtype=object), hash_key=f"mode{seed % 10**12:012d}")
+
+
+def _sample(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
+    rank = key_rank(batch.column("key").to_numpy(zero_copy_only=False), seed)
+    keep = rank < np.uint64(int(fraction * 2**64)) if fraction < 1 else np.ones(len(rank), bool)
+    return batch.select(["key", "embedding"]).append_column("rank", pa.array(rank)).filter(keep)
+
+
+def _same(batch: pa.Table) -> pa.Table:
+    return batch
+
+
+def coarse_level(fine_centroids: np.ndarray, sizes: np.ndarray, cfg: ClusterConfig
+                 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Coarse centres over the fine ones, weighted by size; experts renumbered largest first."""
+    weights = np.maximum(sizes.astype(np.float64), 1e-9)
+    centroids, labels, objective = kmeans.weighted_kmeans(
+        fine_centroids, weights, cfg.num_experts, cfg.seed, balanced=cfg.balanced_coarse)
+    mass = np.bincount(labels, weights=weights, minlength=cfg.num_experts)
+    order = np.lexsort((np.arange(cfg.num_experts), -mass))      # largest first, ties by index
+    relabel = np.empty_like(order)
+    relabel[order] = np.arange(cfg.num_experts)
+    return centroids[order], relabel[labels].astype(np.int32), objective
+
+
+def _save(run: RunDir, name: str, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    write_bytes_atomic(run.fs, run.stage_path(STAGE, f"{name}.npy"), buf.getvalue())
+
+
+def load(run: RunDir) -> dict[str, np.ndarray]:
+    """The clusters stage's arrays, by name (see ``FILES``)."""
+    if run.manifest(STAGE) is None:
+        raise FileNotFoundError(f"{run.stage_uri(STAGE)} has no manifest: run jobs/cluster.py first")
+    out = {}
+    for name in FILES:
+        with run.fs.open(run.stage_path(STAGE, f"{name}.npy"), "rb") as f:
+            out[name] = np.load(io.BytesIO(f.read()))
+    return out
+
+
+def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[str, Any]:
+    """Fit the fine and coarse levels on the run's embeddings and write ``clusters/``."""
+    emb = run.manifest("embeddings")
+    if emb is None:
+        raise FileNotFoundError(f"{run.stage_uri('embeddings')} has no manifest: "
+                                "run jobs/embed.py first")
+    c = cfg.cluster
+    inputs = {"embeddings": emb["config_hash"], "rows": emb["rows_out"]}
+    config_hash = stage_hash(cfg, ("cluster",), inputs)
+    done = run.completed(STAGE, config_hash)
+    if done and not force:
+        log(f"[cluster] complete for this config ({run.stage_uri(STAGE)}): skipped")
+        return done
+    n = emb["rows_out"]
+    if n < c.fine_k:
+        raise ValueError(f"cluster.fine_k={c.fine_k} centres need at least that many rows; the "
+                         f"embeddings have {n}. Lower cluster.fine_k.")
+    started = run.begin(STAGE)
+    t0 = time.perf_counter()
+    target = c.sample_per_centre * c.fine_k
+    fraction = 1.0 if target == 0 or target >= n else target / n
+    # Block order decides the float64 reduction order: keep it fixed for bit-identical refits.
+    options = DataContext.get_current().execution_options
+    keep_order, options.preserve_order = options.preserve_order, True
+    try:
+        ds = ray.data.read_parquet(run.stage_uri("embeddings"),
+                                   filesystem=pyarrow_filesystem(run.fs))
+        sample = ds.map_batches(_sample, batch_format="pyarrow",
+                                fn_kwargs={"fraction": fraction, "seed": c.seed}) \
+            .map_batches(_same, batch_format="pyarrow", batch_size=c.block_rows).materialize()
+    finally:
+        options.preserve_order = keep_order
+    blocks = sample.to_arrow_refs()
+    fitted = sample.count()
+    if fitted < c.fine_k:
+        raise ValueError(f"the fit sample has {fitted} rows, fewer than cluster.fine_k={c.fine_k}; "
+                         "raise cluster.sample_per_centre or set it to 0 (all rows)")
+    log(f"[cluster] fitting {c.fine_k} fine centres on {fitted} of {n} rows in {len(blocks)} blocks "
+        f"({'balanced' if c.balanced else 'plain'}, {c.iterations} iterations, "
+        f"{c.restarts} restart(s))")
+    t_load = time.perf_counter() - t0
+    best = None
+    restarts = []
+    for r in range(c.restarts):
+        if r:   # a different seeded draw of initial centres per restart
+            blocks_r = sample.map_batches(_rerank, batch_format="pyarrow",
+                                          fn_kwargs={"seed": c.seed + r}).to_arrow_refs()
+        else:
+            blocks_r = blocks
+        init = kmeans_ray.init_lowest_rank(blocks_r, c.fine_k)
+        centroids, history = kmeans_ray.fit(blocks, init, c.iterations, c.seed + 1000 * r,
+                                            c.balanced)
+        final = kmeans_ray.final_stats(blocks, centroids, c.balanced)
+        restarts.append({"restart": r, "objective": final.objective,
+                         "history": [h["objective"] for h in history],
+                         "reseeded": [h["reseeded"] for h in history]})
+        log(f"[cluster] restart {r}: objective {final.objective:.6g}")
+        if best is None or final.objective < best[2].objective:
+            best = (r, centroids, final)
+    r, fine, final = best
+    sizes = final.counts
+    coarse, fine_to_expert, coarse_objective = coarse_level(fine, sizes, c)
+    for name, array in zip(FILES, (fine, coarse, fine_to_expert, sizes.astype(np.int64)),
+                           strict=True):
+        _save(run, name, array)
+    expert_rows = np.bincount(fine_to_expert, weights=sizes, minlength=c.num_experts)
+    stats = {
+        "seed": c.seed, "sample_fraction": fraction, "fit_rows": int(fitted), "blocks": len(blocks),
+        "best_restart": r, "objective": final.objective, "restarts": restarts,
+        "coarse_objective": coarse_objective,
+        "fine_sizes": {"min": int(sizes.min()), "max": int(sizes.max()),
+                       "mean": float(sizes.mean()), "empty": int((sizes == 0).sum())},
+        "experts": [{"expert_id": e, "fine_clusters": int((fine_to_expert == e).sum()),
+                     "fit_rows": int(expert_rows[e])} for e in range(c.num_experts)],
+        "seconds": {"sample": round(t_load, 2), "total": round(time.perf_counter() - t0, 2)},
+    }
+    return run.finish(STAGE, config_hash=config_hash, inputs=inputs, rows_in=n, rows_out=fitted,
+                      rows_skipped={"not_in_fit_sample": n - fitted}, started_at=started,
+                      stats=stats)
+
+
+def _rerank(batch: pa.Table, seed: int) -> pa.Table:
+    rank = key_rank(batch.column("key").to_numpy(zero_copy_only=False), seed)
+    return batch.set_column(batch.schema.get_field_index("rank"), "rank", pa.array(rank))

@@ -1,0 +1,177 @@
+"""Issue 3 end to end on Ray: embed -> cluster -> assign over a few thousand rows."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import assign, cluster, embed
+from pipeline.config import DemoConfig, StorageConfig, load_config
+from pipeline.demo_world import generate
+from pipeline.rundir import RunDir
+from tests.test_ingest import plant_bad_shards
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+import assign as assign_job  # noqa: E402  (jobs/assign.py)
+import cluster as cluster_job  # noqa: E402
+import embed as embed_job  # noqa: E402
+
+
+def manifest(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / stage / "_manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world3k")
+    generate(str(out), DemoConfig(samples=3000, samples_per_shard=750, new_domain_samples=0,
+                                  eval_per_class=1, seed=11), StorageConfig(), log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clustered(ray_local, world, tmp_path_factory):
+    """One run through the three jobs, as a user would type them."""
+    run_dir = tmp_path_factory.mktemp("run")
+    common = ["--run-dir", str(run_dir), "--set", "cluster.fine_k=32", "--set", "cluster.restarts=2"]
+    assert embed_job.main([*common, "--data", str(world / "train")]) == 0
+    assert cluster_job.main(common) == 0
+    assert assign_job.main(common) == 0
+    return run_dir
+
+
+def test_counts_add_up_through_all_three_stages(clustered, world):
+    emb, clu, asg = (manifest(clustered, s) for s in ("embeddings", "clusters", "assignments"))
+    truth = pd.read_parquet(world / "truth.parquet")
+    assert emb["rows_in"] == len(truth) == 3000
+    assert emb["rows_in"] == emb["rows_out"] + sum(emb["rows_skipped"].values())
+    assert set(emb["rows_skipped"]) <= {"empty_caption"} and emb["rows_skipped"]   # the world's junk
+    assert clu["rows_in"] == emb["rows_out"] == asg["rows_in"] == asg["rows_out"]
+    per_expert = asg["stats"]["rows_per_expert"]
+    assert sum(per_expert.values()) == asg["rows_out"]
+    assert sum(asg["stats"]["rows_per_fine_cluster"]) == asg["rows_out"]
+    rows = pd.read_parquet(clustered / "assignments")
+    assert len(rows) == asg["rows_out"] and rows.key.is_unique
+    assert rows.groupby("expert_id").size().to_dict() == {int(k): v for k, v in per_expert.items()}
+    embedded = pd.read_parquet(clustered / "embeddings")
+    assert set(rows.key) == set(embedded.key)
+
+
+def test_embeddings_schema_is_unit_norm_fixed_size_float32(clustered):
+    table = pq.read_table(clustered / "embeddings")
+    assert table.schema.field("key").type == pa.string()
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    x = embed.embedding_matrix(table)
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+
+
+def test_identical_captions_are_embedded_once(clustered):
+    emb = manifest(clustered, "embeddings")
+    assert emb["rows_out"] > emb["stats"]["captions_encoded"] > 0
+    table = pq.read_table(clustered / "embeddings")
+    distinct_vectors = np.unique(embed.embedding_matrix(table), axis=0)
+    # One pool actor with its cache: every distinct caption went through the model exactly once.
+    assert emb["stats"]["captions_encoded"] == len(distinct_vectors)
+    assert emb["stats"]["duplicate_captions_reused"] == emb["rows_out"] - len(distinct_vectors)
+
+
+def test_cluster_artifacts_and_balance(clustered):
+    run = RunDir(str(clustered), StorageConfig())
+    arrays = cluster.load(run)
+    assert arrays["fine_centroids"].shape == (32, 384)
+    assert arrays["fine_centroids"].dtype == np.float32
+    assert arrays["coarse_centroids"].shape == (4, 384)
+    f2e = arrays["fine_to_expert"]
+    assert f2e.dtype == np.int32 and set(f2e.tolist()) == {0, 1, 2, 3}
+    clu = manifest(clustered, "clusters")
+    assert len(clu["stats"]["restarts"]) == 2
+    assert all(len(r["history"]) == 20 for r in clu["stats"]["restarts"])
+    assert clu["stats"]["objective"] == min(r["objective"] for r in clu["stats"]["restarts"])
+    sizes = manifest(clustered, "assignments")["stats"]["fine_sizes"]
+    assert sizes["empty"] == 0 and sizes["max"] - sizes["min"] <= 1     # one block: exact caps
+    experts = [e["fit_rows"] for e in clu["stats"]["experts"]]
+    assert experts == sorted(experts, reverse=True)                     # largest expert first
+    assert (clustered / "assignments" / "_sizes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_assignments_match_nearest_centres_when_unbalanced(ray_local, clustered, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(clustered, run_dir)
+    assert assign_job.main(["--run-dir", str(run_dir), "--set", "cluster.balanced=false"]) == 0
+    rows = pd.read_parquet(run_dir / "assignments").sort_values("key")
+    run = RunDir(str(run_dir), StorageConfig())
+    emb = pd.read_parquet(run_dir / "embeddings").sort_values("key")
+    x = np.stack(emb.embedding.to_numpy()).astype(np.float32)
+    fine = cluster.load(run)["fine_centroids"]
+    d = ((x[:, None, :] - fine[None]) ** 2).sum(-1)
+    assert (rows.fine_id.to_numpy() == d.argmin(1)).mean() > 0.999
+    assert np.allclose(rows.distance.to_numpy(), np.sqrt(d.min(1)), atol=1e-3)
+    f2e = cluster.load(run)["fine_to_expert"]
+    assert (rows.expert_id.to_numpy() == f2e[rows.fine_id.to_numpy()]).all()
+
+
+def test_rerun_skips_then_force_rewrites_without_duplicates(ray_local, clustered, monkeypatch):
+    before = manifest(clustered, "assignments")
+    fine_before = np.load(clustered / "clusters" / "fine_centroids.npy")
+    common = ["--run-dir", str(clustered)]
+
+    monkeypatch.setattr(cluster.kmeans_ray, "fit", lambda *a, **k: pytest.fail("refit"))
+    assert cluster_job.main(common) == 0                    # complete: skipped
+    monkeypatch.undo()
+    assert cluster_job.main([*common, "--force"]) == 0      # same seed: bit-identical centres
+    assert np.array_equal(np.load(clustered / "clusters" / "fine_centroids.npy"), fine_before)
+    assert assign_job.main([*common, "--force"]) == 0
+    after = manifest(clustered, "assignments")
+    assert after["rows_out"] == before["rows_out"]
+    assert len(pd.read_parquet(clustered / "assignments")) == before["rows_out"]
+    assert after["stats"]["rows_per_fine_cluster"] == before["stats"]["rows_per_fine_cluster"]
+
+
+def test_missing_embeddings_is_a_clear_error(tmp_path):
+    run = RunDir(str(tmp_path), StorageConfig())
+    with pytest.raises(FileNotFoundError, match="run jobs/embed.py first"):
+        cluster.run_stage(load_config("demo"), run, log=lambda *_: None)
+    with pytest.raises(FileNotFoundError, match="run jobs/cluster.py first"):
+        assign.run_stage(load_config("demo"), run, log=lambda *_: None)
+
+
+def test_too_few_rows_for_fine_k_names_the_field(ray_local, clustered, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(clustered, run_dir)
+    with pytest.raises(ValueError, match="cluster.fine_k=5000"):
+        cluster_job.main(["--run-dir", str(run_dir), "--set", "cluster.fine_k=5000"])
+
+
+def test_embed_counts_bad_records_and_keeps_every_good_caption(ray_local, tmp_path):
+    (tmp_path / "data").mkdir()
+    expected, good = plant_bad_shards(tmp_path / "data")
+    run = RunDir(str(tmp_path / "run"), StorageConfig())
+    m = embed.run_stage(load_config("demo"), run, str(tmp_path / "data"), log=lambda *_: None)
+    # Images are not decoded here: the corrupt JPEG's caption is embedded (ingest flags it).
+    expected.pop("corrupt_image")
+    assert m["rows_skipped"] == expected
+    keys = set(pd.read_parquet(tmp_path / "run" / "embeddings").key)
+    assert len(keys) == m["rows_out"] and good <= keys
+    assert m["rows_in"] == m["rows_out"] + sum(m["rows_skipped"].values())
+
+
+def test_sample_is_seeded_uniform_and_layout_independent():
+    keys = np.array([f"{i:09d}" for i in range(20000)], dtype=object)
+    x = np.zeros((len(keys), 2), np.float32)
+    table = embed.embedding_table(keys, x)
+    whole = cluster._sample(table, 0.25, seed=3).column("key").to_pylist()
+    parts = [cluster._sample(table.slice(i, 3000), 0.25, seed=3).column("key").to_pylist()
+             for i in range(0, len(keys), 3000)]
+    assert whole == sum(parts, [])
+    assert abs(len(whole) / len(keys) - 0.25) < 0.02
+    other = cluster._sample(table, 0.25, seed=4).column("key").to_pylist()
+    assert len(set(whole) & set(other)) < 0.4 * len(whole)      # a different seed, another draw
