@@ -23,3 +23,33 @@ def test_captions_of_one_domain_are_closer_than_across_domains(encoder):
     e = encoder.encode(["a red circle", "a blue square icon", "the number seven", "digit 3 sticker"])
     sims = e @ e.T
     assert sims[0, 1] > sims[0, 2] and sims[2, 3] > sims[1, 3]
+
+
+def test_repeated_captions_go_through_the_model_once():
+    enc = CaptionEncoder("minilm-offline", batch_size=8, cache_size=100)
+    a = enc.encode(["a red circle", "a red circle", "the number seven"])
+    assert enc.encoded == 2
+    b = enc.encode(["the number seven", "a blue square icon"])       # one cached, one new
+    assert enc.encoded == 3
+    assert np.array_equal(a[2], b[0])
+    no_cache = CaptionEncoder("minilm-offline", batch_size=8, cache_size=0)
+    no_cache.encode(["x y", "x y"])
+    no_cache.encode(["x y"])
+    assert no_cache.encoded == 2                     # de-duplicated within a batch only
+
+
+def test_open_clip_text_tower_is_pluggable(tmp_path):
+    import open_clip
+    import torch
+
+    enc = CaptionEncoder("open_clip:mode-tiny", batch_size=4)
+    e = enc.encode(["a red circle", "the number seven", "a red circle"])
+    assert e.shape == (3, enc.dim) == (3, 64) and e.dtype == np.float32
+    assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    # A checkpoint file: the same weights give the same embeddings.
+    torch.manual_seed(1)
+    model = open_clip.create_model("mode-tiny")
+    torch.save({"model": model.state_dict()}, tmp_path / "ck.pt")
+    one = CaptionEncoder(f"open_clip:mode-tiny@{tmp_path / 'ck.pt'}").encode(["a red circle"])
+    two = CaptionEncoder(f"open_clip:mode-tiny@{tmp_path / 'ck.pt'}").encode(["a red circle"])
+    assert np.array_equal(one, two) and not np.allclose(one, e[:1])
