@@ -14,7 +14,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from pipeline import assign, cli, cluster, demo_world, embed, ingest  # noqa: E402
+from pipeline import assign, cli, cluster, demo_world, embed, experts, ingest, shards  # noqa: E402
 from pipeline.raycluster import init_ray  # noqa: E402
 from pipeline.storage import filesystem, join  # noqa: E402
 
@@ -22,6 +22,8 @@ from pipeline.storage import filesystem, join  # noqa: E402
 def main(argv=None) -> int:
     p = cli.parser(__doc__, run_dir=False)
     p.add_argument("--out", default="demo_out", metavar="URI", help="where data and run go")
+    p.add_argument("--skip-training", action="store_true",
+                   help="stop after the clustering stages (no seed, experts or baselines)")
     args = p.parse_args(argv)
     args.run_dir = join(args.out, "run")
     cfg, run = cli.load(args)
@@ -52,10 +54,28 @@ def main(argv=None) -> int:
         summary = summary.merge(_domain_mix(run, truth), on="expert_id", how="left")
     print("\nexperts (what each one is about):")
     print(summary.to_string(index=False))
+    if not args.skip_training:
+        m = shards.run_stage(cfg, run, join(data, "train"), force=args.force)
+        print(f"[training_data] {m['rows_out']} samples with images, by expert "
+              f"{m['stats']['rows_per_expert']}")
+        experts.train_seed(cfg, run)
+        _, failed = experts.launch(cfg, run, experts.plan(cfg), cfg.train.max_concurrent)
+        if failed:
+            print(f"failed runs: {failed}")
+            return 1
+        print("\nruns (experts.json):")
+        print(_runs_table(experts.registry(run)).to_string(index=False))
     print(f"\nrun directory: {run.uri}")
-    for stage in ("ingest", "embeddings", "clusters", "assignments"):
+    for stage in ("ingest", "embeddings", "clusters", "assignments", "training_data", "checkpoints"):
         print(f"  {stage + '/':14s} {run.stage_uri(stage)}  (manifest: _manifest.json)")
     return 0
+
+
+def _runs_table(entries: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([{"run": e["name"], "samples": e["samples"],
+                          "steps": f"{e['metrics']['start_step']}->{e['metrics']['step']}",
+                          "loss": f"{e['metrics']['first_loss']:.3f}->{e['metrics']['final_loss']:.3f}",
+                          "seconds": e["wall"]["seconds"]} for e in entries])
 
 
 def _domain_mix(run, truth: pd.DataFrame) -> pd.DataFrame:

@@ -28,7 +28,7 @@ from typing import Any
 from pipeline.config import Config, StorageConfig
 from pipeline.storage import filesystem, join, read_json, write_bytes_atomic, write_json_atomic
 
-STAGES = ("ingest", "embeddings", "clusters", "assignments", "checkpoints", "eval")
+STAGES = ("ingest", "embeddings", "clusters", "assignments", "training_data", "checkpoints", "eval")
 MANIFEST = "_manifest.json"
 
 

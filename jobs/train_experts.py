@@ -1,0 +1,46 @@
+"""Train the data experts (and the baselines) from the seed, concurrently.
+
+    python jobs/train_experts.py --run-dir runs/demo                 # every expert + baselines
+    python jobs/train_experts.py --run-dir runs/demo --experts 0,2 --no-baselines
+
+One Ray Train run per expert, each from the seed's final checkpoint, at most
+train.max_concurrent at once (the rest queue and start as runs finish). A finished run (listed
+in experts.json) is never rerun; an interrupted one resumes from its latest checkpoint; a failed
+one does not stop the others and makes the job exit with status 1 after the rest finish.
+"""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from pipeline import cli, experts  # noqa: E402
+from pipeline.raycluster import init_ray  # noqa: E402
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--experts takes comma-separated expert ids like 0,2; got {text!r}") from None
+
+
+def main(argv=None) -> int:
+    p = cli.parser(__doc__)
+    p.add_argument("--experts", type=_ids, default=None, metavar="0,2",
+                   help="only these experts (default: all of cluster.num_experts)")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="skip the random-split and dense baselines")
+    args = p.parse_args(argv)
+    cfg, run = cli.load(args)
+    baselines = args.baselines and args.experts is None
+    jobs = experts.plan(cfg, args.experts, baselines=baselines)
+    print(init_ray(cfg.ray))
+    done, failed = experts.launch(cfg, run, jobs, cfg.train.max_concurrent)
+    print(f"finished now: {[e['name'] for e in done]}; failed: {sorted(failed) or 'none'}; "
+          f"registry: {run.experts_path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import DataConfig, StorageConfig, TrainConfig
+from pipeline.train import Preprocess, lr_at, param_groups
+
+# ----------------------------------------------------------------------------- pure helpers
+PEAK, WARMUP, TOTAL = 1e-3, 1_000, 11_000
+
+
+def test_lr_warms_up_linearly_then_decays_to_zero():
+    assert lr_at(0, PEAK, WARMUP, TOTAL) == 0.0
+    assert lr_at(WARMUP // 4, PEAK, WARMUP, TOTAL) == pytest.approx(PEAK / 4)
+    assert lr_at(WARMUP, PEAK, WARMUP, TOTAL) == pytest.approx(PEAK)
+    assert lr_at((WARMUP + TOTAL) // 2, PEAK, WARMUP, TOTAL) == pytest.approx(PEAK / 2)
+    assert lr_at(TOTAL, PEAK, WARMUP, TOTAL) == 0.0
+    assert lr_at(TOTAL + 500, PEAK, WARMUP, TOTAL) == 0.0
+    decay = [lr_at(s, PEAK, WARMUP, TOTAL) for s in range(WARMUP, TOTAL + 1, 250)]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+
+
+def _lrs(start: int, end: int, batch: int) -> list[float]:
+    """The lr of every step a run takes from ``start`` to ``end`` samples, as the loop sets it."""
+    out, seen = [], start
+    while seen < end:
+        out.append(lr_at(seen + batch, PEAK, WARMUP, TOTAL))
+        seen += batch
+    return out
+
+
+def test_lr_of_seed_plus_continuation_is_one_run():
+    batch, seed_end = 100, 6_400
+    assert _lrs(0, seed_end, batch) + _lrs(seed_end, TOTAL, batch) == _lrs(0, TOTAL, batch)
+    # and the continuation does not restart the schedule: no second warmup
+    assert _lrs(seed_end, TOTAL, batch)[0] < PEAK
+
+
+def test_weight_decay_only_on_matrices():
+    from pipeline.model import create
+
+    model, *_ = create("mode-tiny")
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"logit_scale", "visual.class_embedding", "ln_final.bias"} <= skipped
+    assert "token_embedding.weight" not in skipped
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_preprocess_uses_open_clip_transform_and_tokenizer():
+    from pipeline.demo_world import _rng, render
+
+    jpgs = [render(_rng(0, "t", i), "shapes", "circle", 32)[0] for i in range(3)]
+    batch = {"key": np.array(["a", "b", "c"]), "caption": np.array(["a red circle", "x", "a b c"], dtype=object),
+             "image": np.array(jpgs, dtype=object)}
+    out = Preprocess("mode-tiny")(batch)
+    assert out["image"].shape == (3, 3, 32, 32) and out["image"].dtype == np.float32
+    assert out["text"].shape == (3, 16) and out["text"].dtype == np.int64
+    # open_clip's normalisation: a roughly zero-centred image, not [0, 1] pixels
+    assert out["image"].min() < -0.5
+    assert (out["text"][:, 0] == out["text"][0, 0]).all()  # start-of-text token
+    batch["caption"][1] = None
+    with pytest.raises(ValueError, match=r"without caption \(keys \['b'\]\)"):
+        Preprocess("mode-tiny")(batch)
+
+
+def test_models_are_open_clip_configs():
+    from pipeline.model import create, names, tools
+
+    assert {"mode-tiny", "ViT-B-32", "ViT-B-16"} <= set(names())
+    model, _, preprocess_val, tokenizer = create("mode-tiny")
+    assert 3_000_000 < sum(p.numel() for p in model.parameters()) < 4_000_000
+    assert tokenizer(["a red circle"]).shape == (1, 16)
+    big, *_ = create("ViT-B-32")  # no pretrained weights needed, nothing downloaded
+    assert sum(p.numel() for p in big.parameters()) > 100_000_000
+    assert repr(tools("ViT-B-16")[1]) == repr(create("ViT-B-16")[2])
+    with pytest.raises(ValueError, match="unknown model 'ViT-X'.*mode-tiny"):
+        create("ViT-X")
+
+
+def test_train_config_is_checked():
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train\.precision: 'fp16' is not allowed.*'amp_bf16'"):
+        load_config("demo", ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match=r"train\.batch_size \(128\) must be a multiple of "
+                                          r"train\.num_workers \(3\)"):
+        load_config("demo", ["train.num_workers=3"])
+    with pytest.raises(ConfigError, match=r"train\.cache_inputs.*augment"):
+        load_config("demo", ["train.augment=true"])
+    with pytest.raises(ConfigError, match=r"train\.cpus_per_worker: must be > 0"):
+        load_config("demo", ["train.cpus_per_worker=0"])
+    with pytest.raises(ConfigError, match=r"train\.warmup_samples"):
+        load_config("demo", ["train.warmup_samples=240000"])
+
+
+# ----------------------------------------------------------------------------- Ray Train runs
+BATCH = 32
+# cache_inputs: the tiny world is 600 rows, 18 steps an epoch; decoding it again every epoch
+# would cost more than the training. The killed run covers the streamed (uncached) path.
+CFG = TrainConfig(model="mode-tiny", batch_size=BATCH, lr=3e-3, total_samples=200 * BATCH,
+                  warmup_samples=20 * BATCH, precision="fp32", augment=False, shuffle_buffer=256,
+                  cache_inputs=True, checkpoint_every_steps=20, keep_checkpoints=2,
+                  log_every_steps=5, num_workers=1, cpus_per_worker=0.5, threads_per_worker=2,
+                  seed=0)
+SEED_END = 100 * BATCH      # the "seed" run stops at step 100
+CRASH_AT = 50               # ... after being killed once at step 50 (last checkpoint: step 40)
+EXPERT_END = 150 * BATCH    # the "expert" continues from the seed for 50 steps
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tiny_world, tmp_path_factory):
+    """A seed run killed mid-way and rerun, and an expert started from its checkpoint."""
+    from ray.train import TrainingFailedError
+
+    from pipeline.ingest import good_rows, read_samples
+    from pipeline.rundir import RunDir
+    from pipeline.train import train
+
+    rows = good_rows(read_samples(str(tiny_world / "train"), DataConfig(), StorageConfig(),
+                                  decode_images=False))
+    run = RunDir(str(tmp_path_factory.mktemp("run")), StorageConfig())
+    out = {"run": run}
+    with pytest.raises(TrainingFailedError, match="crash_at_step=50"):
+        train("seed", rows, dataclasses.replace(CFG, cache_inputs=False), run, SEED_END,
+              crash_at_step=CRASH_AT)
+    out["after_crash"] = _kept(run, "seed")
+    out["resumed"] = train("seed", rows, CFG, run, SEED_END)
+    out["expert"] = train("expert", rows, CFG, run, EXPERT_END,
+                          init_checkpoint=out["resumed"].checkpoint)
+    return out
+
+
+def _kept(run, name):
+    from pipeline.train import run_checkpoints
+
+    return [uri.rsplit("/", 1)[1] for uri in run_checkpoints(run, name)]
+
+
+def test_killed_run_kept_its_last_checkpoints(runs):
+    assert runs["after_crash"] == ["step_00000020", "step_00000040"]
+
+
+def test_rerun_resumes_at_the_checkpointed_step(runs):
+    r = runs["resumed"]
+    assert (r.start_step, r.start_samples) == (40, 40 * BATCH)
+    assert r.steps_run == 60  # steps 41..100; the 40 before the checkpoint are not redone
+    assert (r.step, r.samples_seen) == (100, SEED_END)
+    assert r.checkpoint.endswith("/checkpoints/seed/step_00000100")
+    # the log carries over from the checkpoint: the lost steps 41-50 are logged once, afresh
+    assert [line["step"] for line in r.history] == list(range(5, 101, 5))
+    assert _kept(runs["run"], "seed") == ["step_00000080", "step_00000100"]
+
+
+def test_loss_falls(runs):
+    losses = [line["loss"] for line in runs["resumed"].history]
+    assert abs(losses[0] - math.log(BATCH)) < 0.5  # about chance at the start
+    assert np.mean(losses[-3:]) < losses[0] - 0.5, losses
+
+
+def test_expert_continues_the_seed(runs):
+    from pipeline.train import load_model, read_checkpoint
+
+    r = runs["expert"]
+    assert (r.start_step, r.start_samples, r.steps_run) == (100, SEED_END, 50)
+    assert (r.step, r.samples_seen) == (150, EXPERT_END)
+    assert r.history[0]["step"] == 105  # its own log, not the seed's
+    for line in r.history:  # the seed's schedule goes on: no new warmup
+        assert line["lr"] == pytest.approx(lr_at(line["samples_seen"], CFG.lr, CFG.warmup_samples,
+                                                 CFG.total_samples))
+    seed = read_checkpoint(runs["resumed"].checkpoint, StorageConfig())
+    expert = read_checkpoint(r.checkpoint, StorageConfig())
+    assert expert["model_name"] == "mode-tiny" and expert["samples_seen"] == EXPERT_END
+    assert seed["optimizer"]["state"][0]["step"] + 50 == expert["optimizer"]["state"][0]["step"]
+    model, _, tokenizer = load_model(r.checkpoint, StorageConfig())
+    assert torch.equal(model.logit_scale, expert["model"]["logit_scale"])
+    assert not torch.equal(expert["model"]["visual.proj"], seed["model"]["visual.proj"])
