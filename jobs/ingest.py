@@ -19,13 +19,10 @@ from pipeline.raycluster import init_ray  # noqa: E402
 
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("--data", metavar="URI",
-                   help="shards: folder, prefix or glob, local or s3:// (default: data.train_uri)")
+    cli.add_data_flag(p)
     args = p.parse_args(argv)
     cfg, run = cli.load(args)
-    data = args.data or cfg.data.train_uri
-    if not data:
-        p.error("no data: pass --data URI or set data.train_uri")
+    data = cli.data_uri(p, args, cfg)
     print(init_ray(cfg.ray))
     manifest = ingest.run_stage(cfg, run, data, force=args.force)
     print(json.dumps({k: manifest[k] for k in ("rows_in", "rows_out", "rows_skipped")}))

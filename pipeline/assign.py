@@ -127,13 +127,19 @@ def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[
                       rows_out=rows_out, rows_skipped={}, started_at=started, stats=stats)
 
 
+def read_by_expert(run: RunDir, stage: str, experts: list[int] | None = None) -> ray.data.Dataset:
+    """A stage written with ``partition_cols=["expert_id"]``, as a Ray Dataset with an int
+    ``expert_id`` column (optionally only some experts' partitions)."""
+    fs = pyarrow_filesystem(run.fs)
+    hive = Partitioning("hive", base_dir=run.stage_path(stage), field_types={"expert_id": int})
+    paths = run.stage_uri(stage) if experts is None else \
+        [run.stage_uri(stage, f"expert_id={e}") for e in experts]
+    return ray.data.read_parquet(paths, filesystem=fs, partitioning=hive)
+
+
 def read(run: RunDir, experts: list[int] | None = None) -> ray.data.Dataset:
     """The assignments as a Ray Dataset (optionally only some experts' partitions)."""
-    fs = pyarrow_filesystem(run.fs)
-    hive = Partitioning("hive", base_dir=run.stage_path(STAGE), field_types={"expert_id": int})
-    paths = run.stage_uri(STAGE) if experts is None else \
-        [run.stage_uri(STAGE, f"expert_id={e}") for e in experts]
-    return ray.data.read_parquet(paths, filesystem=fs, partitioning=hive)
+    return read_by_expert(run, STAGE, experts)
 
 
 _STOP = frozenset("a an the of on in at with and or to for by from is are this that it its as".split())

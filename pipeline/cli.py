@@ -45,3 +45,16 @@ def load(args: argparse.Namespace) -> tuple[Config, RunDir | None]:
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     return cfg, run
+
+
+def add_data_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="URI",
+                   help="shards: folder, prefix or glob, local or s3:// (default: data.train_uri)")
+
+
+def data_uri(p: argparse.ArgumentParser, args: argparse.Namespace, cfg: Config) -> str:
+    """``--data``, else ``data.train_uri``; a usage error when neither is set."""
+    data = args.data or cfg.data.train_uri
+    if not data:
+        p.error("no data: pass --data URI or set data.train_uri")
+    return data

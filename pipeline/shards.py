@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 from ray.data import SaveMode
-from ray.data.datasource import Partitioning
 
 from pipeline import assign, ingest
 from pipeline.cluster import key_rank
@@ -112,11 +111,7 @@ def _reason_counts(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 def _read(run: RunDir, experts: list[int] | None = None) -> ray.data.Dataset:
-    fs = pyarrow_filesystem(run.fs)
-    hive = Partitioning("hive", base_dir=run.stage_path(STAGE), field_types={"expert_id": int})
-    paths = run.stage_uri(STAGE) if experts is None else \
-        [run.stage_uri(STAGE, f"expert_id={e}") for e in experts]
-    return ray.data.read_parquet(paths, filesystem=fs, partitioning=hive)
+    return assign.read_by_expert(run, STAGE, experts)
 
 
 def _ooc(batch: pa.Table, ratio: float, seed: int) -> pa.Table:
