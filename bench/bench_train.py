@@ -4,13 +4,14 @@ Both sides train the same model (``mode-tiny``, seeded the same), with the same 
 (``make_optimizer``), schedule (``lr_at``), loss (open_clip's ``ClipLoss``), global batch, torch
 thread count and data: generated demo pairs held in memory. Two measures:
 
-- ``tensors``: the data is decoded, transformed and tokenized once beforehand (``Preprocess``);
-  the bare loop indexes a shuffled permutation of the tensors, the Ray trainer reads them from a
-  materialized Ray Dataset through ``get_dataset_shard("train").iter_torch_batches``. This is
-  the cost of the trainer alone, and what the demo preset's ``cache_inputs`` trains on.
-- ``rows``: both start from encoded rows (caption, JPEG bytes). The bare loop runs
-  ``Preprocess`` inline before each step in its one process; the Ray trainer runs it in Ray
-  Data ``map_batches`` tasks, streamed next to the Train worker, as ``train`` does for real.
+- ``cached``: the demo preset's path. The Ray trainer gets encoded rows with
+  ``cache_inputs``: the first epoch is decoded and tokenized in Ray Data ``map_batches`` and
+  streamed through ``get_dataset_shard("train").iter_torch_batches``, later epochs permute the
+  worker's cached tensors. The bare loop decodes everything once beforehand and permutes the
+  tensors. Both are timed after the first epoch: the cost of the trainer itself.
+- ``rows``: streamed every epoch (``cache_inputs`` off). The bare loop runs ``Preprocess``
+  inline before each step in its one process; the Ray trainer runs it in Ray Data
+  ``map_batches`` tasks next to the Train worker, as ``train`` does for large data.
 
 The Ray side is ``pipeline.train.train`` itself with the demo preset's worker settings (1
 worker, 0.5 CPU, 2 torch threads, local shuffle buffer), checkpointing only at the end. Both
@@ -36,7 +37,6 @@ import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
-from ray.data.extensions import ArrowTensorArray
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -47,19 +47,24 @@ from pipeline.rundir import RunDir  # noqa: E402
 ROWS = int(os.environ.get("BENCH_TRAIN_ROWS", 4_096))
 SAMPLES = int(os.environ.get("BENCH_TRAIN_SAMPLES", 25_600))
 REPEATS = int(os.environ.get("BENCH_TRAIN_REPEATS", 2))
-MODES = os.environ.get("BENCH_TRAIN_MODES", "tensors,rows").split(",")
+MODES = os.environ.get("BENCH_TRAIN_MODES", "cached,rows").split(",")
 LOG = 20                        # steps per timing window
 ROWS_PER_BLOCK = 512
 TARGET = 0.85
 
 
-def steady_rate(lines: list[dict]) -> float:
-    """Samples/s over every window but the first, from (step, samples_seen, samples_per_s) lines."""
+def steady_rate(lines: list[dict], after_samples: int) -> float:
+    """Samples/s over the windows that start after ``after_samples``, from (step, samples_seen,
+    samples_per_s) log lines."""
     samples = seconds = 0.0
     for before, line in zip(lines, lines[1:], strict=False):
+        if before["samples_seen"] < after_samples:
+            continue
         n = line["samples_seen"] - before["samples_seen"]
         samples += n
         seconds += n / line["samples_per_s"]
+    if not samples:
+        raise RuntimeError(f"no timing window after {after_samples} samples: raise BENCH_TRAIN_SAMPLES")
     return samples / seconds
 
 
@@ -112,11 +117,11 @@ def bare_run(cfg, rows: dict[str, np.ndarray], tensors: dict[str, np.ndarray] | 
     return lines
 
 
-def ray_run(cfg, dataset: ray.data.Dataset, preprocessed: bool, run_root: str, name: str):
+def ray_run(cfg, dataset: ray.data.Dataset, run_root: str, name: str):
     from pipeline.train import train
 
     run = RunDir(run_root, StorageConfig())
-    return train(name, dataset, cfg, run, SAMPLES, preprocessed=preprocessed)
+    return train(name, dataset, cfg, run, SAMPLES)
 
 
 def main() -> int:
@@ -127,9 +132,8 @@ def main() -> int:
     wall = time.perf_counter()
     load_before = os.getloadavg()
     base = load_config("demo").train
-    # cache_inputs off: "tensors" are materialized already, "rows" measure the streamed decode.
     cfg = dataclasses.replace(base, total_samples=max(SAMPLES, base.total_samples),
-                              checkpoint_every_steps=10**9, log_every_steps=LOG, cache_inputs=False)
+                              checkpoint_every_steps=10**9, log_every_steps=LOG)
     pairs = web_pairs(0, "bench", ROWS, 32, DOMAIN_SHARES, shard_size=ROWS)
     rows = {"key": np.array([p.key for p in pairs], dtype=object),
             "caption": np.array([p.txt if p.txt.strip() else "image" for p in pairs], dtype=object),
@@ -145,29 +149,29 @@ def main() -> int:
              object_store_memory=300 * 1024**2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     blocks = range(0, ROWS, ROWS_PER_BLOCK)
-    datasets = {
-        "tensors": ray.data.from_arrow([pa.table({
-            "image": ArrowTensorArray.from_numpy(tensors["image"][s:s + ROWS_PER_BLOCK]),
-            "text": ArrowTensorArray.from_numpy(tensors["text"][s:s + ROWS_PER_BLOCK]),
-        }) for s in blocks]),
-        "rows": ray.data.from_arrow([pa.table({
-            "key": rows["key"][s:s + ROWS_PER_BLOCK].tolist(),
-            "caption": rows["caption"][s:s + ROWS_PER_BLOCK].tolist(),
-            "image": pa.array(rows["image"][s:s + ROWS_PER_BLOCK].tolist(), pa.binary()),
-        }) for s in blocks]),
-    }
+    rows_ds = ray.data.from_arrow([pa.table({
+        "key": rows["key"][s:s + ROWS_PER_BLOCK].tolist(),
+        "caption": rows["caption"][s:s + ROWS_PER_BLOCK].tolist(),
+        "image": pa.array(rows["image"][s:s + ROWS_PER_BLOCK].tolist(), pa.binary()),
+    }) for s in blocks])
+    # Timed after the first epoch in "cached" mode (the Ray side decodes it while training),
+    # after the first window in "rows" mode.
+    skip = {"cached": ROWS, "rows": LOG * cfg.batch_size}
     results = []
     try:
         with tempfile.TemporaryDirectory() as root:
             for mode in MODES:
                 bare, trained = [], []
                 for i in range(REPEATS):
-                    bare.append(steady_rate(bare_run(cfg, rows, tensors if mode == "tensors" else None)))
-                    r = ray_run(cfg, datasets[mode], mode == "tensors", root, f"{mode}-{i}")
+                    cached = mode == "cached"
+                    bare.append(steady_rate(bare_run(cfg, rows, tensors if cached else None),
+                                            skip[mode]))
+                    r = ray_run(dataclasses.replace(cfg, cache_inputs=cached), rows_ds, root,
+                                f"{mode}-{i}")
                     if r.samples_seen < SAMPLES or r.steps_run != SAMPLES // cfg.batch_size:
                         raise RuntimeError(f"Ray run {mode}-{i} trained {r.steps_run} steps to "
                                            f"{r.samples_seen} samples, not to {SAMPLES}")
-                    trained.append((steady_rate(r.history), SAMPLES / r.wall_s, r.history[-1]["loss"]))
+                    trained.append((steady_rate(r.history, skip[mode]), SAMPLES / r.wall_s, r.history[-1]["loss"]))
                     print(f"  {mode} #{i}: bare {bare[-1]:.0f} samples/s; ray {trained[-1][0]:.0f} "
                           f"samples/s steady, {trained[-1][1]:.0f} over the whole call "
                           f"({r.wall_s:.0f} s)", flush=True)
@@ -179,7 +183,8 @@ def main() -> int:
     table = []
     for mode, bare_rate, (ray_rate, whole_rate, _) in results:
         ratio = ray_rate / bare_rate
-        table.append((mode, "steady (after the first window)", f"{bare_rate:.0f}", f"{ray_rate:.0f}",
+        steady = "steady (after epoch 1)" if mode == "cached" else "steady (after the 1st window)"
+        table.append((mode, steady, f"{bare_rate:.0f}", f"{ray_rate:.0f}",
                       f"{ratio:.3f}", f">= {TARGET}", "PASS" if ratio >= TARGET else "MISS"))
         table.append((mode, "whole call, Ray Train start-up included", f"{bare_rate:.0f}",
                       f"{whole_rate:.0f}", f"{whole_rate / bare_rate:.3f}", "(info)", ""))

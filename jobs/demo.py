@@ -12,9 +12,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import evaluate as evaluate_job  # noqa: E402  (jobs/evaluate.py)
 import pandas as pd  # noqa: E402
 
-from pipeline import assign, cli, cluster, demo_world, embed, experts, ingest, shards  # noqa: E402
+from pipeline import assign, cli, cluster, demo_world, embed, evaluate, experts, ingest, shards  # noqa: E402
 from pipeline.raycluster import init_ray  # noqa: E402
 from pipeline.storage import filesystem, join  # noqa: E402
 
@@ -65,8 +66,13 @@ def main(argv=None) -> int:
             return 1
         print("\nruns (experts.json):")
         print(_runs_table(experts.registry(run)).to_string(index=False))
+        tasks, retrieval, truth = evaluate_job.demo_inputs(data, cfg.storage)
+        report = evaluate.run_stage(cfg, run, tasks, retrieval, truth)
+        print()
+        print(evaluate.markdown(report))
     print(f"\nrun directory: {run.uri}")
-    for stage in ("ingest", "embeddings", "clusters", "assignments", "training_data", "checkpoints"):
+    for stage in ("ingest", "embeddings", "clusters", "assignments", "training_data", "checkpoints",
+                  "eval"):
         print(f"  {stage + '/':14s} {run.stage_uri(stage)}  (manifest: _manifest.json)")
     return 0
 

@@ -8,7 +8,7 @@ Reads ``embeddings/`` and writes (README, "Run directory")::
     clusters/fine_sizes.npy         (K,) int64, rows per fine cluster in the fit sample
 
 The fit sample is a seeded uniform draw decided per row by a seeded hash of its key, so it does
-not depend on file layout or scheduling; it is cut into blocks of ``cluster.block_rows`` in a
+not depend on file layout or scheduling; it is cut into blocks of ``cluster.fit_block_rows`` in a
 fixed order, and the Lloyd iterations run on Ray with statistics-only map tasks
 (``kmeans_ray.fit``). Experts are numbered by size, largest first (the order the paper trains
 them in).
@@ -109,7 +109,7 @@ def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[
                                    filesystem=pyarrow_filesystem(run.fs))
         sample = ds.map_batches(_sample, batch_format="pyarrow",
                                 fn_kwargs={"fraction": fraction, "seed": c.seed}) \
-            .map_batches(_same, batch_format="pyarrow", batch_size=c.block_rows).materialize()
+            .map_batches(_same, batch_format="pyarrow", batch_size=c.fit_block_rows).materialize()
     finally:
         options.preserve_order = keep_order
     blocks = sample.to_arrow_refs()

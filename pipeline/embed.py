@@ -93,8 +93,8 @@ def embed_dataset(ds: ray.data.Dataset, cfg: EmbedConfig,
     """Map rows with ``key`` and ``caption`` to rows with ``key`` and ``embedding``.
 
     The encoder runs in an actor pool of up to ``cfg.num_actors`` actors, each with
-    ``cfg.num_cpus_per_actor`` CPUs and ``cfg.num_gpus_per_actor`` GPUs, on batches of
-    ``cfg.batch_size`` captions.
+    ``cfg.num_cpus_per_actor`` CPUs and ``cfg.num_gpus_per_actor`` GPUs; each call gets
+    ``cfg.rows_per_call`` rows, encoded ``cfg.batch_size`` captions at a time.
     """
     return ds.map_batches(
         _EmbedBatches,
@@ -102,7 +102,7 @@ def embed_dataset(ds: ray.data.Dataset, cfg: EmbedConfig,
                                "cache_size": cfg.cache_size, "counter": counter},
         compute=ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
-        batch_size=cfg.batch_size, batch_format="numpy")
+        batch_size=cfg.rows_per_call, batch_format="numpy")
 
 
 def count_rows(run: RunDir, stage: str, *parts: str) -> int:

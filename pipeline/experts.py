@@ -115,9 +115,6 @@ def run_job(cfg: Config, run_uri: str, job: Job, init_checkpoint: str | None) ->
     started, wall0 = now(), time.time()
     ds = dataset(run, cfg, job)
     samples = ds.count()
-    if samples <= cfg.train.cache_rows:
-        # Small runs read their rows once: each epoch then skips the parquet read and filters.
-        ds = ds.materialize()
     tcfg = dataclasses.replace(cfg.train, total_samples=job.schedule_total)
     result = train.train(job.name, ds, tcfg, run, job.end_samples,
                          init_checkpoint=init_checkpoint, storage=cfg.storage)

@@ -21,10 +21,12 @@ Checkpoint directory (one per saved step, ``step_XXXXXXXX``)::
 Data: rows ``{caption: str, image: encoded bytes}`` (ingest's row schema; other columns are
 ignored) are decoded, transformed and tokenized in Ray Data ``map_batches`` tasks with
 open_clip's own image transform and tokenizer, then streamed to the workers by
-``get_dataset_shard("train").iter_torch_batches``, once per epoch, or, with
-``TrainConfig.cache_inputs``, decoded once into the object store and streamed from there every
-epoch. A resumed run starts a fresh pass over the data; its step and samples_seen continue from
-the checkpoint.
+``get_dataset_shard("train").iter_torch_batches``, once per epoch. With
+``TrainConfig.cache_inputs`` only the first epoch streams: each worker keeps the tensors of its
+shard in memory and later epochs draw seeded permutations of them, which removes the per-epoch
+start of a Ray Data execution and every decode after the first (for data that fits in the
+workers' memory, like the demo's). A resumed run starts a fresh pass over the data; its step and
+samples_seen continue from the checkpoint.
 """
 
 from __future__ import annotations
@@ -120,18 +122,22 @@ class Preprocess:
         self.transform = preprocess_train if augment else preprocess_val
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = batch["key"] if "key" in batch else np.arange(len(batch["caption"]))
         for column in ("caption", "image"):
             missing = [i for i, v in enumerate(batch[column]) if v is None or len(v) == 0]
             if missing:
-                keys = batch["key"][missing[:5]].tolist() if "key" in batch else missing[:5]
-                raise ValueError(f"{len(missing)} rows without {column} (keys {keys}): train on "
-                                 f"ingest's good rows")
-        images = np.stack([self._image(b) for b in batch["image"]])
+                raise ValueError(f"{len(missing)} rows without {column} (keys "
+                                 f"{keys[missing[:5]].tolist()}): train on ingest's good rows")
+        images = np.stack([self._image(b, k) for b, k in zip(batch["image"], keys.tolist(), strict=True)])
         return {"image": images, "text": self.tokenizer(list(batch["caption"])).numpy()}
 
-    def _image(self, data: bytes) -> np.ndarray:
-        with Image.open(io.BytesIO(data)) as im:
-            return self.transform(im.convert("RGB")).numpy()
+    def _image(self, data: bytes, key: Any) -> np.ndarray:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return self.transform(im.convert("RGB")).numpy()
+        except OSError as e:  # PIL's UnidentifiedImageError and truncated files
+            raise ValueError(f"image of key {key!r} does not decode ({e}): train on ingest's "
+                             f"good rows") from e
 
 
 @functools.cache
@@ -181,6 +187,27 @@ def _checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 # ----------------------------------------------------------------------------- the loop
+def _streamed_batches(shard, cfg: TrainConfig, local_batch: int, device: torch.device,
+                      step: int):
+    """One pass over this worker's Ray Data shard. With ``cache_inputs`` the last partial
+    batch comes too (it is cached; the loop does not train on it)."""
+    return iter(shard.iter_torch_batches(
+        batch_size=local_batch, drop_last=not cfg.cache_inputs, device=device,
+        dtypes={"image": torch.float32, "text": torch.long},
+        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+        local_shuffle_seed=(cfg.seed * 1_000_003 + step) if cfg.shuffle_buffer else None))
+
+
+def _cached_batches(cache: dict[str, torch.Tensor], local_batch: int, device: torch.device,
+                    seed: int, rank: int, epoch: int):
+    """Full batches of a seeded permutation of the cached rows (one epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 10_007 + epoch)
+    order = torch.randperm(len(cache["text"]), generator=g)
+    for start in range(0, len(order) - local_batch + 1, local_batch):
+        idx = order[start:start + local_batch]
+        yield {k: v[idx].to(device) for k, v in cache.items()}
+
+
 def _autocast(precision: str, device: torch.device):
     if device.type != "cuda" or precision == "fp32":
         return contextlib.nullcontext()
@@ -232,6 +259,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         step, samples_seen = int(state["step"]), int(state["samples_seen"])
         del state
     start_step, start_samples = step, samples_seen
+    if checkpoint is None and samples_seen >= end_samples:
+        raise ValueError(f"{name}: the init checkpoint has seen {samples_seen:,} samples already, "
+                         f"not fewer than end_samples = {end_samples:,}")
 
     # local_loss + gather_with_grad: each rank scores its own rows against the whole global
     # batch and gradients flow through the gather (open_clip's multi-GPU recommendation).
@@ -266,19 +296,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     loss_sum = torch.zeros((), device=device)
     loss_steps, window_start, window_samples, epoch = 0, time.perf_counter(), 0, 0
     data_wait = 0.0  # seconds of the window spent waiting for the next batch
+    cache: dict[str, torch.Tensor] | None = None   # this worker's whole shard (cache_inputs)
+    done = samples_seen >= end_samples
     while samples_seen < end_samples:
         epoch_steps = 0
-        batches = iter(shard.iter_torch_batches(
-            batch_size=local_batch, drop_last=True, device=device,
-            dtypes={"image": torch.float32, "text": torch.long},
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=(cfg.seed * 1_000_003 + step) if cfg.shuffle_buffer else None))
+        if cache is None:
+            batches = _streamed_batches(shard, cfg, local_batch, device, step)
+        else:
+            batches = _cached_batches(cache, local_batch, device, cfg.seed, rank, epoch)
+        kept: list[dict[str, torch.Tensor]] = []
         while True:
             waited = time.perf_counter()
             batch = next(batches, None)
             data_wait += time.perf_counter() - waited
             if batch is None:
                 break
+            if cfg.cache_inputs and cache is None:
+                kept.append({k: v.cpu() for k, v in batch.items()})
+            if len(batch["text"]) < local_batch:
+                continue  # the stream's last, partial batch: cached, not trained on
             lr = lr_at(samples_seen + cfg.batch_size, cfg.lr, cfg.warmup_samples,
                        cfg.total_samples)
             for group in optimizer.param_groups:
@@ -321,12 +357,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 raise RuntimeError(f"{name}: crash_at_step={step} (simulated failure)")
             if done:
                 break
-        if epoch_steps == 0:
+        if epoch_steps == 0 and not done:
             raise RuntimeError(f"{name}: the dataset yields no full batch of {local_batch} rows "
                                f"per worker; it cannot train to {end_samples:,} samples")
+        if cfg.cache_inputs and cache is None and not done:
+            cache = {k: torch.cat([b[k] for b in kept]) for k in ("image", "text")}
+            say(f"cached {len(cache['text']):,} rows of model inputs in memory for later epochs")
         epoch += 1
     return {"start_step": start_step, "start_samples": start_samples,
-            "steps_run": step - start_step, "history": history}
+            "steps_run": step - start_step, "history": history,
+            "cached_rows": len(cache["text"]) if cache is not None else 0}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -343,6 +383,7 @@ class TrainResult:
                                # last line), lr, samples_per_s, data_wait (share of that time
                                # spent waiting for input)
     wall_s: float              # wall time of this call, Ray Train start-up included
+    cached_rows: int = 0       # rows rank 0 held in memory for later epochs (cache_inputs)
 
 
 def checkpoint_root(run: RunDir) -> str:
@@ -356,9 +397,10 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, run: RunDir, e
     """Train (or resume) the run ``name`` until ``end_samples`` samples seen in total.
 
     Rerunning a name resumes from its latest checkpoint; a run already at ``end_samples``
-    returns at once. Without a checkpoint of its own, the run starts from ``init_checkpoint``
-    (a checkpoint directory URI, e.g. the seed's final one: model, optimizer, step and
-    samples_seen carry over) or from a fresh model seeded by ``cfg.seed``.
+    trains no further (Ray Train still starts, ~15 s). Without a checkpoint of its own, the run
+    starts from ``init_checkpoint`` (a checkpoint directory URI, e.g. the seed's final one:
+    model, optimizer, step and samples_seen carry over) or from a fresh model seeded by
+    ``cfg.seed``.
 
     Args:
         name: the run's name: its checkpoints go to ``<run dir>/checkpoints/<name>/``.
@@ -380,8 +422,6 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, run: RunDir, e
     started = time.perf_counter()
     storage = storage or StorageConfig()
     inputs = dataset if preprocessed else training_data(dataset, cfg.model, cfg.augment)
-    if cfg.cache_inputs:
-        inputs = inputs.materialize()
     loop_config = {
         "name": name, "train": dataclasses.asdict(cfg), "end_samples": end_samples,
         "init_checkpoint": init_checkpoint, "storage": dataclasses.asdict(storage),
@@ -411,12 +451,13 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, run: RunDir, e
         step=int(result.metrics["step"]), samples_seen=int(result.metrics["samples_seen"]),
         start_step=done["start_step"], start_samples=done["start_samples"],
         steps_run=done["steps_run"], history=done["history"],
-        wall_s=time.perf_counter() - started)
+        wall_s=time.perf_counter() - started, cached_rows=done["cached_rows"])
 
 
 def run_checkpoints(run: RunDir, name: str) -> list[str]:
     """URIs of the checkpoint directories a run has kept, oldest first."""
     root = join(checkpoint_root(run), name)
+    run.fs.invalidate_cache(root)  # Ray Train wrote there through its own handle: no stale listing
     if not run.fs.exists(root):
         return []
     scheme = "s3://" if is_s3(run.uri) else ""

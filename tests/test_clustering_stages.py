@@ -194,3 +194,28 @@ def test_all_three_stages_with_data_and_run_directory_on_s3(ray_local, tiny_worl
     assert cluster.load(run)["fine_centroids"].shape == (8, 384)
     assert assign.read(run, [0]).count() == asg["stats"]["rows_per_expert"]["0"]
     assert run.fs.exists(run.stage_path("assignments", "_sizes.png"))
+
+
+def test_each_demo_task_routes_to_the_expert_holding_its_domain(clustered, world):
+    """Issue 5: for every demo task, the expert with most of that domain's assigned training
+    captions gets the largest routing weight (authors' routing, default constants)."""
+    from pipeline.encoders import CaptionEncoder
+    from pipeline.ensemble import class_embeddings, routing_weights
+
+    run = RunDir(str(clustered), StorageConfig())
+    c = cluster.load(run)
+    truth = pd.read_parquet(world / "truth.parquet")
+    rows = pd.read_parquet(clustered / "assignments").merge(truth, on="key")
+    holder = rows.groupby("domain")["expert_id"].agg(lambda s: s.value_counts().idxmax())
+    encoder = CaptionEncoder("minilm-offline")
+    world_json = json.loads((world / "world.json").read_text())
+    routed = {}
+    for task in world_json["train_domains"]:
+        folder = world / "eval" / task
+        names = (folder / "classnames.txt").read_text().split("\n")
+        templates = (folder / "zeroshot_classification_templates.txt").read_text().split("\n")
+        e = class_embeddings(encoder, [n for n in names if n], [t for t in templates if t])
+        w = routing_weights(e, c["fine_centroids"], c["fine_to_expert"], len(c["coarse_centroids"]))
+        routed[task] = int(np.argmax(w))
+    assert routed == {d: int(holder[d]) for d in routed}
+    assert len(set(routed.values())) == len(routed)   # four tasks, four different experts

@@ -76,11 +76,27 @@ def test_seed_trains_on_all_data_and_is_registered(seeded):
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == seed["sha256"]
 
 
-def test_two_experts_train_concurrently_and_each_owns_its_data(seeded, tmp_path):
-    run = copy_run(seeded, tmp_path / "run")
-    code = experts_job.main(["--run-dir", run.uri, "--no-baselines"])
-    assert code == 0
+@pytest.fixture(scope="module")
+def trained(seeded, tmp_path_factory):
+    """The seeded run with every expert and both baselines trained (jobs/train_experts.py)."""
+    run = copy_run(seeded, tmp_path_factory.mktemp("trained") / "run")
+    assert experts_job.main(["--run-dir", run.uri]) == 0
+    return Path(run.uri)
+
+
+def test_two_experts_train_concurrently_and_each_owns_its_data(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
     reg = registry(tmp_path / "run")
+    assert sorted(reg) == ["dense", "expert-0", "expert-1", "random-0", "random-1", "seed"]
+    # Baselines: dense saw what the two experts saw together; random parts have the experts' sizes.
+    assert reg["dense"]["metrics"]["samples_seen"] == 384 + 2 * (768 - 384)
+    assert reg["dense"]["init_checkpoint"] == reg["seed"]["checkpoint"]
+    sizes = pd.read_parquet(tmp_path / "run" / "training_data").groupby("expert_id").size()
+    n = int(sizes.sum())
+    for e in (0, 1):   # a seeded uniform split with the experts' shares: sizes within 4 sigma
+        p = sizes[e] / n
+        assert abs(reg[f"random-{e}"]["samples"] - sizes[e]) <= 4 * (n * p * (1 - p)) ** 0.5
+    assert sum(reg[f"random-{e}"]["samples"] for e in (0, 1)) == n
     e0, e1 = reg["expert-0"], reg["expert-1"]
     # Both ran at the same time on the 2-CPU machine.
     assert e0["wall"]["start"] < e1["wall"]["end"] and e1["wall"]["start"] < e0["wall"]["end"]
@@ -96,8 +112,8 @@ def test_two_experts_train_concurrently_and_each_owns_its_data(seeded, tmp_path)
     # A rerun skips both: nothing is trained again, the registry is unchanged.
     before = (tmp_path / "run" / "experts.json").read_text()
     done, failed = experts.launch(load_config("demo", TINY[1::2]), run,
-                                  experts.plan(load_config("demo", TINY[1::2]), baselines=False),
-                                  2, log=lambda *_: None)
+                                  experts.plan(load_config("demo", TINY[1::2])), 2,
+                                  log=lambda *_: None)
     assert done == [] and failed == {}
     assert (tmp_path / "run" / "experts.json").read_text() == before
 
@@ -122,3 +138,59 @@ def test_experts_need_a_seed(ray_local, tmp_path):
     run = RunDir(str(tmp_path), load_config("demo").storage)
     with pytest.raises(RuntimeError, match="run jobs/train_seed.py first"):
         experts.launch(load_config("demo"), run, [], 1, log=lambda *_: None)
+
+
+# ----------------------------------------------------------------------------- issue 5
+def test_evaluate_writes_the_report_with_every_row(trained, tiny_world, tmp_path, capsys):
+    import evaluate as evaluate_job  # jobs/evaluate.py
+
+    run = copy_run(trained, tmp_path / "run")
+    tasks = [str(tiny_world / "eval" / t) for t in ("shapes", "digits")]
+    assert evaluate_job.main(["--run-dir", run.uri, "--tasks", tasks[0], "--tasks", tasks[1],
+                              "--retrieval", str(tiny_world / "eval" / "retrieval"),
+                              "--demo-data", str(tiny_world)]) == 0
+    out = tmp_path / "run" / "eval"
+    report = json.loads((out / "report.json").read_text())
+    methods = {"expert-0", "expert-1", "oracle", "uniform", "routed (T=8)", "routed (T=1)",
+               "routed top-1", "random-split", "dense", "seed"}
+    for task, n_classes in (("shapes", 8), ("digits", 10)):
+        r = report["zero_shot"][task]
+        assert set(r["accuracy"]) == methods and r["classes"] == n_classes
+        assert r["images"] == 2 * n_classes          # tiny world: 2 images per class
+        assert all(0 <= a <= 1 for a in r["accuracy"].values())
+        assert r["accuracy"]["oracle"] == max(r["accuracy"]["expert-0"], r["accuracy"]["expert-1"])
+        for w in r["weights"].values():
+            assert len(w) == 2 and abs(sum(w) - 1) < 1e-9
+        assert max(r["weights"]["T=1"]) >= max(r["weights"]["T=8"])  # sharper
+    retrieval = report["retrieval"]
+    assert methods - {"routed top-1"} <= set(retrieval)
+    assert all(0 <= v <= 1 for m in retrieval.values() for k, v in m.items() if k != "expert")
+    assert retrieval["uniform"]["i2t_r5"] >= retrieval["uniform"]["i2t_r1"]
+    confusion = pd.DataFrame(report["confusion"])
+    assert confusion.to_numpy().sum() == len(pd.read_parquet(tmp_path / "run" / "assignments"))
+    md = (out / "report.md").read_text()
+    assert "| routed (T=8) |" in md and "| dense |" in md and "Retrieval" in md
+    for png in ("accuracy.png", "routing.png", "sizes.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| random-split |" in capsys.readouterr().out
+
+
+def test_predict_prints_labels_and_weights(trained, tmp_path, capsys):
+    import numpy as np
+    import predict as predict_job  # jobs/predict.py
+
+    from pipeline.demo_world import render
+
+    jpg, _, _ = render(np.random.default_rng(0), "shapes", "star", 32)
+    (tmp_path / "star.jpg").write_bytes(jpg)
+    assert predict_job.main(["--run-dir", str(trained), "--image", str(tmp_path / "star.jpg"),
+                             "--labels", "circle,star,square", "--top-k", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    probs = [float(line.split("%")[0]) for line in lines[:3]]
+    assert abs(sum(probs) - 100) < 0.5 and probs == sorted(probs, reverse=True)
+    assert {line.split()[-1] for line in lines[:3]} == {"circle", "star", "square"}
+    weights = [float(x.split()[-1]) for x in lines[-1].removeprefix("expert weights: ").split(",")]
+    assert sorted(weights) == [0.0, 1.0]                 # top-1: one expert ran
+    with pytest.raises(SystemExit):
+        predict_job.main(["--run-dir", str(trained), "--image", str(tmp_path / "none.jpg"),
+                          "--labels", "a,b"])

@@ -65,6 +65,9 @@ def test_preprocess_uses_open_clip_transform_and_tokenizer():
     # open_clip's normalisation: a roughly zero-centred image, not [0, 1] pixels
     assert out["image"].min() < -0.5
     assert (out["text"][:, 0] == out["text"][0, 0]).all()  # start-of-text token
+    batch["image"][2] = jpgs[2][:40]  # a truncated JPEG
+    with pytest.raises(ValueError, match=r"image of key 'c' does not decode"):
+        Preprocess("mode-tiny")(batch)
     batch["caption"][1] = None
     with pytest.raises(ValueError, match=r"without caption \(keys \['b'\]\)"):
         Preprocess("mode-tiny")(batch)
@@ -102,8 +105,8 @@ def test_train_config_is_checked():
 
 # ----------------------------------------------------------------------------- Ray Train runs
 BATCH = 32
-# cache_inputs: the tiny world is 600 rows, 18 steps an epoch; decoding it again every epoch
-# would cost more than the training. The killed run covers the streamed (uncached) path.
+# cache_inputs: the tiny world is 600 rows, 18 steps an epoch; streaming and decoding it again
+# every epoch would cost more than the training. The killed run covers the streamed path.
 CFG = TrainConfig(model="mode-tiny", batch_size=BATCH, lr=3e-3, total_samples=200 * BATCH,
                   warmup_samples=20 * BATCH, precision="fp32", augment=False, shuffle_buffer=256,
                   cache_inputs=True, checkpoint_every_steps=20, keep_checkpoints=2,
@@ -115,8 +118,9 @@ EXPERT_END = 150 * BATCH    # the "expert" continues from the seed for 50 steps
 
 
 @pytest.fixture(scope="module")
-def runs(ray_local, tiny_world, tmp_path_factory):
-    """A seed run killed mid-way and rerun, and an expert started from its checkpoint."""
+def runs(ray_local, tiny_world, tmp_path_factory, s3_endpoint):
+    """A seed run killed mid-way and rerun, and an expert started from its checkpoint. The seed
+    keeps its checkpoints in a local run directory, the expert in one on S3."""
     from ray.train import TrainingFailedError
 
     from pipeline.ingest import good_rows, read_samples
@@ -126,13 +130,15 @@ def runs(ray_local, tiny_world, tmp_path_factory):
     rows = good_rows(read_samples(str(tiny_world / "train"), DataConfig(), StorageConfig(),
                                   decode_images=False))
     run = RunDir(str(tmp_path_factory.mktemp("run")), StorageConfig())
-    out = {"run": run}
+    out = {"run": run, "n_rows": rows.count()}
     with pytest.raises(TrainingFailedError, match="crash_at_step=50"):
         train("seed", rows, dataclasses.replace(CFG, cache_inputs=False), run, SEED_END,
               crash_at_step=CRASH_AT)
     out["after_crash"] = _kept(run, "seed")
     out["resumed"] = train("seed", rows, CFG, run, SEED_END)
-    out["expert"] = train("expert", rows, CFG, run, EXPERT_END,
+    out["s3"] = StorageConfig(s3_endpoint_url=s3_endpoint)
+    out["run_s3"] = RunDir("s3://mode/train-test", out["s3"])
+    out["expert"] = train("expert", rows, CFG, out["run_s3"], EXPERT_END,
                           init_checkpoint=out["resumed"].checkpoint)
     return out
 
@@ -158,6 +164,13 @@ def test_rerun_resumes_at_the_checkpointed_step(runs):
     assert _kept(runs["run"], "seed") == ["step_00000080", "step_00000100"]
 
 
+def test_cached_inputs_hold_every_row(runs):
+    r = runs["resumed"]
+    # every good row, the last partial batch too, and training went on past the first epoch
+    assert r.cached_rows == runs["n_rows"]
+    assert r.steps_run * BATCH > runs["n_rows"]
+
+
 def test_loss_falls(runs):
     losses = [line["loss"] for line in runs["resumed"].history]
     assert abs(losses[0] - math.log(BATCH)) < 0.5  # about chance at the start
@@ -174,10 +187,12 @@ def test_expert_continues_the_seed(runs):
     for line in r.history:  # the seed's schedule goes on: no new warmup
         assert line["lr"] == pytest.approx(lr_at(line["samples_seen"], CFG.lr, CFG.warmup_samples,
                                                  CFG.total_samples))
+    assert r.checkpoint == "s3://mode/train-test/checkpoints/expert/step_00000150"
+    assert _kept(runs["run_s3"], "expert") == ["step_00000140", "step_00000150"]
     seed = read_checkpoint(runs["resumed"].checkpoint, StorageConfig())
-    expert = read_checkpoint(r.checkpoint, StorageConfig())
+    expert = read_checkpoint(r.checkpoint, runs["s3"])
     assert expert["model_name"] == "mode-tiny" and expert["samples_seen"] == EXPERT_END
     assert seed["optimizer"]["state"][0]["step"] + 50 == expert["optimizer"]["state"][0]["step"]
-    model, _, tokenizer = load_model(r.checkpoint, StorageConfig())
+    model, _, tokenizer = load_model(r.checkpoint, runs["s3"])
     assert torch.equal(model.logit_scale, expert["model"]["logit_scale"])
     assert not torch.equal(expert["model"]["visual.proj"], seed["model"]["visual.proj"])

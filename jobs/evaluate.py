@@ -1,0 +1,62 @@
+"""Evaluate MoDE against every baseline: zero-shot tasks, retrieval, the clustering's confusion.
+
+    python jobs/evaluate.py --run-dir demo_out/run                  # the demo world's tasks
+    python jobs/evaluate.py --run-dir R --tasks s3://bucket/eval/cifar10 --tasks /data/eval/pets
+
+Tasks are clip_benchmark-format webdataset folders (classnames.txt,
+zeroshot_classification_templates.txt, test/*.tar). Without --tasks, a run directory that sits
+next to a demo world (<out>/run beside <out>/data, as `make demo` lays it out) is evaluated on
+the demo's zero-shot tasks, its held-out retrieval pairs and its true domains. Writes
+eval/report.json, eval/report.md and PNG plots into the run directory, and prints the summary.
+"""
+
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from pipeline import cli, evaluate  # noqa: E402
+from pipeline.raycluster import init_ray  # noqa: E402
+from pipeline.storage import filesystem, join  # noqa: E402
+
+
+def demo_inputs(data_uri: str, storage) -> tuple[list[str], str, str] | None:
+    """(task URIs, retrieval URI, truth URI) of a demo world, or None where there is none."""
+    fs, path = filesystem(data_uri, storage)
+    if not fs.exists(join(path, "world.json")):
+        return None
+    world = json.loads(fs.cat_file(join(path, "world.json")))
+    tasks = [join(data_uri, "eval", t) for t in world["train_domains"]]
+    return tasks, join(data_uri, "eval", "retrieval"), join(data_uri, "truth.parquet")
+
+
+def main(argv=None) -> int:
+    p = cli.parser(__doc__)
+    p.add_argument("--tasks", action="append", default=[], metavar="URI",
+                   help="a clip_benchmark webdataset folder, local or s3:// (repeatable)")
+    p.add_argument("--retrieval", metavar="URI", help="held-out pairs (jpg + txt) for retrieval")
+    p.add_argument("--demo-data", metavar="URI",
+                   help="demo world to take tasks from (default: <run-dir>/../data if present)")
+    args = p.parse_args(argv)
+    cfg, run = cli.load(args)
+    tasks, retrieval, truth = list(args.tasks), args.retrieval, None
+    demo = args.demo_data or run.uri.rstrip("/").rsplit("/", 1)[0] + "/data"
+    found = demo_inputs(demo, cfg.storage) if (args.demo_data or not tasks) else None
+    if found:
+        tasks = tasks or found[0]
+        retrieval, truth = retrieval or found[1], found[2]
+    if not tasks and not retrieval:
+        p.error("nothing to evaluate: pass --tasks URI (or --retrieval URI), or run next to a "
+                "demo world")
+    print(init_ray(cfg.ray))
+    report = evaluate.run_stage(cfg, run, tasks, retrieval, truth)
+    print()
+    print(evaluate.markdown(report))
+    print(f"written: {run.stage_uri('eval')}/report.md, report.json, accuracy.png, routing.png, "
+          "sizes.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Routing a task to the data experts, and the MoDE ensemble (MODE.md, stage 7).
+
+``routing_weights`` is pure numpy: a task's class embeddings (built with the clustering encoder)
+are matched to the fine centres, and each expert is weighted by the classes that land in its
+fine clusters. ``MoDEEnsemble`` loads a run directory's experts and mixes their zero-shot logits
+with those weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from pipeline.config import Config
+
+if TYPE_CHECKING:
+    import torch
+
+Variant = Literal["code", "paper"]
+
+
+def _check(class_embeddings: np.ndarray, fine_centroids: np.ndarray,
+           fine_to_expert: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    e = np.asarray(class_embeddings, np.float64)
+    c = np.asarray(fine_centroids, np.float64)
+    f2e = np.asarray(fine_to_expert)
+    if e.ndim != 2 or c.ndim != 2 or e.shape[1] != c.shape[1]:
+        raise ValueError(f"class_embeddings {e.shape} and fine_centroids {c.shape} must be (n, d) "
+                         "and (K, d) with the same d")
+    if len(e) == 0:
+        raise ValueError("a task needs at least one class")
+    if f2e.shape != (len(c),):
+        raise ValueError(f"fine_to_expert has shape {f2e.shape}, expected ({len(c)},)")
+    if num_experts < 1 or f2e.min() < 0 or f2e.max() >= num_experts:
+        raise ValueError(f"fine_to_expert values must be in 0..{num_experts - 1}")
+    return e, c, f2e.astype(np.int64)
+
+
+def nearest_fine(class_embeddings: np.ndarray, fine_centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each class's nearest fine centre and its plain L2 distance (float64, exact)."""
+    e = np.asarray(class_embeddings, np.float64)
+    c = np.asarray(fine_centroids, np.float64)
+    sq = (e * e).sum(1)[:, None] - 2 * e @ c.T + (c * c).sum(1)[None, :]
+    s = np.argmin(sq, axis=1)
+    return s, np.sqrt(np.maximum(sq[np.arange(len(e)), s], 0.0))
+
+
+def _softmax(u: np.ndarray) -> np.ndarray:
+    z = np.exp(u - u.max())
+    return z / z.sum()
+
+
+def routing_weights(class_embeddings: np.ndarray, fine_centroids: np.ndarray,
+                    fine_to_expert: np.ndarray, num_experts: int, *,
+                    variant: Variant = "code", temperature: float = 8.0,
+                    small_n: int = 10, a_offset: float = 0.5, beta_scale: float = 5.0,
+                    beta_shift: float = 200.0, beta_floor: float = 10.0,
+                    lam: float = 0.2, mode: Literal["routed", "uniform", "top_k"] = "routed",
+                    k: int = 1) -> np.ndarray:
+    """Expert weights for one task, float64 of shape ``(num_experts,)`` summing to 1.
+
+    ``variant="code"`` (default) is the authors' code as MODE.md states it: each class l goes to
+    the expert owning its nearest fine centre at plain L2 distance d_l;
+    ``u_c = sum_{l -> c} exp(beta * (a - d_l))`` with ``a = exp(a_offset - sqrt(n))`` when
+    ``n < small_n`` (else 0) and ``beta = beta_scale * log10(max(beta_floor, n - beta_shift))``;
+    an expert with no class has ``u_c = 0``; weights ``softmax(u / temperature)``.
+
+    ``variant="paper"`` is the paper's text: ``p(c|T)`` proportional to
+    ``exp(sum_{l -> c} exp(-d_l**2 / lam))``, again only each class's nearest fine centre
+    (``temperature`` divides the exponent as well; 1 is the paper).
+
+    ``mode="uniform"`` ignores the classes (1/m each); ``mode="top_k"`` keeps the ``k`` largest
+    routed weights, renormalised, and zeros the rest (those experts need not run at all).
+    """
+    e, c, f2e = _check(class_embeddings, fine_centroids, fine_to_expert, num_experts)
+    if mode == "uniform":
+        return np.full(num_experts, 1.0 / num_experts)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n = len(e)
+    s, d = nearest_fine(e, c)
+    expert = f2e[s]
+    if variant == "code":
+        a = math.exp(a_offset - math.sqrt(n)) if n < small_n else 0.0
+        beta = beta_scale * math.log10(max(beta_floor, n - beta_shift))
+        score = np.exp(beta * (a - d))
+    elif variant == "paper":
+        score = np.exp(-(d ** 2) / lam)
+    else:
+        raise ValueError(f"unknown variant {variant!r}; variants: 'code', 'paper'")
+    u = np.bincount(expert, weights=score, minlength=num_experts).astype(np.float64)
+    w = _softmax(u / temperature)
+    if mode == "top_k":
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"top_k needs 1 <= k <= {num_experts}, got {k}")
+        keep = np.argsort(-w, kind="stable")[:k]
+        out = np.zeros(num_experts)
+        out[keep] = w[keep]
+        return out / out.sum()
+    if mode != "routed":
+        raise ValueError(f"unknown mode {mode!r}; modes: 'routed', 'uniform', 'top_k'")
+    return w
+
+
+# ----------------------------------------------------------------------------- the ensemble
+def fill(template: str, classname: str) -> str:
+    """A prompt template with its class: clip_benchmark's ``{c}`` or open_clip's ``{}``."""
+    return template.replace("{c}", classname) if "{c}" in template else template.format(classname)
+
+
+def class_embeddings(encoder, classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    """(n, d) float64 unit rows with the clustering encoder: every template filled with the
+    class, each embedded and normalised, averaged per class, normalised again."""
+    texts = [fill(t, c) for c in classnames for t in templates]
+    e = np.asarray(encoder.encode(texts), np.float64)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    e = e.reshape(len(classnames), len(templates), -1).mean(axis=1)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class ZeroShot:
+    logits: np.ndarray                   # (N, n) the weighted mix of the experts' logits
+    expert_logits: dict[int, np.ndarray]  # expert id -> (N, n) cosine similarities (run ones)
+    weights: np.ndarray                  # (m,) routing weights used (zeros: expert not run)
+
+
+class MoDEEnsemble:
+    """The data experts of a run directory, routed per task.
+
+    Loads the run's ``experts.json`` (expert entries and their checkpoints), the fine centres and
+    fine-to-expert map of ``clusters/``, and the clustering encoder (``embed.model`` of the run's
+    config). Models load lazily and stay cached, so routing with ``top_k`` never loads or runs
+    the experts it drops. Baseline runs of the registry (seed, dense, random-k) load the same way
+    through ``model(name)``.
+    """
+
+    def __init__(self, run_uri: str, cfg: Config | None = None, device: str = "cpu") -> None:
+        from pipeline import cluster, experts
+        from pipeline.rundir import RunDir
+
+        if cfg is None:
+            cfg = run_config(run_uri)
+        self.cfg, self.device = cfg, torch_device(device)
+        self.run = RunDir(run_uri, cfg.storage)
+        self.registry = experts.finished(self.run)
+        clusters = cluster.load(self.run)
+        self.fine_centroids = clusters["fine_centroids"]
+        self.fine_to_expert = clusters["fine_to_expert"]
+        self.num_experts = int(len(clusters["coarse_centroids"]))
+        missing = [e for e in range(self.num_experts) if f"expert-{e}" not in self.registry]
+        if missing:
+            raise ValueError(f"{run_uri}: experts {missing} are not in experts.json yet (trained: "
+                             f"{sorted(self.registry)}); run jobs/train_experts.py first")
+        self._models: dict[str, tuple] = {}
+        self._encoder = None
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from pipeline.encoders import CaptionEncoder
+
+            self._encoder = CaptionEncoder(self.cfg.embed.model, batch_size=self.cfg.embed.batch_size)
+        return self._encoder
+
+    def model(self, name: str) -> tuple:
+        """(model, preprocess, tokenizer) of a registry run, in eval mode on the device."""
+        if name not in self._models:
+            from pipeline.train import load_model
+
+            if name not in self.registry:
+                raise KeyError(f"no run {name!r} in experts.json; runs: {sorted(self.registry)}")
+            model, preprocess, tokenizer = load_model(self.registry[name]["checkpoint"],
+                                                      self.cfg.storage)
+            self._models[name] = (model.to(self.device), preprocess, tokenizer)
+        return self._models[name]
+
+    def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        return class_embeddings(self.encoder, classnames, templates)
+
+    def weights(self, classnames: Sequence[str], templates: Sequence[str], **params) -> np.ndarray:
+        """``routing_weights`` of a task (``params``: temperature, mode, k, variant, ...)."""
+        return routing_weights(self.class_embeddings(classnames, templates), self.fine_centroids,
+                               self.fine_to_expert, self.num_experts, **params)
+
+    def classifier(self, name: str, classnames: Sequence[str], templates: Sequence[str]):
+        """(d, n) unit class-text embeddings of one model: open_clip's zero-shot head."""
+        import open_clip
+        import torch
+
+        model, _, tokenizer = self.model(name)
+        with torch.no_grad():
+            return open_clip.build_zero_shot_classifier(
+                model, tokenizer, list(classnames), [_formatter(t) for t in templates],
+                num_classes_per_batch=None, device=self.device)
+
+    def image_features(self, name: str, images) -> torch.Tensor:
+        """(N, d) unit image embeddings; ``images`` are PIL images or a preprocessed batch."""
+        import torch
+
+        model, preprocess, _ = self.model(name)
+        if not isinstance(images, torch.Tensor):
+            images = torch.stack([preprocess(im.convert("RGB")) for im in images])
+        with torch.no_grad():
+            return model.encode_image(images.to(self.device), normalize=True)
+
+    def logits(self, name: str, images, classnames: Sequence[str],
+               templates: Sequence[str]) -> np.ndarray:
+        """(N, n) cosine similarities of one model's image and class-text embeddings."""
+        feats = self.image_features(name, images)
+        return (feats @ self.classifier(name, classnames, templates)).float().cpu().numpy()
+
+    def zero_shot(self, images, classnames: Sequence[str], templates: Sequence[str],
+                  **params) -> ZeroShot:
+        """Routed zero-shot classification: the mixed logits, each run expert's logits and the
+        weights. Experts with weight 0 (``mode="top_k"``) are not run."""
+        w = self.weights(classnames, templates, **params)
+        per = {e: self.logits(f"expert-{e}", images, classnames, templates)
+               for e in range(self.num_experts) if w[e] > 0}
+        mixed = sum(w[e] * lg for e, lg in per.items())
+        return ZeroShot(np.asarray(mixed), per, w)
+
+
+def _formatter(template: str):
+    return lambda c: fill(template, c)
+
+
+def torch_device(device: str):
+    import torch
+
+    return torch.device(device)
+
+
+def run_config(run_uri: str, storage=None) -> Config:
+    """The config a run directory was made with (its ``config.yaml``)."""
+    import yaml
+
+    from pipeline.config import StorageConfig, load_config
+    from pipeline.rundir import RunDir
+
+    run = RunDir(run_uri, storage or StorageConfig())
+    if not run.has_config():
+        raise FileNotFoundError(f"{run_uri} has no config.yaml: is it a run directory?")
+    saved = yaml.safe_load(run.fs.cat_file(run.config_path))
+    if storage is not None:
+        saved["storage"] = dataclasses.asdict(storage)
+    return load_config(saved)

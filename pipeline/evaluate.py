@@ -1,0 +1,360 @@
+"""The evaluation report: zero-shot classification and retrieval for MoDE and every baseline.
+
+Writes ``eval/`` in the run directory::
+
+    eval/report.json        every number: per task and method, routing weights, retrieval
+    eval/report.md          the same as tables, for people
+    eval/accuracy.png       per-task accuracy bars of every method
+    eval/routing.png        routing weights per task (heat map, default and sharp temperature)
+    eval/sizes.png          fine-cluster and expert sizes (from the assignments manifest)
+
+Zero-shot tasks are clip_benchmark-format webdataset folders (``classnames.txt``,
+``zeroshot_classification_templates.txt``, ``test/*.tar`` with an image and a ``.cls`` per
+sample), local or ``s3://``. Methods, for every task (MODE.md, stage 7):
+
+- ``expert-e``: each data expert alone; ``oracle``: the best single expert on this task;
+- ``uniform``: the experts' logits averaged;
+- ``routed (T=8)``: the authors' routing (``routing_weights`` defaults); ``routed (T=1)``: the same
+  at a sharper temperature; ``routed top-1``: only the top expert runs;
+- ``random-split``: the random-partition experts averaged (ensembling without clustering);
+- ``dense``: the seed continued on all data for the same training cost; ``seed``.
+
+Retrieval on held-out pairs (``.jpg`` + ``.txt``): image-to-text routes once with the whole
+caption set as the task's text; text-to-image routes every query caption by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import torch
+from PIL import Image
+
+from pipeline.config import Config, StorageConfig
+from pipeline.ensemble import MoDEEnsemble, routing_weights
+from pipeline.rundir import RunDir
+from pipeline.storage import filesystem, join, pyarrow_filesystem, write_bytes_atomic
+
+STAGE = "eval"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SHARP_TEMPERATURE = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    images: list[Image.Image]
+    labels: np.ndarray          # (N,) int class index
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairs:
+    images: list[Image.Image]
+    captions: list[str]
+
+
+def _lines(fs, path: str) -> list[str]:
+    return [line.strip() for line in fs.cat_file(path).decode().splitlines() if line.strip()]
+
+
+def _rows(uri: str, storage: StorageConfig) -> list[dict[str, Any]]:
+    """Every sample of a webdataset folder's ``test/`` tars (Ray Data's webdataset reader)."""
+    fs, path = filesystem(uri, storage)
+    test = join(path, "test")
+    if not fs.exists(test):
+        raise FileNotFoundError(f"{uri}: no test/ folder of .tar shards (clip_benchmark's layout)")
+    tars = sorted(p for p in fs.ls(test, detail=False) if p.endswith(".tar"))
+    if not tars:
+        raise FileNotFoundError(f"{uri}/test has no .tar shards")
+    ds = ray.data.read_webdataset(tars, filesystem=pyarrow_filesystem(fs), decoder=None)
+    return ds.take_all()
+
+
+def _image(row: dict[str, Any], uri: str) -> Image.Image:
+    for ext in IMAGE_EXTS:
+        if row.get(ext) is not None:
+            return Image.open(io.BytesIO(row[ext])).convert("RGB")
+    raise ValueError(f"{uri}: sample {row.get('__key__')!r} has no image ({'/'.join(IMAGE_EXTS)})")
+
+
+def read_task(uri: str, storage: StorageConfig) -> Task:
+    """A zero-shot classification task in clip_benchmark's webdataset layout."""
+    fs, path = filesystem(uri, storage)
+    for f in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        if not fs.exists(join(path, f)):
+            raise FileNotFoundError(f"{uri}: no {f} (clip_benchmark's webdataset layout)")
+    classnames = _lines(fs, join(path, "classnames.txt"))
+    templates = _lines(fs, join(path, "zeroshot_classification_templates.txt"))
+    rows = sorted(_rows(uri, storage), key=lambda r: r["__key__"])
+    labels = np.array([int(bytes(r["cls"]).decode().strip()) for r in rows])
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classnames)):
+        raise ValueError(f"{uri}: class indices must be in 0..{len(classnames) - 1}")
+    name = path.rstrip("/").split("/")[-1]
+    return Task(name, classnames, templates, [_image(r, uri) for r in rows], labels)
+
+
+def read_pairs(uri: str, storage: StorageConfig) -> Pairs:
+    """Held-out image-caption pairs (``.jpg`` + ``.txt``) for retrieval."""
+    rows = sorted(_rows(uri, storage), key=lambda r: r["__key__"])
+    return Pairs([_image(r, uri) for r in rows], [bytes(r["txt"]).decode().strip() for r in rows])
+
+
+# ----------------------------------------------------------------------------- metrics
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.argmax(logits, axis=1) == labels).mean())
+
+
+def recall_at(similarity: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Recall@k of a square (queries x candidates) similarity whose true match is the diagonal."""
+    true = similarity[np.arange(len(similarity)), np.arange(len(similarity))][:, None]
+    rank = (similarity > true).sum(axis=1)          # candidates scored above the true one
+    return {k: float((rank < k).mean()) for k in ks}
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _run_names(ens: MoDEEnsemble) -> dict[str, list[str]]:
+    names = sorted(ens.registry)
+    return {"random": sorted(n for n in names if n.startswith("random-")),
+            "baselines": [n for n in ("dense", "seed") if n in names]}
+
+
+def zero_shot_task(ens: MoDEEnsemble, task: Task) -> dict[str, Any]:
+    """Accuracy of every method on one task, and the routing weights used."""
+    m = ens.num_experts
+    logits = {f"expert-{e}": ens.logits(f"expert-{e}", task.images, task.classnames,
+                                        task.templates) for e in range(m)}
+    experts = [logits[f"expert-{e}"] for e in range(m)]
+    emb = ens.class_embeddings(task.classnames, task.templates)
+    route = dict(fine_centroids=ens.fine_centroids, fine_to_expert=ens.fine_to_expert,
+                 num_experts=m)
+    w8 = routing_weights(emb, **route)
+    w1 = routing_weights(emb, **route, temperature=SHARP_TEMPERATURE)
+    top1 = routing_weights(emb, **route, mode="top_k", k=1)
+    acc = {name: accuracy(lg, task.labels) for name, lg in logits.items()}
+    acc["oracle"] = max(acc[f"expert-{e}"] for e in range(m))
+    acc["uniform"] = accuracy(np.mean(experts, axis=0), task.labels)
+    for label, w in (("routed (T=8)", w8), (f"routed (T={SHARP_TEMPERATURE:g})", w1),
+                     ("routed top-1", top1)):
+        acc[label] = accuracy(sum(w[e] * experts[e] for e in range(m)), task.labels)
+    runs = _run_names(ens)
+    if runs["random"]:
+        acc["random-split"] = accuracy(np.mean([ens.logits(n, task.images, task.classnames,
+                                                          task.templates) for n in runs["random"]],
+                                               axis=0), task.labels)
+    for name in runs["baselines"]:
+        acc[name] = accuracy(ens.logits(name, task.images, task.classnames, task.templates),
+                             task.labels)
+    return {"classes": len(task.classnames), "images": len(task.labels),
+            "chance": 1.0 / len(task.classnames), "accuracy": acc,
+            "weights": {"T=8": w8.tolist(), f"T={SHARP_TEMPERATURE:g}": w1.tolist()}}
+
+
+def _similarities(ens: MoDEEnsemble, name: str, pairs: Pairs) -> np.ndarray:
+    """(images x captions) cosine similarity of one model."""
+    model, _, tokenizer = ens.model(name)
+    image = ens.image_features(name, pairs.images)
+    with torch.no_grad():
+        text = model.encode_text(tokenizer(pairs.captions).to(ens.device), normalize=True)
+    return (image @ text.T).float().cpu().numpy()
+
+
+def retrieval(ens: MoDEEnsemble, pairs: Pairs) -> dict[str, dict[str, float]]:
+    """Recall@1/5 both ways for every method; routed as the paper does (see module doc)."""
+    m = ens.num_experts
+    sims = {f"expert-{e}": _similarities(ens, f"expert-{e}", pairs) for e in range(m)}
+    experts = np.stack([sims[f"expert-{e}"] for e in range(m)])          # (m, images, captions)
+    caption_emb = np.asarray(ens.encoder.encode(pairs.captions), np.float64)
+    caption_emb /= np.linalg.norm(caption_emb, axis=1, keepdims=True)
+    route = dict(fine_centroids=ens.fine_centroids, fine_to_expert=ens.fine_to_expert,
+                 num_experts=m)
+    mixes = {"uniform": (np.full(m, 1 / m), None)}
+    for label, temperature in (("routed (T=8)", 8.0), (f"routed (T={SHARP_TEMPERATURE:g})",
+                                                       SHARP_TEMPERATURE)):
+        corpus = routing_weights(caption_emb, **route, temperature=temperature)
+        per_query = np.stack([routing_weights(caption_emb[i:i + 1], **route, temperature=temperature)
+                              for i in range(len(caption_emb))])              # (captions, m)
+        mixes[label] = (corpus, per_query)
+    out: dict[str, dict[str, float]] = {}
+
+    def score(name: str, i2t: np.ndarray, t2i: np.ndarray) -> None:
+        r_i, r_t = recall_at(i2t), recall_at(t2i)
+        out[name] = {"i2t_r1": r_i[1], "i2t_r5": r_i[5], "t2i_r1": r_t[1], "t2i_r5": r_t[5]}
+
+    for name, s in sims.items():
+        score(name, s, s.T)
+    for label, (corpus, per_query) in mixes.items():
+        i2t = np.tensordot(corpus, experts, axes=1)
+        if per_query is None:
+            t2i = i2t.T
+        else:   # query caption q: sum_c w_c(q) * similarity_c(image, q)
+            t2i = np.einsum("qc,ciq->qi", per_query, experts)
+        score(label, i2t, t2i)
+    best = max((f"expert-{e}" for e in range(m)), key=lambda n: np.mean(list(out[n].values())))
+    out["oracle"] = dict(out[best], expert=best)
+    runs = _run_names(ens)
+    if runs["random"]:
+        s = np.mean([_similarities(ens, n, pairs) for n in runs["random"]], axis=0)
+        score("random-split", s, s.T)
+    for name in runs["baselines"]:
+        s = _similarities(ens, name, pairs)
+        score(name, s, s.T)
+    return out
+
+
+def confusion(run: RunDir, truth_uri: str, storage: StorageConfig) -> pd.DataFrame:
+    """Expert-by-true-domain counts of the assigned training samples (worlds that know them)."""
+    from pipeline import assign
+
+    fs, path = filesystem(truth_uri, storage)
+    truth = pd.read_parquet(io.BytesIO(fs.cat_file(path)), columns=["key", "split", "domain"])
+    a = assign.read(run).select_columns(["key", "expert_id"]).to_pandas()
+    merged = a.merge(truth[truth["split"] == "train"], on="key", how="left")
+    merged["domain"] = merged["domain"].fillna("(unknown)")
+    return pd.crosstab(merged["expert_id"], merged["domain"])
+
+
+# ----------------------------------------------------------------------------- report
+def method_order(m: int, columns: Sequence[str]) -> list[str]:
+    first = ["routed (T=8)", f"routed (T={SHARP_TEMPERATURE:g})", "routed top-1", "uniform",
+             "oracle", "random-split", "dense", "seed"]
+    return [c for c in first if c in columns] + [f"expert-{e}" for e in range(m)
+                                                 if f"expert-{e}" in columns]
+
+
+def summary_table(report: dict[str, Any]) -> pd.DataFrame:
+    """Methods x tasks accuracy (%) with the mean over tasks."""
+    acc = pd.DataFrame({t: r["accuracy"] for t, r in report["zero_shot"].items()})
+    acc["mean"] = acc.mean(axis=1)
+    return (100 * acc.loc[method_order(report["num_experts"], acc.index)]).round(1)
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join([df.index.name or "", *cols]) + " |",
+             "|" + "---|" * (len(cols) + 1)]
+    for idx, row in df.iterrows():
+        lines.append("| " + " | ".join([str(idx), *(f"{v:g}" if isinstance(v, float) else str(v)
+                                                      for v in row)]) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    out = [f"# MoDE evaluation: {report['run']}", "",
+           f"{report['num_experts']} experts; zero-shot accuracy (%) per task, mean over tasks. "
+           "`routed (T=8)` is the authors' routing; `oracle` the best single expert per task; "
+           "`dense` the same training cost on all data.", "",
+           _markdown(summary_table(report).rename_axis("method")), ""]
+    if report.get("zero_shot"):
+        w = pd.DataFrame({t: r["weights"]["T=8"] for t, r in report["zero_shot"].items()}).T
+        w.columns = [f"expert-{e}" for e in w.columns]
+        out += ["## Routing weights (T=8)", "", _markdown(w.round(3).rename_axis("task")), ""]
+    if report.get("retrieval"):
+        r = pd.DataFrame(report["retrieval"]).T.drop(columns=["expert"], errors="ignore")
+        out += [f"## Retrieval on {report['retrieval_pairs']} held-out pairs (recall, %)", "",
+                _markdown((100 * r.astype(float)).round(1).rename_axis("method")), ""]
+    if report.get("confusion"):
+        c = pd.DataFrame(report["confusion"]).fillna(0).astype(int)
+        out += ["## Clustering: assigned training samples, expert x true domain", "",
+                _markdown(c.rename_axis("expert")), ""]
+    return "\n".join(out)
+
+
+def plot_accuracy(report: dict[str, Any]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summary_table(report)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(table.columns)), 4.5))
+    width = 0.8 / len(table.index)
+    for i, method in enumerate(table.index):
+        ax.bar(np.arange(len(table.columns)) + i * width, table.loc[method], width, label=method)
+    ax.set_xticks(np.arange(len(table.columns)) + 0.4 - width / 2, table.columns)
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("MoDE vs baselines")
+    return _png(fig)
+
+
+def plot_routing(report: dict[str, Any]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["zero_shot"])
+    keys = list(report["zero_shot"][tasks[0]]["weights"])
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 0.6 * len(tasks) + 1.5))
+    for ax, key in zip(np.atleast_1d(axes), keys, strict=True):
+        w = np.array([report["zero_shot"][t]["weights"][key] for t in tasks])
+        im = ax.imshow(w, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(w.shape[1]), [f"e{e}" for e in range(w.shape[1])])
+        ax.set_yticks(range(len(tasks)), tasks)
+        for (i, j), v in np.ndenumerate(w):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if v < 0.5 else "black")
+        ax.set_title(f"routing weights, {key}")
+    fig.colorbar(im, ax=axes)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_stage(cfg: Config, run: RunDir, tasks: Sequence[str], retrieval_uri: str | None = None,
+              truth_uri: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate the run's experts and baselines; write ``eval/``; return the report."""
+    from pipeline import assign
+
+    t0 = time.perf_counter()
+    ens = MoDEEnsemble(run.uri, cfg)
+    report: dict[str, Any] = {"run": run.uri, "num_experts": ens.num_experts,
+                              "runs": sorted(ens.registry), "zero_shot": {}}
+    for uri in tasks:
+        task = read_task(uri, cfg.storage)
+        log(f"[eval] {task.name}: {len(task.labels)} images, {len(task.classnames)} classes")
+        report["zero_shot"][task.name] = zero_shot_task(ens, task)
+        r = report["zero_shot"][task.name]
+        log(f"[eval] {task.name}: routed {r['accuracy']['routed (T=8)']:.1%}, dense "
+            f"{r['accuracy'].get('dense', float('nan')):.1%}, weights "
+            f"{np.round(r['weights']['T=8'], 2).tolist()}")
+    if retrieval_uri:
+        pairs = read_pairs(retrieval_uri, cfg.storage)
+        report["retrieval_pairs"] = len(pairs.captions)
+        log(f"[eval] retrieval: {len(pairs.captions)} pairs")
+        report["retrieval"] = retrieval(ens, pairs)
+    if truth_uri:
+        report["confusion"] = {str(k): {str(e): int(v) for e, v in col.items()}
+                               for k, col in confusion(run, truth_uri, cfg.storage).items()}
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    fs = run.fs
+    write_bytes_atomic(fs, run.stage_path(STAGE, "report.json"),
+                       (json.dumps(report, indent=2) + "\n").encode())
+    write_bytes_atomic(fs, run.stage_path(STAGE, "report.md"), markdown(report).encode())
+    if report["zero_shot"]:
+        write_bytes_atomic(fs, run.stage_path(STAGE, "accuracy.png"), plot_accuracy(report))
+        write_bytes_atomic(fs, run.stage_path(STAGE, "routing.png"), plot_routing(report))
+    manifest = run.manifest("assignments")
+    if manifest is not None:
+        stats = manifest["stats"]
+        fine = np.array(stats["rows_per_fine_cluster"])
+        per_expert = np.array([stats["rows_per_expert"][str(e)] for e in range(ens.num_experts)])
+        write_bytes_atomic(fs, run.stage_path(STAGE, "sizes.png"), assign.plot_sizes(fine, per_expert))
+    return report
