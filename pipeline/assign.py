@@ -127,14 +127,15 @@ def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[
                       rows_out=rows_out, rows_skipped={}, started_at=started, stats=stats)
 
 
-def read_by_expert(run: RunDir, stage: str, experts: list[int] | None = None) -> ray.data.Dataset:
+def read_by_expert(run: RunDir, stage: str, experts: list[int] | None = None,
+                   columns: list[str] | None = None) -> ray.data.Dataset:
     """A stage written with ``partition_cols=["expert_id"]``, as a Ray Dataset with an int
-    ``expert_id`` column (optionally only some experts' partitions)."""
+    ``expert_id`` column (optionally only some experts' partitions, some columns)."""
     fs = pyarrow_filesystem(run.fs)
     hive = Partitioning("hive", base_dir=run.stage_path(stage), field_types={"expert_id": int})
     paths = run.stage_uri(stage) if experts is None else \
         [run.stage_uri(stage, f"expert_id={e}") for e in experts]
-    return ray.data.read_parquet(paths, filesystem=fs, partitioning=hive)
+    return ray.data.read_parquet(paths, filesystem=fs, partitioning=hive, columns=columns)
 
 
 def read(run: RunDir, experts: list[int] | None = None) -> ray.data.Dataset:

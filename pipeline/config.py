@@ -159,13 +159,15 @@ class TrainConfig:
     # One GPU per worker.
     use_gpu: bool = False
     # CPUs reserved per worker. Below 1 on small machines, so Ray Data's read and decode
-    # tasks still get scheduled next to the trainer.
+    # tasks (1 CPU each) still get scheduled next to the trainers: max_concurrent *
+    # num_workers * cpus_per_worker must leave at least 1 CPU free, or runs wait for data.
     cpus_per_worker: float = 1.0
     # torch threads per worker; 0 keeps Ray's default (the worker's whole CPUs, at least 1).
     threads_per_worker: int = 0
     # Worker-group failures retried from the latest checkpoint within one run.
     max_failures: int = 0
-    # Expert (and baseline) runs trained at once by jobs/train_experts.py; the rest queue.
+    # Expert (and baseline) runs trained at once by jobs/train_experts.py; the rest queue,
+    # longest first. The seed, which trains alone, gets the torch threads of this many.
     max_concurrent: int = 2
 
 
@@ -218,15 +220,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                     "restarts": 3},
         # CALIBRATION.md: batch 128 beat 256, lr 3e-3 beat 1e-3. Budget: the seed plus 4 experts,
         # 4 random-split parts and dense cost (f + 3 * 4 * (1 - f)) * T = 6.5 T samples at
-        # f = 0.5; at ~1,200 samples/s (two 1-thread runs at once on 2 cores, bench_train) and
-        # ~30 s of start-up per run, T = 96k keeps the whole demo near 10 minutes.
-        # seed_fraction 0.5: see README "Choosing the seed's share" (measured on this demo).
-        "train": {"model": "mode-tiny", "batch_size": 128, "lr": 3e-3, "total_samples": 96_000,
-                  "seed_fraction": 0.5, "warmup_samples": 8_000, "precision": "fp32",
+        # f = 0.5, about 1,100 samples/s on 2 cores, plus roughly a minute and a half of Ray
+        # Train and Ray Data start-up per run (measured: README, "Demo timings"), so T = 64k.
+        # seed_fraction 0.5: README, "Choosing the seed's share" (measured on this demo).
+        "train": {"model": "mode-tiny", "batch_size": 128, "lr": 3e-3, "total_samples": 64_000,
+                  "seed_fraction": 0.5, "warmup_samples": 6_400, "precision": "fp32",
                   "augment": False, "shuffle_buffer": 2_048, "cache_inputs": True,
                   "checkpoint_every_steps": 250, "keep_checkpoints": 2, "log_every_steps": 50,
-                  "num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5,
-                  "threads_per_worker": 1, "max_concurrent": 2},
+                  "num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.3,
+                  "threads_per_worker": 1, "max_concurrent": 3},
     },
     "small": {
         "embed": {"model": "minilm-offline", "batch_size": 512, "num_actors": 2,

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -159,6 +159,8 @@ class MoDEEnsemble:
                              f"{sorted(self.registry)}); run jobs/train_experts.py first")
         self._models: dict[str, tuple] = {}
         self._encoder = None
+        self._heads: dict[tuple, Any] = {}        # (run, classes, templates) -> text head
+        self._routes: dict[tuple, np.ndarray] = {}  # (classes, templates) -> class embeddings
 
     @property
     def encoder(self):
@@ -181,7 +183,11 @@ class MoDEEnsemble:
         return self._models[name]
 
     def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-        return class_embeddings(self.encoder, classnames, templates)
+        """The task's class embeddings with the clustering encoder (cached per task)."""
+        key = (tuple(classnames), tuple(templates))
+        if key not in self._routes:
+            self._routes[key] = class_embeddings(self.encoder, classnames, templates)
+        return self._routes[key]
 
     def weights(self, classnames: Sequence[str], templates: Sequence[str], **params) -> np.ndarray:
         """``routing_weights`` of a task (``params``: temperature, mode, k, variant, ...)."""
@@ -189,15 +195,19 @@ class MoDEEnsemble:
                                self.fine_to_expert, self.num_experts, **params)
 
     def classifier(self, name: str, classnames: Sequence[str], templates: Sequence[str]):
-        """(d, n) unit class-text embeddings of one model: open_clip's zero-shot head."""
+        """(d, n) unit class-text embeddings of one model: open_clip's zero-shot head (cached
+        per model and task, so batches of one task build it once)."""
         import open_clip
         import torch
 
-        model, _, tokenizer = self.model(name)
-        with torch.no_grad():
-            return open_clip.build_zero_shot_classifier(
-                model, tokenizer, list(classnames), [_formatter(t) for t in templates],
-                num_classes_per_batch=None, device=self.device)
+        key = (name, tuple(classnames), tuple(templates))
+        if key not in self._heads:
+            model, _, tokenizer = self.model(name)
+            with torch.no_grad():
+                self._heads[key] = open_clip.build_zero_shot_classifier(
+                    model, tokenizer, list(classnames), [_formatter(t) for t in templates],
+                    num_classes_per_batch=None, device=self.device)
+        return self._heads[key]
 
     def image_features(self, name: str, images) -> torch.Tensor:
         """(N, d) unit image embeddings; ``images`` are PIL images or a preprocessed batch."""

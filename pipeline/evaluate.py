@@ -238,13 +238,13 @@ def summary_table(report: dict[str, Any]) -> pd.DataFrame:
     return (100 * acc.loc[method_order(report["num_experts"], acc.index)]).round(1)
 
 
-def _markdown(df: pd.DataFrame) -> str:
+def _markdown(df: pd.DataFrame, digits: int = 1) -> str:
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join([df.index.name or "", *cols]) + " |",
              "|" + "---|" * (len(cols) + 1)]
     for idx, row in df.iterrows():
-        lines.append("| " + " | ".join([str(idx), *(f"{v:g}" if isinstance(v, float) else str(v)
-                                                      for v in row)]) + " |")
+        lines.append("| " + " | ".join([str(idx), *(f"{v:.{digits}f}" if isinstance(v, float)
+                                                      else str(v) for v in row)]) + " |")
     return "\n".join(lines)
 
 
@@ -257,7 +257,7 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("zero_shot"):
         w = pd.DataFrame({t: r["weights"]["T=8"] for t, r in report["zero_shot"].items()}).T
         w.columns = [f"expert-{e}" for e in w.columns]
-        out += ["## Routing weights (T=8)", "", _markdown(w.round(3).rename_axis("task")), ""]
+        out += ["## Routing weights (T=8)", "", _markdown(w.rename_axis("task"), digits=3), ""]
     if report.get("retrieval"):
         r = pd.DataFrame(report["retrieval"]).T.drop(columns=["expert"], errors="ignore")
         out += [f"## Retrieval on {report['retrieval_pairs']} held-out pairs (recall, %)", "",

@@ -69,14 +69,14 @@ def seed_job(cfg: Config) -> Job:
     return Job("seed", "seed", None, seed_end(cfg.train), cfg.train.total_samples)
 
 
-def dataset(run: RunDir, cfg: Config, job: Job):
+def dataset(run: RunDir, cfg: Config, job: Job, columns: list[str] | None = None):
     """The rows a run trains on (a lazy Ray Dataset over ``training_data/``)."""
     if job.kind in ("seed", "dense"):
-        return shards.all_rows(run)
+        return shards.all_rows(run, columns)
     if job.kind == "expert":
         return shards.expert_rows(run, job.index, cfg.cluster.num_experts, cfg.train.ooc_ratio,
-                                  cfg.train.seed)
-    return shards.random_rows(run, job.index)
+                                  cfg.train.seed, columns)
+    return shards.random_rows(run, job.index, columns)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -113,8 +113,9 @@ def run_job(cfg: Config, run_uri: str, job: Job, init_checkpoint: str | None) ->
 
     run = RunDir(run_uri, cfg.storage)
     started, wall0 = now(), time.time()
+    # Counted on the two small columns the filters need, not on the images.
+    samples = dataset(run, cfg, job, columns=["key", "random_id"]).count()
     ds = dataset(run, cfg, job)
-    samples = ds.count()
     tcfg = dataclasses.replace(cfg.train, total_samples=job.schedule_total)
     result = train.train(job.name, ds, tcfg, run, job.end_samples,
                          init_checkpoint=init_checkpoint, storage=cfg.storage)
@@ -146,6 +147,15 @@ def _run_job_remote(cfg: Config, run_uri: str, job: Job, init: str | None) -> di
     return run_job(cfg, run_uri, job, init)
 
 
+def seed_config(cfg: Config) -> Config:
+    """The seed trains alone: it gets the torch threads of ``max_concurrent`` runs. Not their
+    CPU reservation: Ray Data's read and decode tasks need the CPUs a worker leaves free (on 2
+    CPUs a 1-CPU worker starved its own input pipeline)."""
+    t = cfg.train
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        t, threads_per_worker=t.threads_per_worker * t.max_concurrent))
+
+
 def train_seed(cfg: Config, run: RunDir, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or resume, or skip when finished) the seed; returns its registry entry."""
     done = finished(run).get("seed")
@@ -153,7 +163,7 @@ def train_seed(cfg: Config, run: RunDir, log: Callable[[str], None] = print) -> 
         log(f"[seed] done already ({done['checkpoint']}): skipped")
         return done
     log("[seed] running")
-    entry = run_job(cfg, run.uri, seed_job(cfg), None)
+    entry = run_job(seed_config(cfg), run.uri, seed_job(cfg), None)
     append(run, entry)
     log(f"[seed] done: {entry['metrics']['samples_seen']:,} samples, loss "
         f"{entry['metrics']['first_loss']:.3f} -> {entry['metrics']['final_loss']:.3f}, "
@@ -175,12 +185,23 @@ def launch(cfg: Config, run: RunDir, jobs: Sequence[Job], max_concurrent: int,
                            "run jobs/train_seed.py first")
     already = finished(run)
     queue = []
+    # Longest first (dense costs m expert runs): the last slot to free up should not be left
+    # running one long job alone.
+    jobs = sorted(jobs, key=lambda j: j.end_samples - seed_end(cfg.train), reverse=True)
     for job in jobs:
         if job.name in already:
             log(f"[{job.name}] done already: skipped")
         else:
             queue.append(job)
             log(f"[{job.name}] queued")
+    t = cfg.train
+    need = max_concurrent * t.num_workers * t.cpus_per_worker
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if queue and total - need < 1:
+        log(f"[launch] warning: {max_concurrent} runs x {t.num_workers} worker(s) x "
+            f"{t.cpus_per_worker:g} CPU reserve {need:g} of the cluster's {total:g} CPUs, leaving "
+            "less than 1 for Ray Data's read and decode tasks: runs can stall waiting for data. "
+            "Lower train.max_concurrent or train.cpus_per_worker (or add CPUs).")
     running: dict[ray.ObjectRef, Job] = {}
     done, failed = [], {}
     while queue or running:

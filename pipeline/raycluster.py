@@ -26,7 +26,15 @@ def init_ray(cfg: RayConfig, num_cpus: int | None = None) -> str:
     if address:
         ray.init(address=address, log_to_driver=True)
         return f"joined ray cluster at {address}"
+    def quiet_workers() -> None:
+        # Without the dashboard there is no State API, and Ray Train's placement-group cleaner
+        # then warns about it every second of every run; its job (removing a dead controller's
+        # placement group) does not need the warning. Nested, so Ray ships it by value.
+        logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner") \
+            .setLevel(logging.ERROR)
+
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
              object_store_memory=cfg.object_store_memory, include_dashboard=False,
-             log_to_driver=True)
+             log_to_driver=True, runtime_env={"worker_process_setup_hook": quiet_workers})
     return f"started local ray with {ray.cluster_resources().get('CPU', 0):g} CPUs"
+

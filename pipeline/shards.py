@@ -110,8 +110,9 @@ def _reason_counts(batch: pd.DataFrame) -> pd.DataFrame:
     return batch.groupby("skip_reason", as_index=False).size()
 
 
-def _read(run: RunDir, experts: list[int] | None = None) -> ray.data.Dataset:
-    return assign.read_by_expert(run, STAGE, experts)
+def _read(run: RunDir, experts: list[int] | None = None,
+          columns: list[str] | None = None) -> ray.data.Dataset:
+    return assign.read_by_expert(run, STAGE, experts, columns)
 
 
 def _ooc(batch: pa.Table, ratio: float, seed: int) -> pa.Table:
@@ -123,23 +124,25 @@ def _random_part(batch: pa.Table, part: int) -> pa.Table:
     return batch.filter(pc.equal(batch.column("random_id"), part))
 
 
-def all_rows(run: RunDir) -> ray.data.Dataset:
+def all_rows(run: RunDir, columns: list[str] | None = None) -> ray.data.Dataset:
     """Every training sample (the seed and the dense baseline)."""
-    return _read(run)
+    return _read(run, None, columns)
 
 
-def expert_rows(run: RunDir, expert: int, num_experts: int, ooc_ratio: float,
-                seed: int) -> ray.data.Dataset:
-    """Expert ``expert``'s samples plus a seeded ``ooc_ratio`` share of every other expert's."""
-    own = _read(run, [expert])
+def expert_rows(run: RunDir, expert: int, num_experts: int, ooc_ratio: float, seed: int,
+                columns: list[str] | None = None) -> ray.data.Dataset:
+    """Expert ``expert``'s samples plus a seeded ``ooc_ratio`` share of every other expert's
+    (``columns`` must then include ``key``)."""
+    own = _read(run, [expert], columns)
     others = [e for e in range(num_experts) if e != expert]
     if not others or ooc_ratio == 0:
         return own
-    ooc = _read(run, others).map_batches(_ooc, batch_format="pyarrow",
+    ooc = _read(run, others, columns).map_batches(_ooc, batch_format="pyarrow",
                                          fn_kwargs={"ratio": ooc_ratio, "seed": seed + expert})
     return own.union(ooc)
 
 
-def random_rows(run: RunDir, part: int) -> ray.data.Dataset:
-    """Part ``part`` of the random split (the clustering-free baseline)."""
-    return _read(run).map_batches(_random_part, batch_format="pyarrow", fn_kwargs={"part": part})
+def random_rows(run: RunDir, part: int, columns: list[str] | None = None) -> ray.data.Dataset:
+    """Part ``part`` of the random split (the clustering-free baseline; ``columns`` must then
+    include ``random_id``)."""
+    return _read(run, None, columns).map_batches(_random_part, batch_format="pyarrow", fn_kwargs={"part": part})

@@ -80,7 +80,9 @@ def test_seed_trains_on_all_data_and_is_registered(seeded):
 def trained(seeded, tmp_path_factory):
     """The seeded run with every expert and both baselines trained (jobs/train_experts.py)."""
     run = copy_run(seeded, tmp_path_factory.mktemp("trained") / "run")
-    assert experts_job.main(["--run-dir", run.uri]) == 0
+    # Three at once: dense (the longest) starts first, next to expert-0 and expert-1.
+    assert experts_job.main(["--run-dir", run.uri, "--set", "train.max_concurrent=3",
+                             "--set", "train.cpus_per_worker=0.3"]) == 0
     return Path(run.uri)
 
 
@@ -98,8 +100,10 @@ def test_two_experts_train_concurrently_and_each_owns_its_data(trained, tmp_path
         assert abs(reg[f"random-{e}"]["samples"] - sizes[e]) <= 4 * (n * p * (1 - p)) ** 0.5
     assert sum(reg[f"random-{e}"]["samples"] for e in (0, 1)) == n
     e0, e1 = reg["expert-0"], reg["expert-1"]
-    # Both ran at the same time on the 2-CPU machine.
+    # Both ran at the same time on the 2-CPU machine, and never more than 3 runs at once.
     assert e0["wall"]["start"] < e1["wall"]["end"] and e1["wall"]["start"] < e0["wall"]["end"]
+    spans = [(e["wall"]["start"], e["wall"]["end"]) for n, e in reg.items() if n != "seed"]
+    assert max(sum(s <= t < end for s, end in spans) for t, _ in spans) <= 3
     for e in (e0, e1):
         assert e["init_checkpoint"] == reg["seed"]["checkpoint"]
         assert e["metrics"]["start_step"] == 12 and e["metrics"]["step"] == 24
