@@ -12,7 +12,6 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import evaluate as evaluate_job  # noqa: E402  (jobs/evaluate.py)
 import pandas as pd  # noqa: E402
 
 from pipeline import assign, cli, cluster, demo_world, embed, evaluate, experts, ingest, shards  # noqa: E402
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
             return 1
         print("\nruns (experts.json):")
         print(_runs_table(experts.registry(run)).to_string(index=False))
-        tasks, retrieval, truth = evaluate_job.demo_inputs(data, cfg.storage)
+        tasks, retrieval, truth = evaluate.demo_inputs(data, cfg.storage)
         report = evaluate.run_stage(cfg, run, tasks, retrieval, truth)
         print()
         print(evaluate.markdown(report))

@@ -10,7 +10,6 @@ the demo's zero-shot tasks, its held-out retrieval pairs and its true domains. W
 eval/report.json, eval/report.md and PNG plots into the run directory, and prints the summary.
 """
 
-import json
 import pathlib
 import sys
 
@@ -18,17 +17,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pipeline import cli, evaluate  # noqa: E402
 from pipeline.raycluster import init_ray  # noqa: E402
-from pipeline.storage import filesystem, join  # noqa: E402
-
-
-def demo_inputs(data_uri: str, storage) -> tuple[list[str], str, str] | None:
-    """(task URIs, retrieval URI, truth URI) of a demo world, or None where there is none."""
-    fs, path = filesystem(data_uri, storage)
-    if not fs.exists(join(path, "world.json")):
-        return None
-    world = json.loads(fs.cat_file(join(path, "world.json")))
-    tasks = [join(data_uri, "eval", t) for t in world["train_domains"]]
-    return tasks, join(data_uri, "eval", "retrieval"), join(data_uri, "truth.parquet")
 
 
 def main(argv=None) -> int:
@@ -42,7 +30,7 @@ def main(argv=None) -> int:
     cfg, run = cli.load(args)
     tasks, retrieval, truth = list(args.tasks), args.retrieval, None
     demo = args.demo_data or run.uri.rstrip("/").rsplit("/", 1)[0] + "/data"
-    found = demo_inputs(demo, cfg.storage) if (args.demo_data or not tasks) else None
+    found = evaluate.demo_inputs(demo, cfg.storage) if (args.demo_data or not tasks) else None
     if found:
         tasks = tasks or found[0]
         retrieval, truth = retrieval or found[1], found[2]

@@ -318,6 +318,16 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def demo_inputs(data_uri: str, storage: StorageConfig) -> tuple[list[str], str, str] | None:
+    """(task URIs, retrieval URI, truth URI) of a demo world, or None where there is none."""
+    fs, path = filesystem(data_uri, storage)
+    if not fs.exists(join(path, "world.json")):
+        return None
+    world = json.loads(fs.cat_file(join(path, "world.json")))
+    tasks = [join(data_uri, "eval", t) for t in world["train_domains"]]
+    return tasks, join(data_uri, "eval", "retrieval"), join(data_uri, "truth.parquet")
+
+
 def run_stage(cfg: Config, run: RunDir, tasks: Sequence[str], retrieval_uri: str | None = None,
               truth_uri: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate the run's experts and baselines; write ``eval/``; return the report."""
