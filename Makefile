@@ -33,7 +33,7 @@ lint: venv
 	$(BIN)/ruff check pipeline jobs tests
 
 bench: venv  ## benchmarks print ratios against a reference run (added by the stages that need them)
-	@ls bench/*.py >/dev/null 2>&1 && for b in bench/*.py; do $(BIN)/python $$b || exit 1; done \
+	@ls bench/bench_*.py >/dev/null 2>&1 && for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done \
 		|| echo "no benchmarks yet"
 
 clean:

@@ -32,6 +32,8 @@ import ray.data
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchlib import print_table, tree_cpu_seconds  # noqa: E402
+
 from pipeline.config import EmbedConfig  # noqa: E402
 from pipeline.embed import embed_dataset, embedding_matrix  # noqa: E402
 from pipeline.encoders import CaptionEncoder  # noqa: E402
@@ -67,31 +69,6 @@ def captions(n: int, seed: int = 0) -> list[str]:
             text += f" taken in {int(rng.integers(1950, 2025))} with a {rng.choice(ADJECTIVES)} lens"
         out[text] = None
     return list(out)
-
-
-def tree_cpu_seconds() -> float:
-    """CPU seconds (user + system, all threads) used so far by this process and every process it
-    started: Ray's GCS, raylet, workers and actors. Read from /proc (Linux); unlike wall time,
-    other people's work on the machine barely changes it."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parent, cpu = {}, {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:         # the process ended while /proc was being read
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        parent[int(entry.name)] = int(fields[1])
-        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, todo = set(), [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        tree.add(pid)
-        todo.extend(child for child, p in parent.items() if p == pid and child not in tree)
-    return sum(cpu.get(pid, 0.0) for pid in tree)
 
 
 @ray.remote
@@ -220,10 +197,7 @@ def main() -> int:
         stage_eff = (N - st["rows_first"]) / st["steady_cpu"]
         table.append((threads, "captions per CPU second, after 1st block", f"{bare_eff:.0f}",
                       f"{stage_eff:.0f}", f"{stage_eff / bare_eff:.3f}", "(cross-check)", ""))
-    widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header))]
-    print()
-    for row in [header, tuple("-" * w for w in widths), *table]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print_table(header, table)
     print()
     for r in results:
         st = r["stage"]

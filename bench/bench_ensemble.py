@@ -26,6 +26,8 @@ from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchlib import print_table  # noqa: E402
+
 from pipeline.config import load_config  # noqa: E402
 from pipeline.demo_world import DOMAINS, render  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
@@ -120,10 +122,7 @@ def main() -> int:
     header = ("ensemble", "experts run", "images/s", "ratio to all experts")
     rows = [(k, str(run_counts[k]), f"{best[k]:.0f}", f"{best[k] / best['all experts (routed)']:.2f}x")
             for k in rates]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print()
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print_table(header, rows)
     print(f"\nfirst call of the task (models, class routing, text heads): {setup:.1f} s; all "
           f"runs: {', '.join(f'{k} ' + ' '.join(f'{r:.0f}' for r in v) for k, v in rates.items())}"
           f"; wall time {time.perf_counter() - wall:.0f} s")

@@ -29,6 +29,8 @@ import ray
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchlib import print_table, tree_cpu_seconds  # noqa: E402
+
 from pipeline import kmeans, kmeans_ray  # noqa: E402
 from pipeline.config import ClusterConfig  # noqa: E402
 
@@ -79,31 +81,6 @@ def synthetic_embeddings(n: int, d: int, seed: int) -> np.ndarray:
 
 def blocks_of(n: int, rows: int = BLOCK_ROWS) -> list[slice]:
     return [slice(s, min(s + rows, n)) for s in range(0, n, rows)]
-
-
-def tree_cpu_seconds() -> float:
-    """CPU seconds (user + system, all threads) used so far by this process and every process it
-    started: Ray's GCS, raylet, workers and actors. Read from /proc (Linux); unlike wall time,
-    other people's work on the machine barely changes it."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parent, cpu = {}, {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:         # the process ended while /proc was being read
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        parent[int(entry.name)] = int(fields[1])
-        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, todo = set(), [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        tree.add(pid)
-        todo.extend(child for child, p in parent.items() if p == pid and child not in tree)
-    return sum(cpu.get(pid, 0.0) for pid in tree)
 
 
 @dataclass
@@ -342,10 +319,7 @@ def main() -> int:
          "(reported)", ""),
     ]
     header = ("metric", "ours", "faiss", "ratio / detail", "target", "")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    print()
-    for r in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print_table(header, rows)
     print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} "
           f"({os.cpu_count()} CPUs: above that, other work shared them); wall time "
           f"{time.perf_counter() - wall:.0f}s", flush=True)

@@ -40,6 +40,8 @@ import ray.data
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchlib import print_table  # noqa: E402
+
 from pipeline.config import StorageConfig, load_config  # noqa: E402
 from pipeline.demo_world import DOMAIN_SHARES, web_pairs  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
@@ -191,10 +193,7 @@ def main() -> int:
                       f"{ratio:.3f}", f">= {TARGET}", "PASS" if ratio >= TARGET else "MISS"))
         table.append((mode, "whole call, Ray Train start-up included", f"{bare_rate:.0f}",
                       f"{whole_rate:.0f}", f"{whole_rate / bare_rate:.3f}", "(info)", ""))
-    widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header))]
-    print()
-    for row in [header, tuple("-" * w for w in widths), *table]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print_table(header, table)
     print()
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 cores: above "
           f"~2 means other work shared the CPUs); wall time {time.perf_counter() - wall:.0f} s")
