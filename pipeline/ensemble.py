@@ -141,12 +141,14 @@ class MoDEEnsemble:
     """
 
     def __init__(self, run_uri: str, cfg: Config | None = None, device: str = "cpu") -> None:
+        import torch
+
         from pipeline import cluster, experts
         from pipeline.rundir import RunDir
 
         if cfg is None:
             cfg = run_config(run_uri)
-        self.cfg, self.device = cfg, torch_device(device)
+        self.cfg, self.device = cfg, torch.device(device)
         self.run = RunDir(run_uri, cfg.storage)
         self.registry = experts.finished(self.run)
         clusters = cluster.load(self.run)
@@ -238,12 +240,6 @@ class MoDEEnsemble:
 
 def _formatter(template: str):
     return lambda c: fill(template, c)
-
-
-def torch_device(device: str):
-    import torch
-
-    return torch.device(device)
 
 
 def run_config(run_uri: str, storage=None) -> Config:

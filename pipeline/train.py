@@ -393,7 +393,7 @@ def checkpoint_root(run: RunDir) -> str:
 
 def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, run: RunDir, end_samples: int,
           init_checkpoint: str | None = None, storage: StorageConfig | None = None,
-          preprocessed: bool = False, crash_at_step: int | None = None) -> TrainResult:
+          crash_at_step: int | None = None) -> TrainResult:
     """Train (or resume) the run ``name`` until ``end_samples`` samples seen in total.
 
     Rerunning a name resumes from its latest checkpoint; a run already at ``end_samples``
@@ -412,8 +412,6 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, run: RunDir, e
             reached exactly; otherwise the last step overshoots by less than a batch).
         init_checkpoint: checkpoint to start from when the run has none of its own.
         storage: S3 endpoint and region for ``init_checkpoint``; defaults to none.
-        preprocessed: ``dataset`` already holds model inputs (``Preprocess``'s output), e.g.
-            for a benchmark of the trainer alone.
         crash_at_step: tests only: raise after this step, like a node lost mid-run.
     """
     if end_samples > cfg.total_samples:
@@ -421,7 +419,7 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, run: RunDir, e
                          f"(train.total_samples = {cfg.total_samples:,})")
     started = time.perf_counter()
     storage = storage or StorageConfig()
-    inputs = dataset if preprocessed else training_data(dataset, cfg.model, cfg.augment)
+    inputs = training_data(dataset, cfg.model, cfg.augment)
     loop_config = {
         "name": name, "train": dataclasses.asdict(cfg), "end_samples": end_samples,
         "init_checkpoint": init_checkpoint, "storage": dataclasses.asdict(storage),
