@@ -44,6 +44,8 @@ REPEATS = int(os.environ.get("BENCH_REPEATS", 2))
 SAMPLE_PER_CENTRE = 256
 BLOCK_ROWS = int(os.environ.get("BENCH_BLOCK_ROWS", ClusterConfig().block_rows))
 FIT_BLOCK_ROWS = int(os.environ.get("BENCH_FIT_BLOCK_ROWS", ClusterConfig().fit_block_rows))
+# Balanced mode's capacity slack (the default config's); slack 0 is also fitted, for reference.
+SLACK = float(os.environ.get("BENCH_SLACK", ClusterConfig().capacity_slack))
 # Synthetic topic structure: topics grouped under themes, topic sizes lognormal (sigma 1.5
 # makes the largest topics hundreds of times the smallest, like web caption topics).
 THEMES, TOPICS, SIZE_SIGMA = 64, 4096, 1.5
@@ -103,7 +105,7 @@ class _IterationClock(logging.Handler):
         self.times.append(time.perf_counter())
 
 
-def ray_fit(sample: np.ndarray, init: np.ndarray, balanced: bool) -> Fit:
+def ray_fit(sample: np.ndarray, init: np.ndarray, balanced: bool, slack: float = 0.0) -> Fit:
     refs = [ray.put(sample[rows]) for rows in blocks_of(len(sample), FIT_BLOCK_ROWS)]
     logger = logging.getLogger(kmeans_ray.__name__)
     clock = _IterationClock()
@@ -112,7 +114,7 @@ def ray_fit(sample: np.ndarray, init: np.ndarray, balanced: bool) -> Fit:
     try:
         cpu = tree_cpu_seconds()
         t = time.perf_counter()
-        centroids, history = kmeans_ray.fit(refs, init, ITERATIONS, SEED, balanced)
+        centroids, history = kmeans_ray.fit(refs, init, ITERATIONS, SEED, balanced, slack)
         elapsed = time.perf_counter() - t
         cpu = tree_cpu_seconds() - cpu
     finally:
@@ -166,8 +168,9 @@ def assign_pass(x: np.ndarray, centroids: np.ndarray,
     return Pass(labels, dist, seconds, gemm)
 
 
-def ours(centroids: np.ndarray, balanced: bool) -> Callable[[np.ndarray, int], tuple]:
-    return lambda block, b: kmeans.assign_block(block, centroids, balanced, b)
+def ours(centroids: np.ndarray, balanced: bool,
+         slack: float = 0.0) -> Callable[[np.ndarray, int], tuple]:
+    return lambda block, b: kmeans.assign_block(block, centroids, balanced, b, slack)
 
 
 def faiss_flat(centroids: np.ndarray) -> Callable[[np.ndarray, int], tuple]:
@@ -201,7 +204,8 @@ def main() -> int:
     n_sample = min(N, SAMPLE_PER_CENTRE * K)
     print(f"bench_kmeans: N={N:,} d={D} K={K} iterations={ITERATIONS} seed={SEED} "
           f"sample={n_sample:,} rows, {os.cpu_count()} CPUs, faiss {faiss.__version__} "
-          f"({faiss.omp_get_max_threads()} threads), best of {REPEATS} fits", flush=True)
+          f"({faiss.omp_get_max_threads()} threads), best of {REPEATS} fits, "
+          f"capacity slack {SLACK}", flush=True)
 
     t = time.perf_counter()
     x = synthetic_embeddings(N, D, SEED)
@@ -225,9 +229,10 @@ def main() -> int:
             our_fits.append(ray_fit(sample, init, balanced=False))
             print(f"  ours (Ray) unconstrained fit: {our_fits[-1].seconds:.1f}s "
                   f"(load average {os.getloadavg()[0]:.1f})", flush=True)
-        bf = ray_fit(sample, init, balanced=True)
+        bf = ray_fit(sample, init, balanced=True, slack=SLACK)
         print(f"  ours (Ray) balanced fit: {bf.seconds:.1f}s (load average {os.getloadavg()[0]:.1f})",
               flush=True)
+        exact_fit = ray_fit(sample, init, balanced=True) if SLACK else None
     finally:
         ray.shutdown()
     ff = min(faiss_fits, key=lambda f: f.seconds)
@@ -260,10 +265,19 @@ def main() -> int:
     print(f"  our plain passes: {same.seconds:.1f}s, {own.seconds:.1f}s", flush=True)
     del same, own
 
-    bal = assign_pass(x, bf.centroids, ours(bf.centroids, balanced=True))
+    bal = assign_pass(x, bf.centroids, ours(bf.centroids, balanced=True, slack=SLACK))
     bal_sizes = size_stats(bal.labels, K)
     bal_obj = objective(bal.dist)
     print(f"  our balanced pass: {bal.seconds:.1f}s", flush=True)
+    exact_rows = []
+    if exact_fit is not None:
+        exact = assign_pass(x, exact_fit.centroids, ours(exact_fit.centroids, balanced=True))
+        exact_sizes = size_stats(exact.labels, K)
+        exact_rows = [("balanced with slack 0 (exact N/K): objective ratio, CV, largest/mean",
+                       f"{objective(exact.dist) / f_full_obj:.4f}x",
+                       f"{exact_sizes['cv']:.4f}, {exact_sizes['max_over_mean']:.4f}",
+                       "", "(reference)", "")]
+        del exact
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
     rel_sample = o_sample_obj / f_sample_obj - 1
@@ -290,7 +304,7 @@ def main() -> int:
          f"{ff.cpu_seconds:.1f}", f"{of.cpu_seconds / ff.cpu_seconds:.2f}x", "(cross-check)", ""),
         ("balanced fit wall time (s)", f"{bf.seconds:.1f}", "-", f"{bf.seconds / ff.seconds:.2f}x",
          "(info)", ""),
-        ("cluster sizes, CV (ours balanced, faiss)", f"{bal_sizes['cv']:.4f}",
+        (f"cluster sizes, CV (ours balanced at slack {SLACK}, faiss)", f"{bal_sizes['cv']:.4f}",
          f"{faiss_sizes['cv']:.4f}", "", "<= 0.03", verdict(bal_sizes["cv"] <= t_["balanced_cv"])),
         ("cluster sizes, largest / mean", f"{bal_sizes['max_over_mean']:.4f}",
          f"{faiss_sizes['max_over_mean']:.2f}", "", "<= 1.01",
@@ -302,6 +316,7 @@ def main() -> int:
         ("balanced objective vs faiss unconstrained, all N", f"{bal_obj:.6g}", f"{f_full_obj:.6g}",
          f"{bal_obj / f_full_obj:.4f}x", "<= 1.05x",
          verdict(bal_obj / f_full_obj <= t_["balanced_objective_ratio"])),
+        *exact_rows,
         ("agreement with IndexFlatL2, same centres", f"{agree:.6%}", "-",
          f"{len(differ)} differ, {ties} ties", ">= 99.99%", verdict(agree >= t_["agreement"])),
         ("plain assignment, GFLOP/s (share of GEMM)", f"{plain.gflops(plain.seconds):.1f} "

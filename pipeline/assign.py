@@ -35,12 +35,12 @@ STAGE = "assignments"
 
 
 def assign_table(batch: pa.Table, fine: np.ndarray, fine_to_expert: np.ndarray,
-                 balanced: bool) -> pa.Table:
+                 balanced: bool, slack: float = 0.0) -> pa.Table:
     """One block of embeddings to its assignment rows (capacity-limited when ``balanced``)."""
     keys = batch.column("key")
     # The block's first key decides which centres take the remainder rows: fixed per block.
     offset = int(cluster.key_rank(keys.slice(0, 1).to_numpy(zero_copy_only=False), 0)[0] % 2**31)
-    labels, d2 = kmeans.assign_block(embedding_matrix(batch), fine, balanced, offset)
+    labels, d2 = kmeans.assign_block(embedding_matrix(batch), fine, balanced, offset, slack)
     return pa.table({"key": keys, "fine_id": pa.array(labels.astype(np.int32)),
                      "expert_id": pa.array(fine_to_expert[labels].astype(np.int32)),
                      "distance": pa.array(np.sqrt(np.maximum(d2, 0)).astype(np.float32))})
@@ -97,7 +97,8 @@ def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[
     ds = ray.data.read_parquet(run.stage_uri("embeddings"), filesystem=fs)
     assigned = ds.map_batches(assign_table, batch_format="pyarrow", batch_size=cfg.cluster.block_rows,
                               fn_kwargs={"fine": fine, "fine_to_expert": fine_to_expert,
-                                         "balanced": cfg.cluster.balanced}).materialize()
+                                         "balanced": cfg.cluster.balanced,
+                                         "slack": cfg.cluster.capacity_slack}).materialize()
     tally = assigned.map_batches(_fine_counts, batch_format="pandas").to_pandas()
     fine_counts = np.zeros(k, np.int64)
     np.add.at(fine_counts, tally["fine_id"].to_numpy(), tally["n"].to_numpy())
@@ -114,6 +115,7 @@ def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[
     mean = fine_counts.mean()
     stats = {
         "balanced": cfg.cluster.balanced,
+        "capacity_slack": cfg.cluster.capacity_slack,
         "rows_per_expert": {str(e): int(v) for e, v in enumerate(expert_counts)},
         "rows_per_fine_cluster": fine_counts.tolist(),
         "fine_sizes": {"min": int(fine_counts.min()), "max": int(fine_counts.max()),

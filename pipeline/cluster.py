@@ -131,8 +131,8 @@ def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[
             blocks_r = blocks
         init = kmeans_ray.init_lowest_rank(blocks_r, c.fine_k)
         centroids, history = kmeans_ray.fit(blocks, init, c.iterations, c.seed + 1000 * r,
-                                            c.balanced)
-        final = kmeans_ray.final_stats(blocks, centroids, c.balanced)
+                                            c.balanced, c.capacity_slack)
+        final = kmeans_ray.final_stats(blocks, centroids, c.balanced, c.capacity_slack)
         restarts.append({"restart": r, "objective": final.objective,
                          "history": [h["objective"] for h in history],
                          "reseeded": [h["reseeded"] for h in history]})

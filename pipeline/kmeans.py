@@ -40,12 +40,18 @@ def init_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.array(x[np.sort(rows)], np.float32)
 
 
-def capacities(n: int, k: int, offset: int = 0) -> np.ndarray:
-    """Per-centre capacities that sum to exactly n, sizes n//k or n//k + 1.
+def capacities(n: int, k: int, offset: int = 0, slack: float = 0.0) -> np.ndarray:
+    """Per-centre capacities for n rows: sizes m//k or m//k + 1, summing to m = n + ceil(n * slack).
 
-    The centres that get the extra point rotate with ``offset`` (the block index), so that summed
-    over many blocks no centre collects every block's remainder.
+    With ``slack`` 0 they sum to exactly n, so every centre gets n//k or n//k + 1 rows. A small
+    slack lets a row stay at its nearest centre when that centre is only slightly over n/k, at
+    the price of some centres ending below it. The centres that get the extra point rotate with
+    ``offset`` (the block index), so that summed over many blocks no centre collects every
+    block's remainder.
     """
+    if slack < 0:
+        raise ValueError(f"capacity slack must be >= 0, got {slack}")
+    n = n + int(np.ceil(n * slack))
     caps = np.full(k, n // k, np.int64)
     extra = (np.arange(n % k) + offset * (n % k)) % k
     caps[extra] += 1
@@ -98,10 +104,10 @@ def balanced_assign(x: np.ndarray, centroids: np.ndarray, caps: np.ndarray,
 
 
 def assign_block(x: np.ndarray, centroids: np.ndarray, balanced: bool,
-                 index: int) -> tuple[np.ndarray, np.ndarray]:
+                 index: int, slack: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Labels and squared distances of one block: capacity-constrained or plain nearest."""
     if balanced:
-        return balanced_assign(x, centroids, capacities(len(x), len(centroids), index))
+        return balanced_assign(x, centroids, capacities(len(x), len(centroids), index, slack))
     d, i = nearest(x, centroids)
     return i[:, 0], d[:, 0]
 
@@ -163,7 +169,7 @@ def update_centroids(stats: Stats, previous: np.ndarray, seed: int) -> tuple[np.
 
 
 def lloyd(x: np.ndarray, k: int, iterations: int, seed: int, balanced: bool,
-          blocks: int = 1) -> tuple[np.ndarray, list[float]]:
+          blocks: int = 1, slack: float = 0.0) -> tuple[np.ndarray, list[float]]:
     """Single-process reference of the distributed fit: same maths, blocks processed in order.
 
     Returns the centroids and the objective of each iteration (computed before its update).
@@ -174,7 +180,7 @@ def lloyd(x: np.ndarray, k: int, iterations: int, seed: int, balanced: bool,
     for it in range(iterations):
         stats = []
         for b, rows in enumerate(parts):
-            labels, dist = assign_block(x[rows], centroids, balanced, b)
+            labels, dist = assign_block(x[rows], centroids, balanced, b, slack)
             stats.append(block_stats(x[rows], labels, dist, k))
         total = reduce_stats(stats)
         history.append(total.objective)

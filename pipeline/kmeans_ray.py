@@ -28,9 +28,9 @@ def as_matrix(block: np.ndarray | pa.Table) -> np.ndarray:
 
 @ray.remote(num_cpus=1)
 def _block_stats(block: np.ndarray | pa.Table, centroids: np.ndarray, k: int, balanced: bool,
-                 index: int) -> kmeans.Stats:
+                 index: int, slack: float) -> kmeans.Stats:
     x = as_matrix(block)
-    labels, dist = kmeans.assign_block(x, centroids, balanced, index)
+    labels, dist = kmeans.assign_block(x, centroids, balanced, index, slack)
     return kmeans.block_stats(x, labels, dist, k)
 
 
@@ -62,16 +62,16 @@ def init_lowest_rank(blocks: Sequence[ray.ObjectRef], k: int) -> np.ndarray:
 
 
 def final_stats(blocks: Sequence[ray.ObjectRef], centroids: np.ndarray,
-                balanced: bool) -> kmeans.Stats:
+                balanced: bool, slack: float = 0.0) -> kmeans.Stats:
     """Statistics of one more assignment pass with the final centroids (sizes, objective)."""
     ref = ray.put(np.asarray(centroids, np.float32))
     k = len(centroids)
-    return kmeans.reduce_stats(ray.get([_block_stats.remote(b, ref, k, balanced, i)
+    return kmeans.reduce_stats(ray.get([_block_stats.remote(b, ref, k, balanced, i, slack)
                                         for i, b in enumerate(blocks)]))
 
 
 def fit(blocks: Sequence[ray.ObjectRef], init: np.ndarray, iterations: int, seed: int,
-        balanced: bool) -> tuple[np.ndarray, list[dict]]:
+        balanced: bool, slack: float = 0.0) -> tuple[np.ndarray, list[dict]]:
     """Run ``iterations`` distributed Lloyd steps from ``init``.
 
     Returns the centroids and one record per iteration (objective before the update, number of
@@ -82,7 +82,8 @@ def fit(blocks: Sequence[ray.ObjectRef], init: np.ndarray, iterations: int, seed
     history = []
     for it in range(iterations):
         ref = ray.put(centroids)
-        parts = ray.get([_block_stats.remote(b, ref, k, balanced, i) for i, b in enumerate(blocks)])
+        parts = ray.get([_block_stats.remote(b, ref, k, balanced, i, slack)
+                         for i, b in enumerate(blocks)])
         total = kmeans.reduce_stats(parts)
         centroids, reseeded = kmeans.update_centroids(total, centroids, seed + it + 1)
         history.append({"iteration": it, "objective": total.objective, "reseeded": reseeded})

@@ -92,8 +92,12 @@ def test_cluster_artifacts_and_balance(clustered):
     assert len(clu["stats"]["restarts"]) == 2
     assert all(len(r["history"]) == 20 for r in clu["stats"]["restarts"])
     assert clu["stats"]["objective"] == min(r["objective"] for r in clu["stats"]["restarts"])
-    sizes = manifest(clustered, "assignments")["stats"]["fine_sizes"]
-    assert sizes["empty"] == 0 and sizes["max"] - sizes["min"] <= 1     # one block: exact caps
+    asg = manifest(clustered, "assignments")
+    sizes, slack = asg["stats"]["fine_sizes"], asg["stats"]["capacity_slack"]
+    assert slack > 0          # the default lets a centre hold slightly more than its share
+    # One block: no centre above its capacity, ceil((n + ceil(n * slack)) / K).
+    cap = -(-(asg["rows_out"] + -(-asg["rows_out"] * slack // 1)) // 32)
+    assert sizes["empty"] == 0 and sizes["max"] <= cap and sizes["cv"] < 0.1
     experts = [e["fit_rows"] for e in clu["stats"]["experts"]]
     assert experts == sorted(experts, reverse=True)                     # largest expert first
     assert (clustered / "assignments" / "_sizes.png").read_bytes()[:4] == b"\x89PNG"

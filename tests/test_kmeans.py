@@ -69,6 +69,22 @@ def test_capacities_sum_and_rotate():
     assert np.ptp(np.sum(caps, axis=0)) <= 1          # remainders spread over the centres
 
 
+def test_capacity_slack_caps_each_centre_and_only_lowers_the_objective():
+    caps = kmeans.capacities(1000, 10, slack=0.02)
+    assert caps.sum() == 1020 and caps.max() == 102
+    with pytest.raises(ValueError, match="slack"):
+        kmeans.capacities(1000, 10, slack=-0.1)
+    rng = np.random.default_rng(2)
+    centroids = rng.normal(size=(10, 8)).astype(np.float32)
+    x = (centroids[rng.choice(10, 1000, p=[0.3] + [0.7 / 9] * 9)]
+         + rng.normal(0, 0.5, (1000, 8))).astype(np.float32)
+    exact, d0 = kmeans.assign_block(x, centroids, True, 0)
+    loose, d1 = kmeans.assign_block(x, centroids, True, 0, slack=0.02)
+    assert np.bincount(exact, minlength=10).max() == 100
+    assert np.bincount(loose, minlength=10).max() == 102     # the popular centre keeps 2 more
+    assert d1.sum() < d0.sum()
+
+
 def test_same_seed_gives_bit_identical_centroids():
     rng = np.random.default_rng(5)
     x = rng.normal(size=(2000, 16)).astype(np.float32)
