@@ -6,8 +6,9 @@ Streams ``embeddings/`` in blocks of ``cluster.block_rows`` and writes (README, 
                                           distance: float32 (L2 to the fine centre)
     assignments/_sizes.png                 histogram of fine-cluster sizes, bar chart of experts
 
-With ``cluster.balanced`` every block is assigned under per-centre capacities that sum to the
-block's size, so the full data stays balanced, not only the fit sample. The manifest holds the
+With ``cluster.balanced`` every block is assigned under per-centre capacities of
+(1 + ``cluster.capacity_slack``) times the block's rows per centre, so the full data stays
+balanced, not only the fit sample. The manifest holds the
 rows per expert and per fine cluster; the write replaces earlier files (a rerun never
 duplicates rows).
 """

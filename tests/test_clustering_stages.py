@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import assign, cluster, embed
+from pipeline import assign, cluster, embed, kmeans
 from pipeline.config import DemoConfig, StorageConfig, load_config
 from pipeline.demo_world import generate
 from pipeline.rundir import RunDir
@@ -95,8 +95,7 @@ def test_cluster_artifacts_and_balance(clustered):
     asg = manifest(clustered, "assignments")
     sizes, slack = asg["stats"]["fine_sizes"], asg["stats"]["capacity_slack"]
     assert slack > 0          # the default lets a centre hold slightly more than its share
-    # One block: no centre above its capacity, ceil((n + ceil(n * slack)) / K).
-    cap = -(-(asg["rows_out"] + -(-asg["rows_out"] * slack // 1)) // 32)
+    cap = kmeans.capacities(asg["rows_out"], 32, slack=slack).max()     # one block
     assert sizes["empty"] == 0 and sizes["max"] <= cap and sizes["cv"] < 0.1
     experts = [e["fit_rows"] for e in clu["stats"]["experts"]]
     assert experts == sorted(experts, reverse=True)                     # largest expert first

@@ -106,15 +106,17 @@ def test_balanced_fit_gives_equal_sizes_on_skewed_data():
     assert sizes.max() - sizes.min() <= 1
 
 
-@pytest.mark.parametrize("balanced", [False, True])
-def test_ray_fit_is_bit_identical_to_the_single_process_reference(ray_local, balanced):
+@pytest.mark.parametrize("balanced,slack", [(False, 0.0), (True, 0.0), (True, 0.05)])
+def test_ray_fit_is_bit_identical_to_the_single_process_reference(ray_local, balanced, slack):
     from pipeline import kmeans_ray
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(3000, 24)).astype(np.float32)
-    reference, history = kmeans.lloyd(x, 32, iterations=4, seed=9, balanced=balanced, blocks=5)
+    reference, history = kmeans.lloyd(x, 32, iterations=4, seed=9, balanced=balanced, blocks=5,
+                                      slack=slack)
     blocks = [ray_local.put(x[rows]) for rows in np.array_split(np.arange(len(x)), 5)]
-    centroids, records = kmeans_ray.fit(blocks, kmeans.init_centroids(x, 32, 9), 4, 9, balanced)
+    centroids, records = kmeans_ray.fit(blocks, kmeans.init_centroids(x, 32, 9), 4, 9, balanced,
+                                        slack)
     assert centroids.tobytes() == reference.tobytes()
     assert [r["objective"] for r in records] == history
 
