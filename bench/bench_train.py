@@ -76,7 +76,8 @@ def bare_run(cfg, rows: dict[str, np.ndarray], tensors: dict[str, np.ndarray] | 
     from open_clip.loss import ClipLoss
 
     from pipeline.model import create
-    from pipeline.train import Preprocess, lr_at, make_optimizer
+    from pipeline.train import Preprocess, lr_at
+    from pipeline.train_loop import make_optimizer
 
     torch.set_num_threads(cfg.threads_per_worker)
     torch.manual_seed(cfg.seed)

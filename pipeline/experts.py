@@ -113,8 +113,10 @@ def run_job(cfg: Config, run_uri: str, job: Job, init_checkpoint: str | None) ->
 
     run = RunDir(run_uri, cfg.storage)
     started, wall0 = now(), time.time()
-    # Counted on the two small columns the filters need, not on the images.
-    samples = dataset(run, cfg, job, columns=["key", "random_id"]).count()
+    # From the training_data manifest; else counted on the two small columns the filters need.
+    samples = shards.run_rows(run, cfg, job.kind, job.index)
+    if samples is None:
+        samples = dataset(run, cfg, job, columns=["key", "random_id"]).count()
     ds = dataset(run, cfg, job)
     tcfg = dataclasses.replace(cfg.train, total_samples=job.schedule_total)
     result = train.train(job.name, ds, tcfg, run, job.end_samples,
@@ -147,13 +149,20 @@ def _run_job_remote(cfg: Config, run_uri: str, job: Job, init: str | None) -> di
     return run_job(cfg, run_uri, job, init)
 
 
-def seed_config(cfg: Config) -> Config:
-    """The seed trains alone: it gets the torch threads of ``max_concurrent`` runs. Not their
-    CPU reservation: Ray Data's read and decode tasks need the CPUs a worker leaves free (on 2
-    CPUs a 1-CPU worker starved its own input pipeline)."""
+def seed_config(cfg: Config, node_cpus: float | None = None) -> Config:
+    """The seed trains alone: it gets the torch threads of ``max_concurrent`` runs, capped at the
+    CPUs of the cluster's largest node (``node_cpus``; read from Ray when None). Not their CPU
+    reservation: Ray Data's read and decode tasks need the CPUs a worker leaves free (on 2 CPUs
+    a 1-CPU worker starved its own input pipeline). On 2 cores, 3 threads trained mode-tiny at
+    800 samples/s and 2 at 1,000 (README, "Demo timings"): no more threads than cores."""
     t = cfg.train
-    return dataclasses.replace(cfg, train=dataclasses.replace(
-        t, threads_per_worker=t.threads_per_worker * t.max_concurrent))
+    if node_cpus is None:
+        node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]),
+                        default=0.0)
+    threads = t.threads_per_worker * t.max_concurrent
+    if node_cpus >= 1:
+        threads = min(threads, int(node_cpus))
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, threads_per_worker=threads))
 
 
 def train_seed(cfg: Config, run: RunDir, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -11,6 +11,13 @@ from pipeline.config import RayConfig
 
 log = logging.getLogger(__name__)
 
+# Ray Data's parquet reader (datasource V2) starts a pool of 32 footer-reading actors for every
+# read, a size meant for clusters. On a laptop each one is a fresh Python process: a demo expert
+# run reads parquet 4 times, and three runs at once started and killed ~70 such processes on 2
+# cores (README, "Demo timings"). A local Ray gets one per read unless the variable is set.
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+LOCAL_FOOTER_ACTORS = "1"
+
 
 def init_ray(cfg: RayConfig, num_cpus: int | None = None) -> str:
     """Join the configured cluster, the one ``ray job submit`` runs us on, or start a local one.
@@ -33,8 +40,10 @@ def init_ray(cfg: RayConfig, num_cpus: int | None = None) -> str:
         logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner") \
             .setLevel(logging.ERROR)
 
+    footer_actors = os.environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)  # driver's reads
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
              object_store_memory=cfg.object_store_memory, include_dashboard=False,
-             log_to_driver=True, runtime_env={"worker_process_setup_hook": quiet_workers})
+             log_to_driver=True, runtime_env={"worker_process_setup_hook": quiet_workers,
+                                              "env_vars": {FOOTER_ACTORS_ENV: footer_actors}})
     return f"started local ray with {ray.cluster_resources().get('CPU', 0):g} CPUs"
 

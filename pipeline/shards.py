@@ -9,7 +9,9 @@ directory")::
 
 ``random_id`` is the sample's part in the random-split baseline: a seeded uniform partition with
 the same expected sizes as the experts. Readers: ``expert_rows`` (an expert's samples plus a
-seeded ``ooc_ratio`` share of the others), ``random_rows``, ``all_rows``.
+seeded ``ooc_ratio`` share of the others), ``random_rows``, ``all_rows``. The manifest's
+``stats.rows_per_run`` counts what each of those readers yields (``run_rows``), so a trainer
+needs no counting pass of its own.
 """
 
 from __future__ import annotations
@@ -55,8 +57,27 @@ def _label(batch: pd.DataFrame, fractions: np.ndarray, seed: int) -> pd.DataFram
     return out
 
 
+def ooc_mask(keys: Any, expert: int, ratio: float, seed: int) -> np.ndarray:
+    """Which of ``keys`` (samples of other experts) expert ``expert`` also trains on: a seeded
+    ``ratio`` share, a different draw per expert."""
+    return key_rank(keys, seed + expert + _OOC_SALT) < np.uint64(int(ratio * 2**64))
+
+
 def _counts(batch: pd.DataFrame) -> pd.DataFrame:
     return batch.groupby("status", as_index=False).size()
+
+
+def _run_sizes(batch: pd.DataFrame, num_experts: int, ratio: float, seed: int) -> pd.DataFrame:
+    """One row: the samples of this batch that each expert's and random part's reader yields."""
+    batch = batch.loc[batch["status"] == ""]
+    keys, expert = batch["key"].to_numpy(), batch["expert_id"].to_numpy()
+    sizes = {}
+    for e in range(num_experts):
+        own = expert == e
+        ooc = ooc_mask(keys[~own], e, ratio, seed).sum() if ratio > 0 else 0
+        sizes[f"expert-{e}"] = [int(own.sum() + ooc)]
+        sizes[f"random-{e}"] = [int((batch["random_id"].to_numpy() == e).sum())]
+    return pd.DataFrame(sizes)
 
 
 def _assigned(batch: pd.DataFrame) -> pd.DataFrame:
@@ -101,7 +122,12 @@ def run_stage(cfg: Config, run: RunDir, data_uri: str, force: bool = False,
         mode=SaveMode.OVERWRITE)
     rows_out = count_rows(run, STAGE)
     per_expert = {str(e): count_rows(run, STAGE, f"expert_id={e}") for e in range(len(sizes))}
-    stats = {"rows_per_expert": per_expert, "seconds": round(time.perf_counter() - t0, 2)}
+    per_run = joined.map_batches(_run_sizes, batch_format="pandas", fn_kwargs={
+        "num_experts": len(sizes), "ratio": cfg.train.ooc_ratio, "seed": cfg.train.seed,
+    }).to_pandas().sum().astype(int).to_dict()
+    stats = {"rows_per_expert": per_expert, "rows_per_run": per_run,
+             "ooc": {"ratio": cfg.train.ooc_ratio, "seed": cfg.train.seed},
+             "seconds": round(time.perf_counter() - t0, 2)}
     return run.finish(STAGE, config_hash=config_hash, inputs=inputs, rows_in=rows_in,
                       rows_out=rows_out, rows_skipped=reasons, started_at=started, stats=stats)
 
@@ -115,9 +141,10 @@ def _read(run: RunDir, experts: list[int] | None = None,
     return assign.read_by_expert(run, STAGE, experts, columns)
 
 
-def _ooc(batch: pa.Table, ratio: float, seed: int) -> pa.Table:
-    rank = key_rank(batch.column("key").to_numpy(zero_copy_only=False), seed + _OOC_SALT)
-    return batch.filter(pa.array(rank < np.uint64(int(ratio * 2**64))))
+def _expert_filter(batch: pa.Table, expert: int, ratio: float, seed: int) -> pa.Table:
+    keys = batch.column("key").to_numpy(zero_copy_only=False)
+    own = batch.column("expert_id").to_numpy(zero_copy_only=False) == expert
+    return batch.filter(pa.array(own | ooc_mask(keys, expert, ratio, seed)))
 
 
 def _random_part(batch: pa.Table, part: int) -> pa.Table:
@@ -132,17 +159,38 @@ def all_rows(run: RunDir, columns: list[str] | None = None) -> ray.data.Dataset:
 def expert_rows(run: RunDir, expert: int, num_experts: int, ooc_ratio: float, seed: int,
                 columns: list[str] | None = None) -> ray.data.Dataset:
     """Expert ``expert``'s samples plus a seeded ``ooc_ratio`` share of every other expert's
-    (``columns`` must then include ``key``)."""
-    own = _read(run, [expert], columns)
-    others = [e for e in range(num_experts) if e != expert]
-    if not others or ooc_ratio == 0:
-        return own
-    ooc = _read(run, others, columns).map_batches(_ooc, batch_format="pyarrow",
-                                         fn_kwargs={"ratio": ooc_ratio, "seed": seed + expert})
-    return own.union(ooc)
+    (``columns`` must then include ``key``). One read of every partition and a filter, rather
+    than two reads and a union: each read costs Ray Data a listing pass of its own."""
+    if num_experts == 1 or ooc_ratio == 0:
+        return _read(run, [expert], columns)
+    read_columns = None if columns is None else list(dict.fromkeys([*columns, "expert_id"]))
+    ds = _read(run, None, read_columns).map_batches(_expert_filter, batch_format="pyarrow", fn_kwargs={
+        "expert": expert, "ratio": ooc_ratio, "seed": seed})
+    return ds if columns is None or "expert_id" in columns else ds.drop_columns(["expert_id"])
 
 
 def random_rows(run: RunDir, part: int, columns: list[str] | None = None) -> ray.data.Dataset:
     """Part ``part`` of the random split (the clustering-free baseline; ``columns`` must then
     include ``random_id``)."""
     return _read(run, None, columns).map_batches(_random_part, batch_format="pyarrow", fn_kwargs={"part": part})
+
+
+def run_rows(run: RunDir, cfg: Config, kind: str, index: int | None) -> int | None:
+    """Samples a run's reader yields, from this stage's manifest: all rows (``seed``, ``dense``),
+    expert ``index``'s rows plus its out-of-cluster share (``expert``, when the manifest was
+    written with this ``train.ooc_ratio`` and ``train.seed``), random part ``index``
+    (``random_split``). None where the manifest does not say (a run directory written before
+    ``rows_per_run`` existed): count the reader instead."""
+    m = run.manifest(STAGE)
+    if m is None:
+        return None
+    if kind in ("seed", "dense"):
+        return int(m["rows_out"])
+    per_run, ooc = m["stats"].get("rows_per_run"), m["stats"].get("ooc")
+    if per_run is None:
+        return None
+    if kind == "expert":
+        if ooc != {"ratio": cfg.train.ooc_ratio, "seed": cfg.train.seed}:
+            return None
+        return per_run.get(f"expert-{index}")
+    return per_run.get(f"random-{index}")

@@ -1,6 +1,7 @@
 """Train one CLIP on Ray Train: the seed, each data expert and the dense baseline.
 
-One loop for all of them. A run is named; its checkpoints live in
+One loop for all of them (``pipeline.train_loop``, the part that runs on the Ray Train workers;
+this module stays free of torch and open_clip at import). A run is named; its checkpoints live in
 ``<run dir>/checkpoints/<name>/`` (local or S3), and rerunning the same name resumes from the
 latest one: resuming is rerunning. A new run may start from another run's checkpoint
 (``init_checkpoint``: an expert starts from the seed's model and optimizer), continuing its
@@ -31,38 +32,29 @@ samples_seen continue from the checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import io
-import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
-import ray.train
-import torch
-from open_clip.loss import ClipLoss
+import ray.data
 from PIL import Image
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from pipeline.config import StorageConfig, TrainConfig
-from pipeline.model import create, tools
 from pipeline.rundir import RunDir
 from pipeline.storage import filesystem, is_s3, join, pyarrow_filesystem
 
-# CLIP (Radford et al. 2021) and open_clip's ViT recipe: beta2 0.98 and eps 1e-6 keep the
-# contrastive loss stable at large batch.
-ADAMW_BETAS = (0.9, 0.98)
-ADAMW_EPS = 1e-6
-# CLIP clamps its learned temperature so that logits stay below 100 (open_clip does the same).
-MAX_LOGIT_SCALE = math.log(100)
+if TYPE_CHECKING:
+    import torch
+
+# No torch, open_clip or ray.train.torch at import: every process that unpickles this module's
+# functions (Ray Train's controller, Ray Data's coordinator, each launcher task) would pay ~8 s
+# of CPU for them. They are imported where used; the worker loop is ``pipeline.train_loop``.
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.json"
 
@@ -81,22 +73,6 @@ def lr_at(samples_seen: int, peak_lr: float, warmup_samples: int, total_samples:
         return 0.0
     progress = (samples_seen - warmup_samples) / (total_samples - warmup_samples)
     return 0.5 * peak_lr * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (linear, conv, embedding weights) only; gains, biases, the
-    class embedding and the logit scale are not decayed (open_clip's rule)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=ADAMW_BETAS,
-                             eps=ADAMW_EPS)
 
 
 def format_seconds(seconds: float) -> str:
@@ -118,6 +94,8 @@ class Preprocess:
     """
 
     def __init__(self, model_name: str, augment: bool = False) -> None:
+        from pipeline.model import tools
+
         preprocess_train, preprocess_val, self.tokenizer = tools(model_name)
         self.transform = preprocess_train if augment else preprocess_val
 
@@ -164,6 +142,8 @@ def training_data(ds: ray.data.Dataset, model_name: str, augment: bool,
 def read_checkpoint(uri: str, storage: StorageConfig) -> dict[str, Any]:
     """Load ``checkpoint.pt`` from a checkpoint directory (or the file itself), local or S3."""
     path_uri = uri if uri.endswith(".pt") else uri.rstrip("/") + "/" + CHECKPOINT_FILE
+    import torch
+
     fs, path = filesystem(path_uri, storage)
     with fs.open(path, "rb") as f:
         data = f.read()
@@ -172,204 +152,23 @@ def read_checkpoint(uri: str, storage: StorageConfig) -> dict[str, Any]:
 
 def load_model(uri: str, storage: StorageConfig) -> tuple[torch.nn.Module, Callable, Callable]:
     """A trained model in eval mode, with its validation transform and tokenizer."""
+    from pipeline.model import create
+
     state = read_checkpoint(uri, storage)
     model, _, preprocess_val, tokenizer = create(state["model_name"])
     model.load_state_dict(state["model"])
     return model.eval(), preprocess_val, tokenizer
 
 
-def _checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      scaler: torch.amp.GradScaler, step: int, samples_seen: int,
-                      model_name: str) -> dict[str, Any]:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "samples_seen": samples_seen,
-            "model_name": model_name}
-
-
-# ----------------------------------------------------------------------------- the loop
-def _streamed_batches(shard, cfg: TrainConfig, local_batch: int, device: torch.device,
-                      step: int):
-    """One pass over this worker's Ray Data shard. With ``cache_inputs`` the last partial
-    batch comes too (it is cached; the loop does not train on it)."""
-    return iter(shard.iter_torch_batches(
-        batch_size=local_batch, drop_last=not cfg.cache_inputs, device=device,
-        dtypes={"image": torch.float32, "text": torch.long},
-        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-        local_shuffle_seed=(cfg.seed * 1_000_003 + step) if cfg.shuffle_buffer else None))
-
-
-def _cached_batches(cache: dict[str, torch.Tensor], local_batch: int, device: torch.device,
-                    seed: int, rank: int, epoch: int):
-    """Full batches of a seeded permutation of the cached rows (one epoch)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 10_007 + epoch)
-    order = torch.randperm(len(cache["text"]), generator=g)
-    for start in range(0, len(order) - local_batch + 1, local_batch):
-        idx = order[start:start + local_batch]
-        yield {k: v[idx].to(device) for k, v in cache.items()}
-
-
-def _autocast(precision: str, device: torch.device):
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train worker function. ``config`` (built by ``train``): ``name``, ``train`` (the
-    TrainConfig as a dict), ``end_samples``, ``init_checkpoint``, ``storage``, ``crash_at_step``.
-
-    Returns (rank 0; becomes ``Result.return_value``) what this attempt did: its start step and
-    samples, the steps it ran and the run's log lines.
-    """
-    cfg = TrainConfig(**config["train"])
-    name, end_samples = config["name"], config["end_samples"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.threads_per_worker:
-        torch.set_num_threads(cfg.threads_per_worker)
-    torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
-
-    model, *_ = create(cfg.model)
-    state, history = None, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu",
-                               weights_only=True)
-            with open(os.path.join(d, LOG_FILE)) as f:
-                history = json.load(f)
-    elif config["init_checkpoint"]:
-        state = read_checkpoint(config["init_checkpoint"], StorageConfig(**config["storage"]))
-    if state is not None:
-        if state["model_name"] != cfg.model:
-            raise ValueError(f"{name}: checkpoint holds a {state['model_name']!r} model but "
-                             f"train.model is {cfg.model!r}")
-        model.load_state_dict(state["model"])
-    model = ray.train.torch.prepare_model(model)
-    core = model.module if hasattr(model, "module") else model
-    optimizer = make_optimizer(core, cfg.lr, cfg.weight_decay)
-    use_scaler = device.type == "cuda" and cfg.precision == "amp"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    step = samples_seen = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, samples_seen = int(state["step"]), int(state["samples_seen"])
-        del state
-    start_step, start_samples = step, samples_seen
-    if checkpoint is None and samples_seen >= end_samples:
-        raise ValueError(f"{name}: the init checkpoint has seen {samples_seen:,} samples already, "
-                         f"not fewer than end_samples = {end_samples:,}")
-
-    # local_loss + gather_with_grad: each rank scores its own rows against the whole global
-    # batch and gradients flow through the gather (open_clip's multi-GPU recommendation).
-    loss_fn = ClipLoss(local_loss=world > 1, gather_with_grad=world > 1, cache_labels=True,
-                       rank=rank, world_size=world)
-    shard = ray.train.get_dataset_shard("train")
-    local_batch = cfg.batch_size // world
-
-    def say(text: str) -> None:
-        if rank == 0:
-            print(f"[train {name}] {text}", flush=True)
-
-    def save() -> None:
-        metrics = {"step": step, "samples_seen": samples_seen,
-                   "loss": history[-1]["loss"] if history else float("nan")}
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                torch.save(_checkpoint_state(core, optimizer, scaler, step, samples_seen, cfg.model),
-                           os.path.join(tmp, CHECKPOINT_FILE))
-                with open(os.path.join(tmp, LOG_FILE), "w") as f:
-                    json.dump(history, f)
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:08d}")
-
-    if checkpoint is not None:
-        origin = "resumed from its latest checkpoint"
-    else:
-        origin = f"initialised from {config['init_checkpoint']}" if config["init_checkpoint"] else "fresh"
-    say(f"{origin}: step {step}, {samples_seen:,} samples seen; training to {end_samples:,} "
-        f"on {world} worker(s), {local_batch} samples each per step, device {device}")
-    loss_sum = torch.zeros((), device=device)
-    loss_steps, window_start, window_samples, epoch = 0, time.perf_counter(), 0, 0
-    data_wait = 0.0  # seconds of the window spent waiting for the next batch
-    cache: dict[str, torch.Tensor] | None = None   # this worker's whole shard (cache_inputs)
-    done = samples_seen >= end_samples
-    while samples_seen < end_samples:
-        epoch_steps = 0
-        if cache is None:
-            batches = _streamed_batches(shard, cfg, local_batch, device, step)
-        else:
-            batches = _cached_batches(cache, local_batch, device, cfg.seed, rank, epoch)
-        kept: list[dict[str, torch.Tensor]] = []
-        while True:
-            waited = time.perf_counter()
-            batch = next(batches, None)
-            data_wait += time.perf_counter() - waited
-            if batch is None:
-                break
-            if cfg.cache_inputs and cache is None:
-                kept.append({k: v.cpu() for k, v in batch.items()})
-            if len(batch["text"]) < local_batch:
-                continue  # the stream's last, partial batch: cached, not trained on
-            lr = lr_at(samples_seen + cfg.batch_size, cfg.lr, cfg.warmup_samples,
-                       cfg.total_samples)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with _autocast(cfg.precision, device):
-                image_features, text_features, logit_scale = model(batch["image"], batch["text"])
-                loss = loss_fn(image_features, text_features, logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            with torch.no_grad():
-                core.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            step += 1
-            epoch_steps += 1
-            samples_seen += cfg.batch_size
-            window_samples += cfg.batch_size
-            loss_sum += loss.detach()
-            loss_steps += 1
-            done = samples_seen >= end_samples
-            if step % cfg.log_every_steps == 0 or done:
-                elapsed = time.perf_counter() - window_start
-                rate = window_samples / elapsed if elapsed > 0 else float("nan")
-                line = {"step": step, "samples_seen": samples_seen,
-                        "loss": float(loss_sum.item() / loss_steps), "lr": lr,
-                        "samples_per_s": rate, "data_wait": data_wait / elapsed}
-                history.append(line)
-                eta = max(0, end_samples - samples_seen) / rate if rate > 0 else float("inf")
-                say(f"step {step} samples {samples_seen:,}/{end_samples:,} (epoch {epoch}) "
-                    f"loss {line['loss']:.4f} lr {lr:.3g} {rate:,.0f} samples/s "
-                    f"(waiting for data {line['data_wait']:.0%}) ETA {format_seconds(eta)}")
-                loss_sum.zero_()
-                loss_steps, window_start, window_samples, data_wait = 0, time.perf_counter(), 0, 0.0
-            if step % cfg.checkpoint_every_steps == 0 or done:
-                saving = time.perf_counter()
-                save()
-                # Checkpoint time is not training time: keep it out of samples/s.
-                window_start += time.perf_counter() - saving
-            if step == config["crash_at_step"]:
-                raise RuntimeError(f"{name}: crash_at_step={step} (simulated failure)")
-            if done:
-                break
-        if epoch_steps == 0 and not done:
-            raise RuntimeError(f"{name}: the dataset yields no full batch of {local_batch} rows "
-                               f"per worker; it cannot train to {end_samples:,} samples")
-        if cfg.cache_inputs and cache is None and not done:
-            cache = {k: torch.cat([b[k] for b in kept]) for k in ("image", "text")}
-            say(f"cached {len(cache['text']):,} rows of model inputs in memory for later epochs")
-        epoch += 1
-    return {"start_step": start_step, "start_samples": start_samples,
-            "steps_run": step - start_step, "history": history,
-            "cached_rows": len(cache["text"]) if cache is not None else 0}
-
-
 # ----------------------------------------------------------------------------- entry point
+def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """What Ray Train runs on each worker: ``train_loop.train_loop_per_worker``, imported there
+    (and only there) with torch and open_clip."""
+    from pipeline.train_loop import train_loop_per_worker
+
+    return train_loop_per_worker(config)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     name: str
@@ -417,6 +216,9 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, run: RunDir, e
     if end_samples > cfg.total_samples:
         raise ValueError(f"{name}: end_samples {end_samples:,} is past the schedule's end "
                          f"(train.total_samples = {cfg.total_samples:,})")
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     started = time.perf_counter()
     storage = storage or StorageConfig()
     inputs = training_data(dataset, cfg.model, cfg.augment)
@@ -426,7 +228,7 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, run: RunDir, e
         "crash_at_step": crash_at_step,
     }
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        _train_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),

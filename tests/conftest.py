@@ -9,6 +9,9 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# What pipeline.raycluster.init_ray does for a local Ray: one parquet footer-reading actor per
+# read instead of Ray Data's 32 (each a new process on these 2 cores).
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import experts
+from pipeline import experts, shards
 from pipeline.config import load_config
 from pipeline.rundir import RunDir
 
@@ -66,6 +66,15 @@ def test_plan_follows_the_schedule():
         experts.plan(cfg, [3])
 
 
+def test_seed_gets_the_threads_of_max_concurrent_runs_but_no_more_than_a_node_has():
+    cfg = load_config("demo", ["train.threads_per_worker=1", "train.max_concurrent=3"])
+    assert experts.seed_config(cfg, node_cpus=16).train.threads_per_worker == 3
+    assert experts.seed_config(cfg, node_cpus=2).train.threads_per_worker == 2
+    # threads_per_worker 0 (Ray's default: the worker's CPUs) stays 0
+    auto = load_config("demo", ["train.threads_per_worker=0"])
+    assert experts.seed_config(auto, node_cpus=2).train.threads_per_worker == 0
+
+
 def test_seed_trains_on_all_data_and_is_registered(seeded):
     seed = registry(seeded)["seed"]
     m = json.loads((seeded / "training_data" / "_manifest.json").read_text())
@@ -74,6 +83,20 @@ def test_seed_trains_on_all_data_and_is_registered(seeded):
     assert seed["metrics"]["samples_seen"] == 384 and seed["metrics"]["step"] == 12
     ckpt = Path(seed["checkpoint"]) / "checkpoint.pt"
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == seed["sha256"]
+
+
+def test_training_data_manifest_counts_what_each_run_reads(seeded):
+    """The launcher takes each run's sample count from the manifest instead of a counting pass:
+    it must equal what the run's reader yields."""
+    cfg = load_config("demo", TINY[1::2])
+    run = RunDir(str(seeded), cfg.storage)
+    for job in [experts.seed_job(cfg), *experts.plan(cfg)]:
+        counted = experts.dataset(run, cfg, job, columns=["key", "random_id"]).count()
+        assert shards.run_rows(run, cfg, job.kind, job.index) == counted, job.name
+    # Another out-of-cluster draw than the manifest's: no number, the launcher counts instead.
+    other = load_config("demo", [*TINY[1::2], "train.ooc_ratio=0.1"])
+    assert shards.run_rows(run, other, "expert", 0) is None
+    assert shards.run_rows(run, other, "random_split", 0) == shards.run_rows(run, cfg, "random_split", 0)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig, StorageConfig, TrainConfig
-from pipeline.train import Preprocess, lr_at, param_groups
+from pipeline.train import Preprocess, lr_at
+from pipeline.train_loop import param_groups
 
 # ----------------------------------------------------------------------------- pure helpers
 PEAK, WARMUP, TOTAL = 1e-3, 1_000, 11_000

@@ -1,0 +1,245 @@
+"""The Ray Train worker side of ``pipeline.train``: the training loop and its optimiser.
+
+Only Ray Train workers import this module (``pipeline.train`` hands Ray Train a small wrapper
+that imports it on the worker). It imports torch, open_clip and ``ray.train.torch``, about 8 s
+of CPU in a fresh process; keeping them out of ``pipeline.train`` keeps them out of the
+processes that only unpickle a run's functions: Ray Train's controller, Ray Data's split
+coordinator and dataset manager, the launcher's tasks (measured: README, "Demo timings").
+The loop itself, its data and its checkpoints are described in ``pipeline.train``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from open_clip.loss import ClipLoss
+from ray.train import Checkpoint
+
+from pipeline.config import StorageConfig, TrainConfig
+from pipeline.model import create
+from pipeline.train import CHECKPOINT_FILE, LOG_FILE, format_seconds, lr_at, read_checkpoint
+
+# CLIP (Radford et al. 2021) and open_clip's ViT recipe: beta2 0.98 and eps 1e-6 keep the
+# contrastive loss stable at large batch.
+ADAMW_BETAS = (0.9, 0.98)
+ADAMW_EPS = 1e-6
+# CLIP clamps its learned temperature so that logits stay below 100 (open_clip does the same).
+MAX_LOGIT_SCALE = math.log(100)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (linear, conv, embedding weights) only; gains, biases, the
+    class embedding and the logit scale are not decayed (open_clip's rule)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=ADAMW_BETAS,
+                             eps=ADAMW_EPS)
+
+
+
+
+def _checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler, step: int, samples_seen: int,
+                      model_name: str) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "samples_seen": samples_seen,
+            "model_name": model_name}
+
+
+# ----------------------------------------------------------------------------- the loop
+def _streamed_batches(shard, cfg: TrainConfig, local_batch: int, device: torch.device,
+                      step: int):
+    """One pass over this worker's Ray Data shard. With ``cache_inputs`` the last partial
+    batch comes too (it is cached; the loop does not train on it)."""
+    return iter(shard.iter_torch_batches(
+        batch_size=local_batch, drop_last=not cfg.cache_inputs, device=device,
+        dtypes={"image": torch.float32, "text": torch.long},
+        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+        local_shuffle_seed=(cfg.seed * 1_000_003 + step) if cfg.shuffle_buffer else None))
+
+
+def _cached_batches(cache: dict[str, torch.Tensor], local_batch: int, device: torch.device,
+                    seed: int, rank: int, epoch: int):
+    """Full batches of a seeded permutation of the cached rows (one epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 10_007 + epoch)
+    order = torch.randperm(len(cache["text"]), generator=g)
+    for start in range(0, len(order) - local_batch + 1, local_batch):
+        idx = order[start:start + local_batch]
+        yield {k: v[idx].to(device) for k, v in cache.items()}
+
+
+def _autocast(precision: str, device: torch.device):
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker function. ``config`` (built by ``train``): ``name``, ``train`` (the
+    TrainConfig as a dict), ``end_samples``, ``init_checkpoint``, ``storage``, ``crash_at_step``.
+
+    Returns (rank 0; becomes ``Result.return_value``) what this attempt did: its start step and
+    samples, the steps it ran and the run's log lines.
+    """
+    cfg = TrainConfig(**config["train"])
+    name, end_samples = config["name"], config["end_samples"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.threads_per_worker:
+        torch.set_num_threads(cfg.threads_per_worker)
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+
+    model, *_ = create(cfg.model)
+    state, history = None, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu",
+                               weights_only=True)
+            with open(os.path.join(d, LOG_FILE)) as f:
+                history = json.load(f)
+    elif config["init_checkpoint"]:
+        state = read_checkpoint(config["init_checkpoint"], StorageConfig(**config["storage"]))
+    if state is not None:
+        if state["model_name"] != cfg.model:
+            raise ValueError(f"{name}: checkpoint holds a {state['model_name']!r} model but "
+                             f"train.model is {cfg.model!r}")
+        model.load_state_dict(state["model"])
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    optimizer = make_optimizer(core, cfg.lr, cfg.weight_decay)
+    use_scaler = device.type == "cuda" and cfg.precision == "amp"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    step = samples_seen = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, samples_seen = int(state["step"]), int(state["samples_seen"])
+        del state
+    start_step, start_samples = step, samples_seen
+    if checkpoint is None and samples_seen >= end_samples:
+        raise ValueError(f"{name}: the init checkpoint has seen {samples_seen:,} samples already, "
+                         f"not fewer than end_samples = {end_samples:,}")
+
+    # local_loss + gather_with_grad: each rank scores its own rows against the whole global
+    # batch and gradients flow through the gather (open_clip's multi-GPU recommendation).
+    loss_fn = ClipLoss(local_loss=world > 1, gather_with_grad=world > 1, cache_labels=True,
+                       rank=rank, world_size=world)
+    shard = ray.train.get_dataset_shard("train")
+    local_batch = cfg.batch_size // world
+
+    def say(text: str) -> None:
+        if rank == 0:
+            print(f"[train {name}] {text}", flush=True)
+
+    def save() -> None:
+        metrics = {"step": step, "samples_seen": samples_seen,
+                   "loss": history[-1]["loss"] if history else float("nan")}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save(_checkpoint_state(core, optimizer, scaler, step, samples_seen, cfg.model),
+                           os.path.join(tmp, CHECKPOINT_FILE))
+                with open(os.path.join(tmp, LOG_FILE), "w") as f:
+                    json.dump(history, f)
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:08d}")
+
+    if checkpoint is not None:
+        origin = "resumed from its latest checkpoint"
+    else:
+        origin = f"initialised from {config['init_checkpoint']}" if config["init_checkpoint"] else "fresh"
+    say(f"{origin}: step {step}, {samples_seen:,} samples seen; training to {end_samples:,} "
+        f"on {world} worker(s), {local_batch} samples each per step, device {device}")
+    loss_sum = torch.zeros((), device=device)
+    loss_steps, window_start, window_samples, epoch = 0, time.perf_counter(), 0, 0
+    data_wait = 0.0  # seconds of the window spent waiting for the next batch
+    cache: dict[str, torch.Tensor] | None = None   # this worker's whole shard (cache_inputs)
+    done = samples_seen >= end_samples
+    while samples_seen < end_samples:
+        epoch_steps = 0
+        if cache is None:
+            batches = _streamed_batches(shard, cfg, local_batch, device, step)
+        else:
+            batches = _cached_batches(cache, local_batch, device, cfg.seed, rank, epoch)
+        kept: list[dict[str, torch.Tensor]] = []
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            data_wait += time.perf_counter() - waited
+            if batch is None:
+                break
+            if cfg.cache_inputs and cache is None:
+                kept.append({k: v.cpu() for k, v in batch.items()})
+            if len(batch["text"]) < local_batch:
+                continue  # the stream's last, partial batch: cached, not trained on
+            lr = lr_at(samples_seen + cfg.batch_size, cfg.lr, cfg.warmup_samples,
+                       cfg.total_samples)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with _autocast(cfg.precision, device):
+                image_features, text_features, logit_scale = model(batch["image"], batch["text"])
+                loss = loss_fn(image_features, text_features, logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            with torch.no_grad():
+                core.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            step += 1
+            epoch_steps += 1
+            samples_seen += cfg.batch_size
+            window_samples += cfg.batch_size
+            loss_sum += loss.detach()
+            loss_steps += 1
+            done = samples_seen >= end_samples
+            if step % cfg.log_every_steps == 0 or done:
+                elapsed = time.perf_counter() - window_start
+                rate = window_samples / elapsed if elapsed > 0 else float("nan")
+                line = {"step": step, "samples_seen": samples_seen,
+                        "loss": float(loss_sum.item() / loss_steps), "lr": lr,
+                        "samples_per_s": rate, "data_wait": data_wait / elapsed}
+                history.append(line)
+                eta = max(0, end_samples - samples_seen) / rate if rate > 0 else float("inf")
+                say(f"step {step} samples {samples_seen:,}/{end_samples:,} (epoch {epoch}) "
+                    f"loss {line['loss']:.4f} lr {lr:.3g} {rate:,.0f} samples/s "
+                    f"(waiting for data {line['data_wait']:.0%}) ETA {format_seconds(eta)}")
+                loss_sum.zero_()
+                loss_steps, window_start, window_samples, data_wait = 0, time.perf_counter(), 0, 0.0
+            if step % cfg.checkpoint_every_steps == 0 or done:
+                saving = time.perf_counter()
+                save()
+                # Checkpoint time is not training time: keep it out of samples/s.
+                window_start += time.perf_counter() - saving
+            if step == config["crash_at_step"]:
+                raise RuntimeError(f"{name}: crash_at_step={step} (simulated failure)")
+            if done:
+                break
+        if epoch_steps == 0 and not done:
+            raise RuntimeError(f"{name}: the dataset yields no full batch of {local_batch} rows "
+                               f"per worker; it cannot train to {end_samples:,} samples")
+        if cfg.cache_inputs and cache is None and not done:
+            cache = {k: torch.cat([b[k] for b in kept]) for k in ("image", "text")}
+            say(f"cached {len(cache['text']):,} rows of model inputs in memory for later epochs")
+        epoch += 1
+    return {"start_step": start_step, "start_samples": start_samples,
+            "steps_run": step - start_step, "history": history,
+            "cached_rows": len(cache["text"]) if cache is not None else 0}
