@@ -22,6 +22,13 @@ whole-call figure. Each side runs REPEATS times, alternating, and the fastest co
 on the machine only ever slows a run down). Ray starts its workers at nice 15; both sides run at
 nice 0 here. Prints a table with the 0.85 target and PASS/MISS; exits non-zero only on a crash.
 Override with BENCH_TRAIN_ROWS, BENCH_TRAIN_SAMPLES, BENCH_TRAIN_REPEATS, BENCH_TRAIN_MODES.
+
+On a GPU machine, ``BENCH_TRAIN_GPU=1 BENCH_TRAIN_MODEL=ViT-B-32 BENCH_TRAIN_BATCH=256`` runs
+the same comparison on one GPU (both sides bf16 autocast, the trainer with ``use_gpu``; images
+generated at BENCH_TRAIN_IMAGE pixels and resized by the model's transform) and adds the
+model's training FLOPs per sample (counted by torch's FlopCounterMode on one step), the
+achieved TFLOP/s and their share of the GPU's peak: the datasheet's dense bf16 figure and a
+bf16 matrix product measured in the same process.
 """
 
 from __future__ import annotations
@@ -50,6 +57,12 @@ ROWS = int(os.environ.get("BENCH_TRAIN_ROWS", 4_096))
 SAMPLES = int(os.environ.get("BENCH_TRAIN_SAMPLES", 25_600))
 REPEATS = int(os.environ.get("BENCH_TRAIN_REPEATS", 2))
 MODES = os.environ.get("BENCH_TRAIN_MODES", "cached,rows").split(",")
+GPU = os.environ.get("BENCH_TRAIN_GPU", "0") == "1"
+MODEL = os.environ.get("BENCH_TRAIN_MODEL")               # default: the demo preset's
+BATCH = int(os.environ.get("BENCH_TRAIN_BATCH", 0))       # default: the demo preset's
+IMAGE = int(os.environ.get("BENCH_TRAIN_IMAGE", 32))      # pixels of the generated images
+# Dense bf16 tensor-core peak from NVIDIA's datasheets (SXM parts), TFLOP/s.
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 LOG = 20                        # steps per timing window
 ROWS_PER_BLOCK = 512
 TARGET = 0.85
@@ -77,31 +90,38 @@ def bare_run(cfg, rows: dict[str, np.ndarray], tensors: dict[str, np.ndarray] | 
 
     from pipeline.model import create
     from pipeline.train import Preprocess, lr_at
-    from pipeline.train_loop import make_optimizer
+    from pipeline.train_loop import _autocast, make_optimizer
 
     torch.set_num_threads(cfg.threads_per_worker)
     torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
     model, *_ = create(cfg.model)
+    model = model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     loss_fn = ClipLoss(cache_labels=True)
     preprocess = Preprocess(cfg.model, cfg.augment)
     rng = np.random.default_rng(cfg.seed)
+    # Cached inputs as torch tensors, gathered by torch (as the trainer's cache is): numpy's
+    # single-threaded gather of 224-px batches made the reference slower than it need be.
+    cache = None if tensors is None else {k: torch.from_numpy(v) for k, v in tensors.items()}
     lines, seen, step = [], 0, 0
     window = time.perf_counter()
     while seen < SAMPLES:
         order = rng.permutation(ROWS)
         for start in range(0, ROWS - cfg.batch_size + 1, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
-            if tensors is None:
-                batch = preprocess({"caption": rows["caption"][idx], "image": rows["image"][idx]})
+            if cache is None:
+                batch = {k: torch.from_numpy(v) for k, v in preprocess(
+                    {"caption": rows["caption"][idx], "image": rows["image"][idx]}).items()}
             else:
-                batch = {k: v[idx] for k, v in tensors.items()}
-            image, text = torch.from_numpy(batch["image"]), torch.from_numpy(batch["text"])
+                batch = {k: v[torch.from_numpy(idx)] for k, v in cache.items()}
+            image, text = batch["image"].to(device), batch["text"].to(device)
             lr = lr_at(seen + cfg.batch_size, cfg.lr, cfg.warmup_samples, cfg.total_samples)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            image_features, text_features, logit_scale = model(image, text)
-            loss = loss_fn(image_features, text_features, logit_scale)
+            with _autocast(cfg.precision, device):
+                image_features, text_features, logit_scale = model(image, text)
+                loss = loss_fn(image_features, text_features, logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -118,6 +138,64 @@ def bare_run(cfg, rows: dict[str, np.ndarray], tensors: dict[str, np.ndarray] | 
             if seen >= SAMPLES:
                 break
     return lines
+
+
+def train_flops_per_sample(cfg) -> float:
+    """Forward and backward FLOPs of one training step per sample, counted by torch's
+    FlopCounterMode (matrix products, attention, convolutions) on a batch of 8."""
+    import torch
+    from open_clip.loss import ClipLoss
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.model import create
+
+    model, _, preprocess_val, tokenizer = create(cfg.model)
+    model = model.cuda()
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    image = torch.randn(8, 3, size, size, device="cuda")
+    text = tokenizer(["a photo of a thing"] * 8).cuda()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = ClipLoss()(*model(image, text))
+        loss.backward()
+    return counter.get_total_flops() / 8
+
+
+def matmul_tflops() -> float:
+    """A bf16 8192^3 matrix product's rate on this GPU, TFLOP/s (ten after three warm-ups)."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
+
+
+def print_gpu_share(cfg, rates: list[tuple[str, float, float]]) -> None:
+    import torch
+
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    flops = train_flops_per_sample(cfg)
+    gemm = matmul_tflops()
+    print(f"\n{name}: {cfg.model} training step {flops / 1e9:.1f} GFLOP per sample (FlopCounterMode); "
+          f"bf16 8192^3 matmul {gemm:.0f} TFLOP/s; datasheet dense bf16 peak "
+          f"{peak if peak else '?'} TFLOP/s")
+    header = ("data", "side", "samples/s", "TFLOP/s", "of datasheet peak", "of measured matmul")
+    table = []
+    for mode, bare_rate, ray_rate in rates:
+        for side, rate in (("bare", bare_rate), ("ray", ray_rate)):
+            achieved = rate * flops / 1e12
+            table.append((mode, side, f"{rate:.0f}", f"{achieved:.1f}",
+                          f"{achieved / peak:.1%}" if peak else "?", f"{achieved / gemm:.1%}"))
+    print_table(header, table)
 
 
 def ray_run(cfg, dataset: ray.data.Dataset, run_root: str, name: str):
@@ -140,7 +218,11 @@ def main() -> int:
     cfg = dataclasses.replace(base, total_samples=max(SAMPLES, base.total_samples),
                               checkpoint_every_steps=10**9, log_every_steps=LOG,
                               threads_per_worker=os.cpu_count() or 1, cpus_per_worker=0.5)
-    pairs = web_pairs(0, "bench", ROWS, 32, DOMAIN_SHARES, shard_size=ROWS)
+    if MODEL or BATCH:
+        cfg = dataclasses.replace(cfg, model=MODEL or cfg.model, batch_size=BATCH or cfg.batch_size)
+    if GPU:
+        cfg = dataclasses.replace(cfg, use_gpu=True, precision="amp_bf16", lr=5e-4)
+    pairs = web_pairs(0, "bench", ROWS, IMAGE, DOMAIN_SHARES, shard_size=ROWS)
     rows = {"key": np.array([p.key for p in pairs], dtype=object),
             "caption": np.array([p.txt if p.txt.strip() else "image" for p in pairs], dtype=object),
             "image": np.array([p.jpg for p in pairs], dtype=object)}
@@ -152,7 +234,7 @@ def main() -> int:
 
     os.environ["RAY_worker_niceness"] = "0"
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             object_store_memory=300 * 1024**2)
+             object_store_memory=(8 * 1024**3) if GPU else 300 * 1024**2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     blocks = range(0, ROWS, ROWS_PER_BLOCK)
     rows_ds = ray.data.from_arrow([pa.table({
@@ -195,9 +277,11 @@ def main() -> int:
         table.append((mode, "whole call, Ray Train start-up included", f"{bare_rate:.0f}",
                       f"{whole_rate:.0f}", f"{whole_rate / bare_rate:.3f}", "(info)", ""))
     print_table(header, table)
+    if GPU:
+        print_gpu_share(cfg, [(mode, b, r[0]) for mode, b, r in results])
     print()
-    print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 cores: above "
-          f"~2 means other work shared the CPUs); wall time {time.perf_counter() - wall:.0f} s")
+    print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores: "
+          f"above ~{os.cpu_count()} means other work shared the CPUs); wall time {time.perf_counter() - wall:.0f} s")
     return 0
 
 
