@@ -197,3 +197,38 @@ def test_expert_continues_the_seed(runs):
     model, _, tokenizer = load_model(r.checkpoint, runs["s3"])
     assert torch.equal(model.logit_scale, expert["model"]["logit_scale"])
     assert not torch.equal(expert["model"]["visual.proj"], seed["model"]["visual.proj"])
+
+
+# ----------------------------------------------------------------------------- start-up cost
+def _python(code: str, **env: str) -> str:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    base = {k: v for k, v in os.environ.items() if k != "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_train_module_imports_neither_torch_nor_open_clip():
+    """Ray Train's controller and Ray Data's coordinator unpickle pipeline.train's functions;
+    torch and open_clip (8 s of CPU per process) must come only with the worker loop."""
+    heavy = "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
+    assert _python("import sys, pipeline.train, pipeline.experts; " + heavy) == "[]"
+    # and the worker side does bring them (the check above is not vacuous)
+    assert _python("import sys, pipeline.train_loop; " + heavy) == "['open_clip', 'torch']"
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("3", "3")])
+def test_local_ray_gets_one_parquet_footer_actor_unless_told(preset, expected):
+    """A local Ray's driver and workers see RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1 (Ray Data's
+    default of 32 processes per read swamps a laptop); a value the user set is kept."""
+    code = ("import os, ray; from pipeline.config import RayConfig; "
+            "from pipeline.raycluster import init_ray; init_ray(RayConfig(), num_cpus=1); "
+            "worker = ray.get(ray.remote(lambda: os.environ.get('RAY_DATA_PARQUET_FOOTER_NUM_ACTORS'))"
+            ".remote()); print(os.environ['RAY_DATA_PARQUET_FOOTER_NUM_ACTORS'], worker)")
+    env = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": preset} if preset else {}
+    assert _python(code, **env) == f"{expected} {expected}"
