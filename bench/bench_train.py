@@ -149,7 +149,7 @@ def train_flops_per_sample(cfg) -> float:
 
     from pipeline.model import create
 
-    model, _, preprocess_val, tokenizer = create(cfg.model)
+    model, _, _, tokenizer = create(cfg.model)
     model = model.cuda()
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple | list) else size

@@ -3,7 +3,7 @@
     python jobs/demo.py --out demo_out        # what `make demo` runs
 
 Generates the world under <out>/data (once), then runs every stage into <out>/run and prints
-what each stage produced. Completed stages are skipped on rerun.
+what each stage produced, then the wall time of each part. Completed stages are skipped on rerun.
 """
 
 import io

@@ -40,10 +40,10 @@ def init_ray(cfg: RayConfig, num_cpus: int | None = None) -> str:
         logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner") \
             .setLevel(logging.ERROR)
 
-    footer_actors = os.environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)  # driver's reads
+    # Set before Ray starts: the local raylet, and every worker it starts, inherit it.
+    os.environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
              object_store_memory=cfg.object_store_memory, include_dashboard=False,
-             log_to_driver=True, runtime_env={"worker_process_setup_hook": quiet_workers,
-                                              "env_vars": {FOOTER_ACTORS_ENV: footer_actors}})
+             log_to_driver=True, runtime_env={"worker_process_setup_hook": quiet_workers})
     return f"started local ray with {ray.cluster_resources().get('CPU', 0):g} CPUs"
 

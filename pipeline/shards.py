@@ -70,13 +70,13 @@ def _counts(batch: pd.DataFrame) -> pd.DataFrame:
 def _run_sizes(batch: pd.DataFrame, num_experts: int, ratio: float, seed: int) -> pd.DataFrame:
     """One row: the samples of this batch that each expert's and random part's reader yields."""
     batch = batch.loc[batch["status"] == ""]
-    keys, expert = batch["key"].to_numpy(), batch["expert_id"].to_numpy()
+    keys, expert, part = (batch[c].to_numpy() for c in ("key", "expert_id", "random_id"))
     sizes = {}
     for e in range(num_experts):
         own = expert == e
         ooc = ooc_mask(keys[~own], e, ratio, seed).sum() if ratio > 0 else 0
         sizes[f"expert-{e}"] = [int(own.sum() + ooc)]
-        sizes[f"random-{e}"] = [int((batch["random_id"].to_numpy() == e).sum())]
+        sizes[f"random-{e}"] = [int((part == e).sum())]
     return pd.DataFrame(sizes)
 
 
