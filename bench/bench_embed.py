@@ -1,7 +1,7 @@
 """Issue 3 benchmark: throughput of the Ray Data embed stage against the bare encoder.
 
 The same distinct generated captions go through ``CaptionEncoder.encode`` in this process (the
-bare encoder, model loaded and warmed up) and through ``pipeline.embed.embed_dataset`` on a
+bare encoder, model loaded and warmed up) and through ``pipeline.embeddings.embed_dataset`` on a
 private local Ray, with the same model and batch size and the same torch thread count on both
 sides: Ray gives an actor with ``num_cpus_per_actor = t`` OMP_NUM_THREADS = t (a task with the
 same CPUs reports what torch sees), and the driver calls ``torch.set_num_threads(t)``.
@@ -21,22 +21,18 @@ BENCH_EMBED_BATCH, BENCH_EMBED_THREADS (e.g. "2,1"), BENCH_EMBED_REPEATS.
 from __future__ import annotations
 
 import os
-import pathlib
-import sys
 import time
 
 import numpy as np
 import pandas as pd
 import ray
 import ray.data
+from benchlib import print_table, tree_cpu_seconds
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from benchlib import print_table, tree_cpu_seconds  # noqa: E402
-
-from pipeline.config import EmbedConfig  # noqa: E402
-from pipeline.embed import embed_dataset, embedding_matrix  # noqa: E402
-from pipeline.encoders import CaptionEncoder  # noqa: E402
+from pipeline.config import EmbedConfig
+from pipeline.embeddings import embed_dataset
+from pipeline.encoders import CaptionEncoder
+from pipeline.tables import embedding_matrix
 
 N = int(os.environ.get("BENCH_EMBED_N", 16_384))
 BATCH = int(os.environ.get("BENCH_EMBED_BATCH", 256))

@@ -17,20 +17,16 @@ import io
 import json
 import os
 import pathlib
-import sys
 import tempfile
 import time
 
 import numpy as np
+from benchlib import print_table
 from PIL import Image
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from benchlib import print_table  # noqa: E402
-
-from pipeline.config import load_config  # noqa: E402
-from pipeline.demo_world import DOMAINS, render  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.config import load_config
+from pipeline.demo_world import DOMAINS, render
+from pipeline.rundir import RunDir, StageOutput
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = os.environ.get("BENCH_ENSEMBLE_RUN", str(ROOT / "demo_out" / "run"))
@@ -46,8 +42,8 @@ def synthetic_run(root: str) -> str:
     """A run directory with random-weight experts: config, clusters, checkpoints, registry."""
     import torch
 
+    from pipeline.checkpoint_io import CHECKPOINT_FILE
     from pipeline.model import create
-    from pipeline.train import CHECKPOINT_FILE
 
     cfg = load_config("demo")
     run = RunDir(root, cfg.storage)
@@ -62,6 +58,8 @@ def synthetic_run(root: str) -> str:
     np.save(clusters / "coarse_centroids.npy", fine[:NUM_EXPERTS])
     np.save(clusters / "fine_to_expert.npy", (np.arange(k) % NUM_EXPERTS).astype(np.int32))
     np.save(clusters / "fine_sizes.npy", np.ones(k, np.int64))
+    run.write_manifest("clusters", config_hash="synthetic", fields={}, knobs={}, inputs={},
+                       output=StageOutput(k, k), started_at="")
     entries = []
     for e in range(NUM_EXPERTS):
         torch.manual_seed(e)

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,13 +24,10 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import ray
+from benchlib import print_table, tree_cpu_seconds
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from benchlib import print_table, tree_cpu_seconds  # noqa: E402
-
-from pipeline import kmeans, kmeans_ray  # noqa: E402
-from pipeline.config import ClusterConfig  # noqa: E402
+from pipeline import kmeans, kmeans_ray
+from pipeline.config import ClusterConfig
 
 N = int(os.environ.get("BENCH_N", 1_000_000))
 D = int(os.environ.get("BENCH_D", 384))

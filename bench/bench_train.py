@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
-import sys
 import tempfile
 import time
 
@@ -44,14 +42,11 @@ import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
+from benchlib import print_table
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from benchlib import print_table  # noqa: E402
-
-from pipeline.config import StorageConfig, load_config  # noqa: E402
-from pipeline.demo_world import DOMAIN_SHARES, web_pairs  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.config import StorageConfig, load_config
+from pipeline.demo_world import DOMAIN_SHARES, web_pairs
+from pipeline.rundir import RunDir
 
 ROWS = int(os.environ.get("BENCH_TRAIN_ROWS", 4_096))
 SAMPLES = int(os.environ.get("BENCH_TRAIN_SAMPLES", 25_600))
@@ -89,7 +84,8 @@ def bare_run(cfg, rows: dict[str, np.ndarray], tensors: dict[str, np.ndarray] | 
     from open_clip.loss import ClipLoss
 
     from pipeline.model import create
-    from pipeline.train import Preprocess, lr_at
+    from pipeline.schedule import lr_at
+    from pipeline.train import Preprocess
     from pipeline.train_loop import _autocast, make_optimizer
 
     torch.set_num_threads(cfg.threads_per_worker)
@@ -202,7 +198,7 @@ def ray_run(cfg, dataset: ray.data.Dataset, run_root: str, name: str):
     from pipeline.train import train
 
     run = RunDir(run_root, StorageConfig())
-    return train(name, dataset, cfg, run, SAMPLES)
+    return train(name, dataset, cfg, run.stage_uri("checkpoints"), SAMPLES)
 
 
 def main() -> int:

@@ -3,22 +3,22 @@
     python jobs/demo.py --out demo_out        # what `make demo` runs
 
 Generates the world under <out>/data (once), then runs every stage into <out>/run and prints
-what each stage produced, then the wall time of each part. Completed stages are skipped on rerun.
+what each stage produced, then the wall time of each part. Complete stages are skipped on rerun.
 """
 
 import io
-import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from pipeline import assign, cli, cluster, demo_world, embed, evaluate, experts, ingest, shards  # noqa: E402
-from pipeline.raycluster import init_ray  # noqa: E402
-from pipeline.storage import filesystem, join  # noqa: E402
-from pipeline.train import format_seconds  # noqa: E402
+from pipeline import assignments, checkpoints, cli, demo_world, registry, stages
+from pipeline import eval as evaluation
+from pipeline.console import format_seconds
+from pipeline.raycluster import init_ray
+from pipeline.rundir import FOLDERS
+from pipeline.runs import plan
+from pipeline.storage import filesystem, join
 
 
 class Clock:
@@ -56,51 +56,40 @@ def main(argv=None) -> int:
         demo_world.generate(data, cfg.demo, cfg.storage)
     print(init_ray(cfg.ray))
     clock.lap("world and ray")
-    m = ingest.run_stage(cfg, run, join(data, "train"), force=args.force)
-    print(f"[ingest] {m['rows_in']} samples read, {m['rows_out']} kept, skipped "
-          f"{m['rows_skipped']} from {m['stats']['shards']} shards")
-    clock.lap("ingest")
-    m = embed.run_stage(cfg, run, join(data, "train"), force=args.force)
-    print(f"[embed] {m['rows_out']} captions embedded ({m['stats']['captions_encoded']} distinct "
-          f"went through {m['stats']['model']}), skipped {m['rows_skipped']}")
-    clock.lap("embed")
-    m = cluster.run_stage(cfg, run, force=args.force)
-    print(f"[cluster] {cfg.cluster.fine_k} fine clusters -> {cfg.cluster.num_experts} experts "
-          f"on {m['rows_out']} rows, objective {m['stats']['objective']:.4g}")
-    m = assign.run_stage(cfg, run, force=args.force)
-    sizes = m["stats"]["fine_sizes"]
-    print(f"[assign] {m['rows_out']} samples assigned; fine clusters {sizes['min']}..{sizes['max']} "
-          f"rows (cv {sizes['cv']:.3f}); plot: {run.stage_uri('assignments', '_sizes.png')}")
-    summary = assign.expert_summary(run)
+    for stage, extra in (("ingest", {"data": join(data, "train")}), ("embeddings", {}),
+                         ("clusters", {}), ("assignments", {})):
+        stages.run_stage(stage, cfg, run, force=args.force, **extra)
+        clock.lap(stage)
+    summary = assignments.expert_summary(run)
     if fs.exists(join(path, "truth.parquet")):
         truth = pd.read_parquet(io.BytesIO(fs.cat_file(join(path, "truth.parquet"))))
         summary = summary.merge(_domain_mix(run, truth), on="expert_id", how="left")
     print("\nexperts (what each one is about):")
     print(summary.to_string(index=False))
-    clock.lap("cluster and assign")
+    print()
     if not args.skip_training:
-        m = shards.run_stage(cfg, run, join(data, "train"), force=args.force)
-        print(f"[training_data] {m['rows_out']} samples with images, by expert "
-              f"{m['stats']['rows_per_expert']}")
+        stages.run_stage("training_data", cfg, run, force=args.force)
         clock.lap("training data")
-        experts.train_seed(cfg, run)
+        checkpoints.train_seed(cfg, run, force=args.force)
         clock.lap("seed")
-        _, failed = experts.launch(cfg, run, experts.plan(cfg), cfg.train.max_concurrent)
+        jobs = plan(cfg.train, checkpoints.num_experts(run))
+        _, failed = checkpoints.launch(cfg, run, jobs, cfg.train.max_concurrent, force=args.force)
         clock.lap("experts and baselines")
         if failed:
             print(f"failed runs: {failed}")
             return 1
         print("\nruns (experts.json):")
-        print(_runs_table(experts.registry(run)).to_string(index=False))
-        tasks, retrieval, truth = evaluate.demo_inputs(data, cfg.storage)
-        report = evaluate.run_stage(cfg, run, tasks, retrieval, truth)
+        print(_runs_table(registry.entries(run)).to_string(index=False))
         print()
-        print(evaluate.markdown(report))
+        tasks, retrieval, truth_uri = evaluation.demo_inputs(data, cfg.storage)
+        stages.run_stage("eval", cfg, run, force=args.force, tasks=tasks, retrieval=retrieval,
+                         truth=truth_uri)
+        print()
+        print(evaluation.markdown(evaluation.load_report(run)))
         clock.lap("evaluate")
     print(f"\nrun directory: {run.uri}")
-    for stage in ("ingest", "embeddings", "clusters", "assignments", "training_data", "checkpoints",
-                  "eval"):
-        print(f"  {stage + '/':14s} {run.stage_uri(stage)}  (manifest: _manifest.json)")
+    for folder in FOLDERS:
+        print(f"  {folder + '/':14s} {run.stage_uri(folder)}")
     print(clock.summary())
     return 0
 
@@ -114,7 +103,7 @@ def _runs_table(entries: list[dict]) -> pd.DataFrame:
 
 def _domain_mix(run, truth: pd.DataFrame) -> pd.DataFrame:
     """The demo world knows each sample's true domain: the share of each domain per expert."""
-    a = assign.read(run).select_columns(["key", "expert_id"]).to_pandas()
+    a = assignments.read(run).select_columns(["key", "expert_id"]).to_pandas()
     train = truth.loc[truth["split"] == "train", ["key", "domain"]]
     merged = a.merge(train, on="key", how="left")
     share = pd.crosstab(merged["expert_id"], merged["domain"], normalize="index")

@@ -1,4 +1,5 @@
-"""Evaluate MoDE against every baseline: zero-shot tasks, retrieval, the clustering's confusion.
+"""Evaluate MoDE against every baseline: zero-shot tasks, retrieval, the clustering's confusion
+(stage `eval`).
 
     python jobs/evaluate.py --run-dir demo_out/run                  # the demo world's tasks
     python jobs/evaluate.py --run-dir R --tasks s3://bucket/eval/cifar10 --tasks /data/eval/pets
@@ -7,16 +8,15 @@ Tasks are clip_benchmark-format webdataset folders (classnames.txt,
 zeroshot_classification_templates.txt, test/*.tar). Without --tasks, a run directory that sits
 next to a demo world (<out>/run beside <out>/data, as `make demo` lays it out) is evaluated on
 the demo's zero-shot tasks, its held-out retrieval pairs and its true domains. Writes
-eval/report.json, eval/report.md and PNG plots into the run directory, and prints the summary.
+eval/report.json, eval/report.md, PNG plots and eval/_manifest.json into the run directory, and
+prints the summary. A rerun with the same runs, tasks and config is skipped.
 """
 
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from pipeline import cli, evaluate  # noqa: E402
-from pipeline.raycluster import init_ray  # noqa: E402
+from pipeline import cli, stages
+from pipeline import eval as evaluation
+from pipeline.raycluster import init_ray
 
 
 def main(argv=None) -> int:
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     cfg, run = cli.load(args)
     tasks, retrieval, truth = list(args.tasks), args.retrieval, None
     demo = args.demo_data or run.uri.rstrip("/").rsplit("/", 1)[0] + "/data"
-    found = evaluate.demo_inputs(demo, cfg.storage) if (args.demo_data or not tasks) else None
+    found = evaluation.demo_inputs(demo, cfg.storage) if (args.demo_data or not tasks) else None
     if found:
         tasks = tasks or found[0]
         retrieval, truth = retrieval or found[1], found[2]
@@ -38,9 +38,10 @@ def main(argv=None) -> int:
         p.error("nothing to evaluate: pass --tasks URI (or --retrieval URI), or run next to a "
                 "demo world")
     print(init_ray(cfg.ray))
-    report = evaluate.run_stage(cfg, run, tasks, retrieval, truth)
+    stages.run_stage("eval", cfg, run, force=args.force, tasks=tasks, retrieval=retrieval,
+                     truth=truth)
     print()
-    print(evaluate.markdown(report))
+    print(evaluation.markdown(evaluation.load_report(run)))
     print(f"written: {run.stage_uri('eval')}/report.md, report.json, accuracy.png, routing.png, "
           "sizes.png")
     return 0

@@ -7,26 +7,13 @@ Writes ingest/samples/ (good rows), ingest/skipped/ (bad records with their reas
 ingest/_manifest.json; a rerun with the same config and data is skipped.
 """
 
-import json
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from pipeline import cli, ingest  # noqa: E402
-from pipeline.raycluster import init_ray  # noqa: E402
+from pipeline import cli
 
 
 def main(argv=None) -> int:
-    p = cli.parser(__doc__)
-    cli.add_data_flag(p)
-    args = p.parse_args(argv)
-    cfg, run = cli.load(args)
-    data = cli.data_uri(p, args, cfg)
-    print(init_ray(cfg.ray))
-    manifest = ingest.run_stage(cfg, run, data, force=args.force)
-    print(json.dumps({k: manifest[k] for k in ("rows_in", "rows_out", "rows_skipped")}))
-    return 0
+    return cli.stage_job(__doc__, "ingest", argv, data="shards")
 
 
 if __name__ == "__main__":

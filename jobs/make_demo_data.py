@@ -3,12 +3,9 @@
     python jobs/make_demo_data.py --out demo_data --samples 10000 --seed 0
 """
 
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from pipeline import cli, demo_world  # noqa: E402
+from pipeline import cli, demo_world
 
 
 def main(argv=None) -> int:

@@ -6,16 +6,14 @@ Prints the top labels with their probabilities (softmax of the mixed cosine logi
 experts' mean logit scale) and the expert weights the labels routed to.
 """
 
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pipeline import cli  # noqa: E402
-from pipeline.ensemble import MoDEEnsemble  # noqa: E402
+from pipeline import cli
+from pipeline.ensemble import MoDEEnsemble
+from pipeline.runs import run_name
 
 DEFAULT_TEMPLATES = ("a photo of a {c}.", "a {c}.", "{c}")
 
@@ -43,13 +41,13 @@ def main(argv=None) -> int:
     if args.top_k:
         params.update(mode="top_k", k=args.top_k)
     out = ens.zero_shot([image], labels, args.template or list(DEFAULT_TEMPLATES), **params)
-    scale = np.mean([float(ens.model(f"expert-{e}")[0].logit_scale.detach().exp()) for e in out.expert_logits])
+    scale = np.mean([float(ens.model(run_name("expert", e))[0].logit_scale.detach().exp()) for e in out.expert_logits])
     z = scale * out.logits[0]
     prob = np.exp(z - z.max())
     prob /= prob.sum()
     for i in np.argsort(-prob)[:args.show]:
         print(f"{prob[i]:7.1%}  {labels[i]}")
-    print("expert weights: " + ", ".join(f"expert-{e} {w:.3f}" for e, w in enumerate(out.weights)))
+    print("expert weights: " + ", ".join(f"{run_name('expert', e)} {w:.3f}" for e, w in enumerate(out.weights)))
     return 0
 
 

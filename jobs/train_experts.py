@@ -4,18 +4,17 @@
     python jobs/train_experts.py --run-dir runs/demo --experts 0,2 --no-baselines
 
 One Ray Train run per expert, each from the seed's final checkpoint, at most
-train.max_concurrent at once (the rest queue and start as runs finish). A finished run (listed
-in experts.json) is never rerun; an interrupted one resumes from its latest checkpoint; a failed
-one does not stop the others and makes the job exit with status 1 after the rest finish.
+train.max_concurrent at once (the rest queue and start as runs finish). A complete run (its
+manifest matches the config) is never rerun; an interrupted one resumes from its latest
+checkpoint; a failed one does not stop the others and makes the job exit with status 1 after
+the rest finish.
 """
 
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from pipeline import cli, experts  # noqa: E402
-from pipeline.raycluster import init_ray  # noqa: E402
+from pipeline import checkpoints, cli
+from pipeline.raycluster import init_ray
+from pipeline.runs import plan
 
 
 def _ids(text: str) -> list[int]:
@@ -28,17 +27,17 @@ def _ids(text: str) -> list[int]:
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--experts", type=_ids, default=None, metavar="0,2",
-                   help="only these experts (default: all of cluster.num_experts)")
+                   help="only these experts (default: all of the run's experts)")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="skip the random-split and dense baselines")
     args = p.parse_args(argv)
     cfg, run = cli.load(args)
     baselines = args.baselines and args.experts is None
-    jobs = experts.plan(cfg, args.experts, baselines=baselines)
+    jobs = plan(cfg.train, checkpoints.num_experts(run), args.experts, baselines=baselines)
     print(init_ray(cfg.ray))
-    done, failed = experts.launch(cfg, run, jobs, cfg.train.max_concurrent)
+    done, failed = checkpoints.launch(cfg, run, jobs, cfg.train.max_concurrent, force=args.force)
     print(f"finished now: {[e['name'] for e in done]}; failed: {sorted(failed) or 'none'}; "
-          f"registry: {run.experts_path}")
+          f"registry: {run.uri}/experts.json")
     return 1 if failed else 0
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
+from collections.abc import Sequence
+from typing import Literal
 
 import yaml
 
+from pipeline import console, stages
 from pipeline.config import PRESETS, Config, ConfigError, load_config
+from pipeline.raycluster import init_ray
 from pipeline.rundir import RunDir
 
 
@@ -25,13 +27,15 @@ def parser(description: str, run_dir: bool = True) -> argparse.ArgumentParser:
                        help="run directory: a local path or s3://bucket/prefix")
     p.add_argument("--force", action="store_true",
                    help="rerun stages even when their manifest matches the config")
+    p.add_argument("--verbose", action="store_true",
+                   help=f"also print Ray's own logs, progress bars and our debug lines (as "
+                        f"{console.LEVEL_ENV}=DEBUG does)")
     return p
 
 
 def load(args: argparse.Namespace) -> tuple[Config, RunDir | None]:
     """Config from --config/--set, falling back to the run directory's own config.yaml."""
-    logging.basicConfig(level=os.environ.get("MODE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    console.setup(verbose=getattr(args, "verbose", False))
     try:
         cfg = load_config(args.config or "demo", args.overrides)
         run = None
@@ -58,3 +62,50 @@ def data_uri(p: argparse.ArgumentParser, args: argparse.Namespace, cfg: Config) 
     if not data:
         p.error("no data: pass --data URI or set data.train_uri")
     return data
+
+
+def add_ingested_data_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="URI",
+                   help="optional: the shards ingest validated (checked; the stage reads "
+                        "ingest's output and the shards its manifest names)")
+
+
+def check_ingested_data(p: argparse.ArgumentParser, args: argparse.Namespace, run: RunDir) -> None:
+    """A ``--data`` given to a stage after ingest must be the data ingest read."""
+    if not args.data:
+        return
+    m = run.manifest("ingest")
+    ingested = m["inputs"]["external"]["data"] if m else None
+    if ingested is None:
+        p.error(f"{run.stage_uri('ingest')} is not complete: run jobs/ingest.py --data {args.data} first")
+    if ingested.rstrip("/") != args.data.rstrip("/"):
+        p.error(f"--data {args.data} is not the data ingest validated ({ingested}): run "
+                f"jobs/ingest.py --data {args.data} first, or leave --data out")
+
+
+def stage_job(description: str, stage: str, argv: Sequence[str] | None,
+              data: Literal["shards", "ingested"] | None = None) -> int:
+    """A job that runs one stage: the common flags (and ``--data``), the config, Ray, the stage.
+
+    Args:
+        description: the job's ``--help`` text (its module docstring).
+        stage: the stage's name in ``pipeline.stages.STAGES``.
+        argv: the command line (None: ``sys.argv``).
+        data: ``"shards"``: ``--data`` names the shards to read (ingest); ``"ingested"``: an
+            optional ``--data`` is checked against the shards ingest read.
+    """
+    p = parser(description)
+    if data == "shards":
+        add_data_flag(p)
+    elif data == "ingested":
+        add_ingested_data_flag(p)
+    args = p.parse_args(argv)
+    cfg, run = load(args)
+    external = {}
+    if data == "shards":
+        external["data"] = data_uri(p, args, cfg)
+    elif data == "ingested":
+        check_ingested_data(p, args, run)
+    print(init_ray(cfg.ray))
+    stages.run_stage(stage, cfg, run, force=args.force, **external)
+    return 0

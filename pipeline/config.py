@@ -13,14 +13,26 @@ import hashlib
 import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import fsspec
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be loaded; the message names the field at fault."""
+
+
+class RemovedFieldWarning(UserWarning):
+    """A config (typically an older run directory's config.yaml) sets a field that was removed."""
+
+
+# Fields that existed once: a config that still sets one loads, with a warning, without it.
+REMOVED_FIELDS = {
+    "data.seed": "nothing ever read it; the data-side draws are seeded by train.seed",
+}
 
 
 @dataclass(frozen=True)
@@ -44,8 +56,6 @@ class DataConfig:
     image_column: str = "jpg"
     # Parquet only: the sample key column.
     key_column: str = "key"
-    # Seed for every random draw on the data side (caption choice, sampling).
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,7 +94,7 @@ class EmbedConfig:
     # Distinct captions each encoder actor remembers, so repeated captions are embedded once
     # (about 1.5 KB each at d=384); 0 de-duplicates within a batch only.
     cache_size: int = 200_000
-    # Minimum rows per written parquet file (avoids one tiny file per batch).
+    # Minimum rows per parquet file of embeddings/ (avoids one tiny file per batch).
     rows_per_file: int = 100_000
 
 
@@ -121,6 +131,8 @@ class ClusterConfig:
     fit_block_rows: int = 65_536
     # Coarse level: give every expert the same number of fine clusters instead of nearest.
     balanced_coarse: bool = False
+    # Rows per parquet file of assignments/ (about 30 bytes a row).
+    rows_per_file: int = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -175,6 +187,8 @@ class TrainConfig:
     # Expert (and baseline) runs trained at once by jobs/train_experts.py; the rest queue,
     # longest first. The seed, which trains alone, gets the torch threads of this many.
     max_concurrent: int = 2
+    # Rows per parquet file of training_data/ (samples with their encoded images).
+    rows_per_file: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -202,15 +216,129 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def hash(self, *sections: str) -> str:
-        """Stable hash of the named sections (all sections when none are named)."""
-        d = self.to_dict()
-        names = sections or tuple(d)
-        for name in names:
-            if name not in d:
-                raise ConfigError(f"unknown config section {name!r}; sections: {sorted(d)}")
-        blob = json.dumps({k: d[k] for k in names}, sort_keys=True)
+    def value(self, path: str) -> Any:
+        """The value of ``section.field``."""
+        section, name = _split(path)
+        return getattr(getattr(self, section), name)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some ``section__field`` values changed (tests and planners; unchecked)."""
+        sections: dict[str, dict[str, Any]] = {}
+        for key, value in changes.items():
+            section, name = key.split("__", 1)
+            sections.setdefault(section, {})[name] = value
+        return dataclasses.replace(self, **{
+            s: dataclasses.replace(getattr(self, s), **kv) for s, kv in sections.items()})
+
+    def view(self, fields: typing.Iterable[str], knobs: typing.Iterable[str] = (),
+             owner: str = "this stage") -> ConfigView:
+        """The part of this config one stage may read (see ``ConfigView``)."""
+        return ConfigView(self, fields, knobs, owner)
+
+
+def field_names() -> list[str]:
+    """Every ``section.field`` of ``Config``."""
+    return [f"{section}.{f.name}" for section, tp in typing.get_type_hints(Config).items()
+            for f in dataclasses.fields(tp)]
+
+
+def _split(path: str) -> tuple[str, str]:
+    section, _, name = path.partition(".")
+    hints = typing.get_type_hints(Config)
+    if section not in hints or name not in {f.name for f in dataclasses.fields(hints[section])}:
+        raise ConfigError(f"unknown config field {path!r}")
+    return section, name
+
+
+class UndeclaredField(RuntimeError):
+    """A stage read a config field that its entry in ``pipeline/stages.py`` does not declare."""
+
+
+# Where artifacts live, not what they hold: every stage may read these, none is hashed.
+ALWAYS_VISIBLE = ("storage",)
+
+
+class ConfigView:
+    """The fields of a config that one stage may read, and the hash of those that decide its output.
+
+    ``fields`` decide the stage's output: they are hashed, so changing one reruns the stage.
+    ``knobs`` only change how it runs (resources, file sizes, logging): readable, not hashed.
+    The ``storage`` section (where artifacts live) is always readable and never hashed. Reading
+    any other field raises ``UndeclaredField``, so a stage cannot depend on a field its rerun
+    trigger ignores. ``view.train`` stands in for a ``TrainConfig`` (attribute access only).
+    """
+
+    __slots__ = ("_cfg", "_fields", "_knobs", "_owner")
+
+    def __init__(self, cfg: Config, fields: typing.Iterable[str], knobs: typing.Iterable[str] = (),
+                 owner: str = "this stage") -> None:
+        self._cfg, self._owner = cfg, owner
+        self._fields, self._knobs = tuple(sorted(set(fields))), tuple(sorted(set(knobs)))
+        for path in (*self._fields, *self._knobs):
+            _split(path)
+
+    def __reduce__(self):
+        return ConfigView, (self._cfg, self._fields, self._knobs, self._owner)
+
+    def __getattr__(self, section: str) -> Any:
+        if section.startswith("__"):
+            raise AttributeError(section)
+        if section in ALWAYS_VISIBLE:
+            return getattr(self._cfg, section)
+        if section not in typing.get_type_hints(Config):
+            raise AttributeError(f"config has no section {section!r}")
+        return SectionView(self, section)
+
+    @property
+    def owner(self) -> str:
+        return self._owner
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self._fields
+
+    @property
+    def knobs(self) -> tuple[str, ...]:
+        return self._knobs
+
+    def read(self, path: str) -> Any:
+        if path not in self._fields and path not in self._knobs:
+            raise UndeclaredField(
+                f"{self._owner} reads {path}, which its entry in pipeline/stages.py does not "
+                "declare: add it to `fields` if it decides the stage's output (a change then "
+                "reruns the stage), else to `knobs`")
+        return self._cfg.value(path)
+
+    def values(self) -> dict[str, Any]:
+        """The declared ``fields`` and their values: what the stage's hash covers."""
+        return {path: self._cfg.value(path) for path in self._fields}
+
+    def knob_values(self) -> dict[str, Any]:
+        return {path: self._cfg.value(path) for path in self._knobs}
+
+    def hash(self) -> str:
+        blob = json.dumps(self.values(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class SectionView:
+    """One section of a ``ConfigView``: its declared fields read like the dataclass's."""
+
+    __slots__ = ("_view", "_section")
+
+    def __init__(self, view: ConfigView, section: str) -> None:
+        self._view, self._section = view, section
+
+    def __reduce__(self):
+        return SectionView, (self._view, self._section)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._view.read(f"{self._section}.{name}")
+
+    def __repr__(self) -> str:
+        return f"SectionView({self._section!r}, owner={self._view.owner!r})"
 
 
 # Presets are overrides of the defaults, written as data. The defaults above are the
@@ -221,14 +349,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "embed": {"model": "minilm-offline", "batch_size": 256, "num_actors": 1,
                   "num_cpus_per_actor": 1.0},
         # 64 fine centres over ~700 distinct demo captions: 1024 would be mostly duplicates.
-        # The k-means seed decides whether experts match the domains (CALIBRATION.md): restarts.
+        # The k-means seed decides whether experts match the domains: restarts
+        # (docs/seed_share.md, "The tiny CLIP's recipe").
         "cluster": {"fine_k": 64, "num_experts": 4, "iterations": 20, "sample_per_centre": 0,
                     "restarts": 3},
-        # CALIBRATION.md: batch 128 beat 256, lr 3e-3 beat 1e-3. Budget: the seed plus 4 experts,
-        # 4 random-split parts and dense cost (f + 3 * 4 * (1 - f)) * T = 6.5 T samples at
-        # f = 0.5, about 1,100 samples/s on 2 cores, plus roughly a minute and a half of Ray
-        # Train and Ray Data start-up per run (measured: README, "Demo timings"), so T = 64k.
-        # seed_fraction 0.5: README, "Choosing the seed's share" (measured on this demo).
+        # Batch 128 and lr 3e-3, the seed's share of 0.5 and the budget T = 64k (6.5 T samples
+        # in all, within 15 minutes on 2 cores): docs/seed_share.md.
         "train": {"model": "mode-tiny", "batch_size": 128, "lr": 3e-3, "total_samples": 64_000,
                   "seed_fraction": 0.5, "warmup_samples": 6_400, "precision": "fp32",
                   "augment": False, "shuffle_buffer": 2_048, "cache_inputs": True,
@@ -313,6 +439,10 @@ def _build(cls: type, path: str, values: dict[str, Any]) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        if f"{path}.{key}" in REMOVED_FIELDS:
+            warnings.warn(f"config field {path}.{key} was removed ({REMOVED_FIELDS[f'{path}.{key}']}); "
+                          "ignoring it", RemovedFieldWarning, stacklevel=2)
+            continue
         if key not in hints:
             if not path:
                 raise ConfigError(f"unknown config section {key!r}; sections: {names}")
@@ -340,6 +470,7 @@ def _check_ranges(cfg: Config) -> None:
         "train.log_every_steps": cfg.train.log_every_steps,
         "train.num_workers": cfg.train.num_workers, "train.cpus_per_worker": cfg.train.cpus_per_worker,
         "embed.rows_per_file": cfg.embed.rows_per_file, "cluster.restarts": cfg.cluster.restarts,
+        "cluster.rows_per_file": cfg.cluster.rows_per_file, "train.rows_per_file": cfg.train.rows_per_file,
         "cluster.block_rows": cfg.cluster.block_rows,
         "cluster.fit_block_rows": cfg.cluster.fit_block_rows,
         "train.max_concurrent": cfg.train.max_concurrent,
@@ -440,8 +571,6 @@ def load_config(source: str | dict[str, Any] | None = "demo",
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    import fsspec
-
     with fsspec.open(path, "r") as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):

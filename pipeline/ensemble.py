@@ -1,4 +1,4 @@
-"""Routing a task to the data experts, and the MoDE ensemble (MODE.md, stage 7).
+"""Routing a task to the data experts, and the MoDE ensemble (docs/routing.md).
 
 ``routing_weights`` is pure numpy: a task's class embeddings (built with the clustering encoder)
 are matched to the fine centres, and each expert is weighted by the classes that land in its
@@ -15,8 +15,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import yaml
 
-from pipeline.config import Config
+from pipeline import clusters, registry
+from pipeline.checkpoint_io import load_model
+from pipeline.config import Config, StorageConfig, load_config
+from pipeline.encoders import CaptionEncoder
+from pipeline.rundir import RunDir
+from pipeline.runs import run_name
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +70,7 @@ def routing_weights(class_embeddings: np.ndarray, fine_centroids: np.ndarray,
                     k: int = 1) -> np.ndarray:
     """Expert weights for one task, float64 of shape ``(num_experts,)`` summing to 1.
 
-    ``variant="code"`` (default) is the authors' code as MODE.md states it: each class l goes to
+    ``variant="code"`` (default) is the authors' code (docs/routing.md): each class l goes to
     the expert owning its nearest fine centre at plain L2 distance d_l;
     ``u_c = sum_{l -> c} exp(beta * (a - d_l))`` with ``a = exp(a_offset - sqrt(n))`` when
     ``n < small_n`` (else 0) and ``beta = beta_scale * log10(max(beta_floor, n - beta_shift))``;
@@ -141,21 +147,18 @@ class MoDEEnsemble:
     """
 
     def __init__(self, run_uri: str, cfg: Config | None = None, device: str = "cpu") -> None:
-        import torch
-
-        from pipeline import cluster, experts
-        from pipeline.rundir import RunDir
+        import torch  # late import: routing_weights alone needs no torch
 
         if cfg is None:
             cfg = run_config(run_uri)
         self.cfg, self.device = cfg, torch.device(device)
         self.run = RunDir(run_uri, cfg.storage)
-        self.registry = experts.finished(self.run)
-        clusters = cluster.load(self.run)
-        self.fine_centroids = clusters["fine_centroids"]
-        self.fine_to_expert = clusters["fine_to_expert"]
-        self.num_experts = int(len(clusters["coarse_centroids"]))
-        missing = [e for e in range(self.num_experts) if f"expert-{e}" not in self.registry]
+        self.registry = registry.finished(self.run)
+        arrays = clusters.load(self.run)
+        self.fine_centroids = arrays["fine_centroids"]
+        self.fine_to_expert = arrays["fine_to_expert"]
+        self.num_experts = int(len(arrays["coarse_centroids"]))
+        missing = [e for e in range(self.num_experts) if run_name("expert", e) not in self.registry]
         if missing:
             raise ValueError(f"{run_uri}: experts {missing} are not in experts.json yet (trained: "
                              f"{sorted(self.registry)}); run jobs/train_experts.py first")
@@ -167,16 +170,12 @@ class MoDEEnsemble:
     @property
     def encoder(self):
         if self._encoder is None:
-            from pipeline.encoders import CaptionEncoder
-
             self._encoder = CaptionEncoder(self.cfg.embed.model, batch_size=self.cfg.embed.batch_size)
         return self._encoder
 
     def model(self, name: str) -> tuple:
         """(model, preprocess, tokenizer) of a registry run, in eval mode on the device."""
         if name not in self._models:
-            from pipeline.train import load_model
-
             if name not in self.registry:
                 raise KeyError(f"no run {name!r} in experts.json; runs: {sorted(self.registry)}")
             model, preprocess, tokenizer = load_model(self.registry[name]["checkpoint"],
@@ -199,7 +198,7 @@ class MoDEEnsemble:
     def classifier(self, name: str, classnames: Sequence[str], templates: Sequence[str]):
         """(d, n) unit class-text embeddings of one model: open_clip's zero-shot head (cached
         per model and task, so batches of one task build it once)."""
-        import open_clip
+        import open_clip  # late import: open_clip and torch, not needed to route
         import torch
 
         key = (name, tuple(classnames), tuple(templates))
@@ -213,7 +212,7 @@ class MoDEEnsemble:
 
     def image_features(self, name: str, images) -> torch.Tensor:
         """(N, d) unit image embeddings; ``images`` are PIL images or a preprocessed batch."""
-        import torch
+        import torch  # late import: not needed to route
 
         model, preprocess, _ = self.model(name)
         if not isinstance(images, torch.Tensor):
@@ -232,7 +231,7 @@ class MoDEEnsemble:
         """Routed zero-shot classification: the mixed logits, each run expert's logits and the
         weights. Experts with weight 0 (``mode="top_k"``) are not run."""
         w = self.weights(classnames, templates, **params)
-        per = {e: self.logits(f"expert-{e}", images, classnames, templates)
+        per = {e: self.logits(run_name("expert", e), images, classnames, templates)
                for e in range(self.num_experts) if w[e] > 0}
         mixed = sum(w[e] * lg for e, lg in per.items())
         return ZeroShot(np.asarray(mixed), per, w)
@@ -242,13 +241,8 @@ def _formatter(template: str):
     return lambda c: fill(template, c)
 
 
-def run_config(run_uri: str, storage=None) -> Config:
+def run_config(run_uri: str, storage: StorageConfig | None = None) -> Config:
     """The config a run directory was made with (its ``config.yaml``)."""
-    import yaml
-
-    from pipeline.config import StorageConfig, load_config
-    from pipeline.rundir import RunDir
-
     run = RunDir(run_uri, storage or StorageConfig())
     if not run.has_config():
         raise FileNotFoundError(f"{run_uri} has no config.yaml: is it a run directory?")

@@ -1,13 +1,17 @@
-"""Read image-caption shards into one row schema on Ray Data, counting every bad record.
+"""Stage ``ingest``: read image-caption shards into one row schema on Ray Data, counting every
+bad record, and write the run's sample index.
 
 Sources: img2dataset webdataset tars (``{key}.jpg``, ``{key}.txt``, ``{key}.json``) or
 img2dataset parquet (a key, a caption and an image-bytes column), local or ``s3://``.
 
-Rows (see README, "Row schema"): ``key`` (str), ``caption`` (str, stripped), ``image`` (JPEG/PNG
+Rows (README, "Row schema"): ``key`` (str), ``caption`` (str, stripped), ``image`` (JPEG/PNG
 bytes; ``b""`` where the reader was asked not to keep image bytes), ``shard`` (URI of the source
 file) and ``skip_reason`` ("" for a good row, else one of ``SKIP_REASONS``). Readers never drop a
 row on their own: bad records travel with their reason so that a stage can count them and still
-keep every good row; ``good_rows`` filters them out.
+keep every good row.
+
+The stage decodes every image once, to find the ones that do not decode; later stages use its
+verdicts (the good rows of ``ingest/samples``) instead of decoding again.
 """
 
 from __future__ import annotations
@@ -19,14 +23,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as pads
+import pyarrow.fs
+import ray
 import ray.data
 from PIL import Image
 from ray.data import SaveMode
-from ray.data._internal.datasource import webdataset_datasource as wds
+from ray.data.datasource import FileBasedDatasource
 
-from pipeline.config import Config, DataConfig, StorageConfig
-from pipeline.rundir import RunDir, stage_hash
-from pipeline.storage import expand_shards, filesystem, pyarrow_filesystem
+from pipeline.config import ConfigView, DataConfig, StorageConfig
+from pipeline.console import Counter, Progress
+from pipeline.rundir import RunDir, StageOutput
+from pipeline.storage import expand_shards, filesystem, pyarrow_filesystem, strip_scheme
 
 SKIP_REASONS = (
     "missing_image",
@@ -39,7 +47,47 @@ SKIP_REASONS = (
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 COLUMNS = ["key", "caption", "image", "shard", "skip_reason"]
 _ROWS_PER_BLOCK = 1000
-STAGE = "ingest"
+
+
+# ----------------------------------------------------------------------------- webdataset tars
+def split_name(name: str) -> tuple[str, str] | None:
+    """A tar member's sample key and suffix, by the webdataset rule: the key is the path up to
+    the first dot of the file name, the suffix (lower-cased) everything after it. None for a
+    name without both (``README``, ``.hidden``)."""
+    folder, _, filename = name.rpartition("/")
+    stem, dot, suffix = filename.partition(".")
+    if not stem or not dot or not suffix:
+        return None
+    return (f"{folder}/{stem}" if folder else stem), suffix.lower()
+
+
+def group_samples(members: Iterator[tuple[str, bytes]], path: str) -> Iterator[dict[str, Any]]:
+    """Consecutive members that share a key, as one sample ``{"__key__": key, suffix: bytes}``.
+
+    Webdataset requires a sample's files to be contiguous: a key that comes back after another
+    one, or a suffix twice in one sample, is an error (the shard is malformed, not a bad record).
+    """
+    current: dict[str, Any] | None = None
+    seen: set[str] = set()
+    for name, data in members:
+        parts = split_name(name)
+        if parts is None:
+            continue
+        key, suffix = parts
+        if current is not None and key != current["__key__"]:
+            yield current
+            current = None
+        if current is None:
+            if key in seen:
+                raise ValueError(f"{path}: the files of sample {key!r} are not contiguous "
+                                 "(webdataset needs each sample's files next to each other)")
+            seen.add(key)
+            current = {"__key__": key}
+        if suffix in current:
+            raise ValueError(f"{path}: sample {key!r} has two {suffix!r} files")
+        current[suffix] = data
+    if current is not None:
+        yield current
 
 
 class _CountingReader:
@@ -55,48 +103,49 @@ class _CountingReader:
         return data
 
 
-def _tar_members(fileobj: Any, state: dict[str, str]) -> Iterator[dict[str, Any]]:
+def _tar_members(fileobj: Any, state: dict[str, str]) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular file, ending quietly at a cut; ``state["cut"]`` names the
-    member the cut fell in. Ray's iterator raises there instead, and the exception then also
-    swallows the complete sample that its key grouping was still holding."""
+    member the cut fell in, so that every complete sample before it is kept."""
     tar = tarfile.open(fileobj=fileobj, mode="r|*")
     name = ""
     try:
         for info in tar:
             name = info.name
             if info.isreg():
-                yield {"fname": info.name, "data": tar.extractfile(info).read()}
+                yield info.name, tar.extractfile(info).read()
             name = ""
     except tarfile.ReadError:
         state["cut"] = name
 
 
-class _SampleTarDatasource(wds.WebDatasetDatasource):
-    """Ray's webdataset reader, with a truncated tar ending in a counted skip.
+class SampleTarDatasource(FileBasedDatasource):
+    """Webdataset tars as rows of the row schema, on Ray Data's file-based datasource API.
 
-    Keeps Ray's datasource (file listing, S3 retries, key grouping) and yields every sample read
-    before the cut. The sample the cut fell in is marked ``truncated_tar``: a row that was already
-    partly read gets the reason, else one marker row stands for it.
+    Ray lists the files, opens them (with its S3 retries) and calls ``_read_stream`` per file.
+    A tar cut short ends in a counted skip: every sample read before the cut is kept, and the
+    sample the cut fell in is marked ``truncated_tar`` (the partly read row gets the reason,
+    else one marker row stands for it). Each finished shard is reported to ``counter``.
     """
 
-    def __init__(self, paths: list[str], keep_images: bool, **kwargs: Any) -> None:
-        super().__init__(paths, decoder=None, **kwargs)
+    def __init__(self, paths: list[str], keep_images: bool,
+                 counter: ray.actor.ActorHandle | None = None, **kwargs: Any) -> None:
+        super().__init__(paths, **kwargs)
         self._keep_images = keep_images
+        self._counter = counter
 
-    def _read_stream(self, stream, path: str) -> Iterator[pd.DataFrame]:
-        counted = _CountingReader(stream)
+    def _read_stream(self, f: pyarrow.NativeFile, path: str) -> Iterator[pd.DataFrame]:
+        counted = _CountingReader(f)
         state: dict[str, str] = {}
-        samples = wds._group_by_keys(_tar_members(counted, state), meta={"__url__": path})
         rows: list[dict[str, Any]] = []
-        for sample in samples:
+        for sample in group_samples(_tar_members(counted, state), path):
             rows.append(_raw_row(sample, path, self._keep_images))
             if len(rows) > _ROWS_PER_BLOCK:  # keep the last row: the cut may concern it
                 yield _frame(rows[:-1])
                 rows = rows[-1:]
         # tarfile ends quietly when the cut falls inside a header; a tar is whole 512-byte blocks.
         if "cut" in state or counted.bytes_read % tarfile.BLOCKSIZE != 0:
-            base = wds._base_plus_ext(state.get("cut", ""))[0]
-            key = base.rsplit("/", 1)[-1] if base else f"{path}#truncated"
+            parts = split_name(state.get("cut", ""))
+            key = parts[0].rsplit("/", 1)[-1] if parts else f"{path}#truncated"
             if rows and rows[-1]["key"] == key:
                 rows[-1]["skip_reason"] = "truncated_tar"
             else:
@@ -104,6 +153,8 @@ class _SampleTarDatasource(wds.WebDatasetDatasource):
                              "skip_reason": "truncated_tar"})
         if rows:
             yield _frame(rows)
+        if self._counter is not None:
+            self._counter.add.remote({"shards": 1})
 
 
 def _raw_row(sample: dict[str, Any], path: str, keep_images: bool) -> dict[str, Any]:
@@ -118,6 +169,7 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame.from_records(rows, columns=COLUMNS)
 
 
+# ----------------------------------------------------------------------------- validation
 def validate_batch(batch: pd.DataFrame, decode_images: bool = True) -> pd.DataFrame:
     """Give every row of a raw batch its ``skip_reason``; captions become stripped ``str``.
 
@@ -165,7 +217,8 @@ def _decodes(image: bytes) -> bool:
 
 
 def read_samples(uri: str, data: DataConfig, storage: StorageConfig, keep_images: bool = True,
-                 decode_images: bool = True) -> ray.data.Dataset:
+                 decode_images: bool = True,
+                 counter: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
     """All rows of the shards at ``uri`` with their ``skip_reason`` (good rows have "").
 
     Args:
@@ -175,31 +228,32 @@ def read_samples(uri: str, data: DataConfig, storage: StorageConfig, keep_images
         keep_images: False keeps only the presence of each image (``b""``), for stages that
             need captions alone; the bytes still stream past but are not kept.
         decode_images: check that each image decodes (needs ``keep_images``).
+        counter: a ``console.Counter`` told of each finished tar shard (progress).
     """
     fs, _ = filesystem(uri, storage)
     if data.format == "webdataset":
         paths = expand_shards(uri, storage, (".tar",))
-        source = _SampleTarDatasource([_strip(p) for p in paths], keep_images, filesystem=fs)
+        source = SampleTarDatasource([strip_scheme(p) for p in paths], keep_images, counter,
+                                     filesystem=pyarrow_filesystem(fs))
         ds = ray.data.read_datasource(source)
     else:
         paths = expand_shards(uri, storage, (".parquet",))
         cols = [data.key_column, data.caption_column, data.image_column]
-        ds = ray.data.read_parquet([_strip(p) for p in paths], filesystem=fs, columns=cols,
-                                   include_paths=True)
+        ds = ray.data.read_parquet([strip_scheme(p) for p in paths], filesystem=pyarrow_filesystem(fs),
+                                   columns=cols, include_paths=True)
         ds = ds.map_batches(_parquet_rows, batch_format="pandas",
-                            fn_kwargs={"data": data, "keep_images": keep_images})
+                            fn_kwargs={"data": data, "keep_images": keep_images, "counter": counter})
     return ds.map_batches(validate_batch, batch_format="pandas",
                           fn_kwargs={"decode_images": decode_images and keep_images})
 
 
-def _strip(uri: str) -> str:
-    return uri[len("s3://"):] if uri.startswith("s3://") else uri
-
-
-def _parquet_rows(batch: pd.DataFrame, data: DataConfig, keep_images: bool) -> pd.DataFrame:
+def _parquet_rows(batch: pd.DataFrame, data: DataConfig, keep_images: bool,
+                  counter: ray.actor.ActorHandle | None) -> pd.DataFrame:
     images = batch[data.image_column].tolist()
     if not keep_images:
         images = [None if im is None else b"" for im in images]
+    if counter is not None:
+        counter.add.remote({"rows": len(batch)})
     return pd.DataFrame({
         "key": batch[data.key_column].astype(str),
         "caption": batch[data.caption_column].tolist(),
@@ -217,6 +271,11 @@ def _bad(batch: pd.DataFrame) -> pd.DataFrame:
     return batch[batch["skip_reason"] != ""]
 
 
+def good_rows(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """Only the rows with no skip reason."""
+    return ds.map_batches(_good, batch_format="pandas")
+
+
 def _tally(ds: ray.data.Dataset) -> pd.DataFrame:
     """Rows per (shard, skip_reason), summed from one small table per block: no shuffle."""
     def per_block(batch: pd.DataFrame) -> pd.DataFrame:
@@ -226,27 +285,31 @@ def _tally(ds: ray.data.Dataset) -> pd.DataFrame:
     return parts.groupby(["shard", "skip_reason"], as_index=False)["n"].sum()
 
 
-def good_rows(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """Only the rows with no skip reason."""
-    return ds.map_batches(_good, batch_format="pandas")
+def _progress(uri: str, data: DataConfig, storage: StorageConfig, counter, log) -> Progress:
+    """Shards done of all (tars), or rows read of all (parquet, counted from the footers)."""
+    def done(name: str) -> int:
+        return ray.get(counter.totals.remote()).get(name, 0)
+
+    if data.format == "webdataset":
+        total = len(expand_shards(uri, storage, (".tar",)))
+        return Progress("ingest", lambda: done("shards"), total, unit="shards", say=log)
+    fs, _ = filesystem(uri, storage)
+    total = pads.dataset([strip_scheme(p) for p in expand_shards(uri, storage, (".parquet",))],
+                         filesystem=pyarrow_filesystem(fs), format="parquet").count_rows()
+    return Progress("ingest", lambda: done("rows"), total, unit="rows", say=log)
 
 
-def run_stage(cfg: Config, run: RunDir, data_uri: str, force: bool = False,
-              log=print) -> dict[str, Any]:
-    """The ``ingest`` stage: validate every sample and write the sample index.
+def run(cfg: ConfigView, run: RunDir, upstream: dict, log=print, *, data: str) -> StageOutput:
+    """Validate every sample of the shards at ``data``; write the sample index.
 
-    Writes ``ingest/samples/*.parquet`` (key, caption, shard: every good row),
-    ``ingest/skipped/*.parquet`` (key, shard, skip_reason: every bad record) and the manifest.
-    Images are decoded once here to find corrupt ones; their bytes are not copied.
+    Writes ``ingest/samples/*.parquet`` (key, caption, shard: every good row) and
+    ``ingest/skipped/*.parquet`` (key, shard, skip_reason: every bad record). Images are decoded
+    once here to find corrupt ones; their bytes are not copied.
     """
-    inputs = {"data": data_uri, "format": cfg.data.format}
-    config_hash = stage_hash(cfg, ("data",), inputs)
-    done = run.completed(STAGE, config_hash)
-    if done and not force:
-        log(f"[ingest] complete for this config ({run.stage_uri(STAGE)}): skipped")
-        return done
-    started = run.begin(STAGE)
-    ds = read_samples(data_uri, cfg.data, cfg.storage).drop_columns(["image"]).materialize()
+    counter = Counter.remote()
+    with _progress(data, cfg.data, cfg.storage, counter, log):
+        ds = read_samples(data, cfg.data, cfg.storage, counter=counter) \
+            .drop_columns(["image"]).materialize()
     tally = _tally(ds)
     reasons = tally.groupby("skip_reason")["n"].sum().to_dict()
     rows_out = reasons.pop("", 0)
@@ -255,11 +318,10 @@ def run_stage(cfg: Config, run: RunDir, data_uri: str, force: bool = False,
         raise RuntimeError(f"ingest produced skip reasons outside SKIP_REASONS: {sorted(unknown)}")
     fs = pyarrow_filesystem(run.fs)
     ds.map_batches(_good, batch_format="pandas").select_columns(["key", "caption", "shard"]) \
-        .write_parquet(run.stage_path(STAGE, "samples"), filesystem=fs, mode=SaveMode.OVERWRITE)
+        .write_parquet(run.stage_path("ingest", "samples"), filesystem=fs, mode=SaveMode.OVERWRITE)
     ds.map_batches(_bad, batch_format="pandas").select_columns(["key", "shard", "skip_reason"]) \
-        .write_parquet(run.stage_path(STAGE, "skipped"), filesystem=fs, mode=SaveMode.OVERWRITE)
+        .write_parquet(run.stage_path("ingest", "skipped"), filesystem=fs, mode=SaveMode.OVERWRITE)
     per_shard = tally.groupby("shard")["n"].sum()
     stats = {"shards": len(per_shard),
              "rows_per_shard": {"min": int(per_shard.min()), "max": int(per_shard.max())}}
-    return run.finish(STAGE, config_hash=config_hash, inputs=inputs, rows_in=int(tally["n"].sum()),
-                      rows_out=rows_out, rows_skipped=reasons, started_at=started, stats=stats)
+    return StageOutput(int(tally["n"].sum()), int(rows_out), reasons, stats)

@@ -17,7 +17,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import kmeans
-from pipeline.embed import embedding_matrix
+from pipeline.tables import embedding_matrix
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,6 @@ def fit(blocks: Sequence[ray.ObjectRef], init: np.ndarray, iterations: int, seed
         total = kmeans.reduce_stats(parts)
         centroids, reseeded = kmeans.update_centroids(total, centroids, seed + it + 1)
         history.append({"iteration": it, "objective": total.objective, "reseeded": reseeded})
-        log.info("k-means iteration %d/%d: objective %.6g, %d empty clusters re-seeded",
+        log.debug("k-means iteration %d/%d: objective %.6g, %d empty clusters re-seeded",
                  it + 1, iterations, total.objective, reseeded)
     return centroids, history

@@ -1,4 +1,4 @@
-"""The run directory: one place that fixes where every artifact lives, and the stage manifests.
+"""The run directory: where every artifact lives, and the manifests that say a stage is complete.
 
 Layout (README, "Run directory"; local path or ``s3://bucket/prefix``)::
 
@@ -7,33 +7,44 @@ Layout (README, "Run directory"; local path or ``s3://bucket/prefix``)::
     embeddings/               caption embeddings (parquet) + _manifest.json
     clusters/                 fine/coarse centroids + _manifest.json
     assignments/              key -> fine_id, expert_id (parquet by expert_id) + _manifest.json
-    checkpoints/<name>/       Ray Train checkpoints of the seed, experts and baselines
-    experts.json              registry of finished experts, appended atomically
+    training_data/            samples with images (parquet by expert_id) + _manifest.json
+    checkpoints/<run>/        Ray Train checkpoints of one run + _manifest.json
+    experts.json              registry of finished runs
     eval/                     reports and plots + _manifest.json
 
-A stage writes ``<stage>/_manifest.json`` last, atomically: a stage without one is incomplete.
-A stage whose manifest holds the current config hash is skipped on rerun.
+A unit of work (a stage, or one training run ``checkpoints/<run>``) writes its
+``_manifest.json`` last, atomically: a unit without one is incomplete. The stage graph and the
+wrapper that reads and writes manifests are in ``pipeline/stages.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import hashlib
-import json
 import pathlib
 import subprocess
 from typing import Any
 
 from pipeline.config import Config, StorageConfig
-from pipeline.storage import filesystem, join, read_json, write_bytes_atomic, write_json_atomic
+from pipeline.storage import filesystem, join, read_json, scheme, write_bytes_atomic, write_json_atomic
 
-STAGES = ("ingest", "embeddings", "clusters", "assignments", "training_data", "checkpoints", "eval")
+FOLDERS = ("ingest", "embeddings", "clusters", "assignments", "training_data", "checkpoints", "eval")
 MANIFEST = "_manifest.json"
 
 
 class CountMismatch(RuntimeError):
     """A stage's counts do not add up: rows_in != rows_out + sum(rows_skipped)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOutput:
+    """What a stage reports about its work; the wrapper checks it and writes it as the manifest."""
+    rows_in: int
+    rows_out: int
+    rows_skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def now() -> str:
@@ -49,7 +60,7 @@ def code_version() -> str:
     root = pathlib.Path(__file__).resolve().parent
     h = hashlib.sha256()
     for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in (".py", ".json"):
+        if path.is_file() and path.suffix in (".py", ".json", ".yaml"):
             h.update(path.relative_to(root).as_posix().encode())
             h.update(path.read_bytes())
     version = f"src-{h.hexdigest()[:12]}"
@@ -69,20 +80,22 @@ class RunDir:
     def __init__(self, uri: str, storage: StorageConfig) -> None:
         self.uri = uri.rstrip("/")
         self.fs, self.path = filesystem(self.uri, storage)
-        self._scheme = "s3://" if self.uri.startswith("s3://") else ""
+        self.scheme = scheme(self.uri)
 
     def __repr__(self) -> str:
         return f"RunDir({self.uri!r})"
 
-    def stage_path(self, stage: str, *parts: str) -> str:
-        """Path inside the filesystem (no scheme), for ``self.fs``."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; stages: {list(STAGES)}")
-        return join(self.path, stage, *parts)
+    def stage_path(self, unit: str, *parts: str) -> str:
+        """Path inside the filesystem (no scheme), for ``self.fs``. ``unit`` is a folder of the
+        layout (``"assignments"``) or below one (``"checkpoints/expert-0"``)."""
+        folder = unit.split("/", 1)[0]
+        if folder not in FOLDERS:
+            raise ValueError(f"unknown stage folder {folder!r}; folders: {list(FOLDERS)}")
+        return join(self.path, unit, *parts)
 
-    def stage_uri(self, stage: str, *parts: str) -> str:
+    def stage_uri(self, unit: str, *parts: str) -> str:
         """Full URI (with ``s3://`` where it applies), for Ray's readers and writers."""
-        return self._scheme + self.stage_path(stage, *parts)
+        return self.scheme + self.stage_path(unit, *parts)
 
     @property
     def config_path(self) -> str:
@@ -98,47 +111,37 @@ class RunDir:
     def has_config(self) -> bool:
         return self.fs.exists(self.config_path)
 
-    def manifest(self, stage: str) -> dict[str, Any] | None:
-        path = self.stage_path(stage, MANIFEST)
+    def manifest(self, unit: str) -> dict[str, Any] | None:
+        path = self.stage_path(unit, MANIFEST)
         return read_json(self.fs, path) if self.fs.exists(path) else None
 
-    def completed(self, stage: str, config_hash: str) -> dict[str, Any] | None:
-        """The stage's manifest if it finished with this config hash, else None."""
-        m = self.manifest(stage)
-        return m if m is not None and m.get("config_hash") == config_hash else None
-
-    def begin(self, stage: str) -> str:
-        """Mark a stage incomplete (drop its manifest) before its outputs are rewritten."""
-        path = self.stage_path(stage, MANIFEST)
+    def drop_manifest(self, unit: str) -> None:
+        """Mark a unit incomplete before its outputs are rewritten."""
+        path = self.stage_path(unit, MANIFEST)
         if self.fs.exists(path):
             self.fs.rm(path)
-        return now()
 
-    def finish(self, stage: str, *, config_hash: str, inputs: dict[str, Any], rows_in: int,
-               rows_out: int, rows_skipped: dict[str, int], started_at: str,
-               stats: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Check that counts add up, then write the manifest (the stage's last act)."""
-        skipped = {k: int(v) for k, v in sorted(rows_skipped.items()) if v}
-        if rows_in != rows_out + sum(skipped.values()):
-            raise CountMismatch(f"{stage}: rows_in={rows_in} but rows_out={rows_out} + "
+    def write_manifest(self, unit: str, *, config_hash: str, fields: dict[str, Any],
+                       knobs: dict[str, Any], inputs: dict[str, Any], output: StageOutput,
+                       started_at: str) -> dict[str, Any]:
+        """Check that the counts add up, then write the manifest (the unit's last act)."""
+        skipped = {k: int(v) for k, v in sorted(output.rows_skipped.items()) if v}
+        if output.rows_in != output.rows_out + sum(skipped.values()):
+            raise CountMismatch(f"{unit}: rows_in={output.rows_in} but rows_out={output.rows_out} + "
                                 f"skipped={sum(skipped.values())} {skipped}")
         manifest = {
-            "stage": stage,
+            "stage": unit,
             "config_hash": config_hash,
             "code_version": code_version(),
+            "fields": fields,
+            "knobs": knobs,
             "inputs": inputs,
-            "rows_in": int(rows_in),
-            "rows_out": int(rows_out),
+            "rows_in": int(output.rows_in),
+            "rows_out": int(output.rows_out),
             "rows_skipped": skipped,
             "started_at": started_at,
             "finished_at": now(),
-            "stats": stats or {},
+            "stats": output.stats,
         }
-        write_json_atomic(self.fs, self.stage_path(stage, MANIFEST), manifest)
+        write_json_atomic(self.fs, self.stage_path(unit, MANIFEST), manifest)
         return manifest
-
-
-def stage_hash(cfg: Config, sections: tuple[str, ...], inputs: dict[str, Any]) -> str:
-    """Hash of what decides a stage's output: its config sections and its inputs."""
-    blob = json.dumps({"config": cfg.hash(*sections), "inputs": inputs}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import fsspec
+import pyarrow.fs
 
 from pipeline.config import StorageConfig
 
@@ -22,10 +23,20 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def scheme(uri: str) -> str:
+    """``"s3://"`` for an S3 URI, ``""`` for a local path."""
+    return "s3://" if is_s3(uri) else ""
+
+
+def strip_scheme(uri: str) -> str:
+    """The path inside the filesystem: an ``s3://`` URI without its scheme, a local path as is."""
+    return uri[len("s3://"):] if is_s3(uri) else uri
+
+
 def filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return an fsspec filesystem for ``uri`` and the path inside it (no scheme)."""
     if is_s3(uri):
-        import s3fs
+        import s3fs  # late import: aiobotocore costs 0.3 s in every process, and only S3 needs it
 
         client_kwargs: dict[str, Any] = {}
         if storage.s3_endpoint_url:
@@ -41,10 +52,8 @@ def filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSys
     return fsspec.filesystem("file", auto_mkdir=True), os.path.abspath(path)
 
 
-def pyarrow_filesystem(fs: fsspec.AbstractFileSystem):
+def pyarrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
     """Wrap an fsspec filesystem for pyarrow (Ray Train storage, pyarrow datasets)."""
-    import pyarrow.fs
-
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 

@@ -1,23 +1,12 @@
-"""Train one CLIP on Ray Train: the seed, each data expert and the dense baseline.
+"""Train one CLIP on Ray Train: the seed, each data expert and the baselines.
 
 One loop for all of them (``pipeline.train_loop``, the part that runs on the Ray Train workers;
 this module stays free of torch and open_clip at import). A run is named; its checkpoints live in
-``<run dir>/checkpoints/<name>/`` (local or S3), and rerunning the same name resumes from the
-latest one: resuming is rerunning. A new run may start from another run's checkpoint
-(``init_checkpoint``: an expert starts from the seed's model and optimizer), continuing its
-``samples_seen`` and so the learning-rate schedule where the seed stopped.
-
-The schedule is measured in samples seen, not steps or epochs, over the whole MoDE budget
-(``TrainConfig.total_samples``): linear warmup, then a cosine to zero. A run trains until its
-``end_samples``: the seed stops at ``seed_fraction * total_samples`` and each expert continues
-to ``total_samples`` on its own data (MODE.md, stage 6).
-
-Checkpoint directory (one per saved step, ``step_XXXXXXXX``)::
-
-    checkpoint.pt   torch.save of a dict of tensors and plain numbers (loads with
-                    weights_only=True): model, optimizer, scaler, step, samples_seen, model_name
-    log.json        the run's log lines so far (step, samples_seen, loss, lr, samples_per_s,
-                    data_wait)
+``<run dir>/checkpoints/<name>/`` (local or S3; files: ``pipeline.checkpoint_io``), and rerunning
+the same name resumes from the latest one: resuming is rerunning. A new run may start from
+another run's checkpoint (``init_checkpoint``: an expert starts from the seed's model and
+optimizer), continuing its ``samples_seen`` and so the learning-rate schedule where the seed
+stopped (``pipeline.schedule``: warmup, then a cosine to zero over ``schedule_total`` samples).
 
 Data: rows ``{caption: str, image: encoded bytes}`` (ingest's row schema; other columns are
 ignored) are decoded, transformed and tokenized in Ray Data ``map_batches`` tasks with
@@ -35,53 +24,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import math
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import ray
 import ray.data
 from PIL import Image
 
 from pipeline.config import StorageConfig, TrainConfig
-from pipeline.rundir import RunDir
-from pipeline.storage import filesystem, is_s3, join, pyarrow_filesystem
-
-if TYPE_CHECKING:
-    import torch
+from pipeline.storage import filesystem, is_s3, pyarrow_filesystem, scheme
 
 # No torch, open_clip or ray.train.torch at import: every process that unpickles this module's
 # functions (Ray Train's controller, Ray Data's coordinator, each launcher task) would pay ~8 s
-# of CPU for them. They are imported where used; the worker loop is ``pipeline.train_loop``.
-CHECKPOINT_FILE = "checkpoint.pt"
-LOG_FILE = "log.json"
-
-
-# ----------------------------------------------------------------------------- pure helpers
-def lr_at(samples_seen: int, peak_lr: float, warmup_samples: int, total_samples: int) -> float:
-    """Learning rate of the step that brings the model to ``samples_seen`` samples.
-
-    Linear warmup from 0 to ``peak_lr`` over ``warmup_samples``, then a cosine from ``peak_lr``
-    to 0 at ``total_samples`` (and 0 beyond). It depends on nothing but the samples seen, so an
-    expert started from the seed's checkpoint continues the seed's schedule exactly.
-    """
-    if samples_seen < warmup_samples:
-        return peak_lr * samples_seen / warmup_samples
-    if samples_seen >= total_samples:
-        return 0.0
-    progress = (samples_seen - warmup_samples) / (total_samples - warmup_samples)
-    return 0.5 * peak_lr * (1.0 + math.cos(math.pi * progress))
-
-
-def format_seconds(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+# of CPU for them (README, "Demo timings"). The worker loop is ``pipeline.train_loop``.
 
 
 # ----------------------------------------------------------------------------- data
@@ -94,7 +49,7 @@ class Preprocess:
     """
 
     def __init__(self, model_name: str, augment: bool = False) -> None:
-        from pipeline.model import tools
+        from pipeline.model import tools  # late import: open_clip, only in the decoding tasks
 
         preprocess_train, preprocess_val, self.tokenizer = tools(model_name)
         self.transform = preprocess_train if augment else preprocess_val
@@ -131,40 +86,18 @@ def preprocess_batch(batch: dict[str, np.ndarray], model_name: str,
     return _preprocessor(model_name, augment)(batch)
 
 
-def training_data(ds: ray.data.Dataset, model_name: str, augment: bool,
-                  rows_per_batch: int = 256) -> ray.data.Dataset:
+def model_inputs(ds: ray.data.Dataset, model_name: str, augment: bool,
+                 rows_per_batch: int = 256) -> ray.data.Dataset:
     """The model inputs of ``ds``'s rows, decoded and tokenized lazily in ``map_batches``."""
     return ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=rows_per_batch,
                           fn_kwargs={"model_name": model_name, "augment": augment})
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def read_checkpoint(uri: str, storage: StorageConfig) -> dict[str, Any]:
-    """Load ``checkpoint.pt`` from a checkpoint directory (or the file itself), local or S3."""
-    path_uri = uri if uri.endswith(".pt") else uri.rstrip("/") + "/" + CHECKPOINT_FILE
-    import torch
-
-    fs, path = filesystem(path_uri, storage)
-    with fs.open(path, "rb") as f:
-        data = f.read()
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
-def load_model(uri: str, storage: StorageConfig) -> tuple[torch.nn.Module, Callable, Callable]:
-    """A trained model in eval mode, with its validation transform and tokenizer."""
-    from pipeline.model import create
-
-    state = read_checkpoint(uri, storage)
-    model, _, preprocess_val, tokenizer = create(state["model_name"])
-    model.load_state_dict(state["model"])
-    return model.eval(), preprocess_val, tokenizer
 
 
 # ----------------------------------------------------------------------------- entry point
 def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """What Ray Train runs on each worker: ``train_loop.train_loop_per_worker``, imported there
     (and only there) with torch and open_clip."""
-    from pipeline.train_loop import train_loop_per_worker
+    from pipeline.train_loop import train_loop_per_worker  # late import: torch, on workers only
 
     return train_loop_per_worker(config)
 
@@ -185,12 +118,8 @@ class TrainResult:
     cached_rows: int = 0       # rows rank 0 held in memory for later epochs (cache_inputs)
 
 
-def checkpoint_root(run: RunDir) -> str:
-    """Where Ray Train keeps every run's checkpoints: ``<run dir>/checkpoints``."""
-    return run.stage_path("checkpoints")
-
-
-def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, run: RunDir, end_samples: int,
+def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: str,
+          end_samples: int, *, schedule_total: int | None = None, threads: int | None = None,
           init_checkpoint: str | None = None, storage: StorageConfig | None = None,
           crash_at_step: int | None = None) -> TrainResult:
     """Train (or resume) the run ``name`` until ``end_samples`` samples seen in total.
@@ -202,31 +131,39 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, run: RunDir, e
     ``cfg.seed``.
 
     Args:
-        name: the run's name: its checkpoints go to ``<run dir>/checkpoints/<name>/``.
-        dataset: rows with ``caption`` (str) and ``image`` (encoded bytes), e.g. ingest's good
+        name: the run's name: its checkpoints go to ``<storage_path>/<name>/``.
+        dataset: rows with ``caption`` (str) and ``image`` (encoded bytes), e.g. training_data's
             rows; it is passed over repeatedly, one epoch after another, until ``end_samples``.
-        cfg: the ``train`` config section.
-        run: the run directory (local or S3).
+        cfg: the ``train`` config section (or a stage's view of it).
+        storage_path: where Ray Train keeps runs: a local folder or an ``s3://`` URI.
         end_samples: absolute samples_seen at which the run stops (a multiple of the batch is
             reached exactly; otherwise the last step overshoots by less than a batch).
+        schedule_total: samples over which the cosine runs (default ``cfg.total_samples``; the
+            dense baseline stretches it).
+        threads: torch threads per worker (default ``cfg.threads_per_worker``).
         init_checkpoint: checkpoint to start from when the run has none of its own.
-        storage: S3 endpoint and region for ``init_checkpoint``; defaults to none.
+        storage: S3 endpoint and region for ``storage_path`` and ``init_checkpoint``.
         crash_at_step: tests only: raise after this step, like a node lost mid-run.
     """
-    if end_samples > cfg.total_samples:
+    schedule_total = schedule_total or cfg.total_samples
+    if end_samples > schedule_total:
         raise ValueError(f"{name}: end_samples {end_samples:,} is past the schedule's end "
-                         f"(train.total_samples = {cfg.total_samples:,})")
+                         f"({schedule_total:,} samples)")
+    # late import: Ray Train's torch integration imports torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     started = time.perf_counter()
     storage = storage or StorageConfig()
-    inputs = training_data(dataset, cfg.model, cfg.augment)
+    inputs = model_inputs(dataset, cfg.model, cfg.augment)
     loop_config = {
-        "name": name, "train": dataclasses.asdict(cfg), "end_samples": end_samples,
+        "name": name, "train": cfg, "end_samples": end_samples, "schedule_total": schedule_total,
+        "threads": cfg.threads_per_worker if threads is None else threads,
         "init_checkpoint": init_checkpoint, "storage": dataclasses.asdict(storage),
         "crash_at_step": crash_at_step,
     }
+    s3 = is_s3(storage_path)
+    fs, path = filesystem(storage_path, storage)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=loop_config,
@@ -234,8 +171,8 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, run: RunDir, e
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
             name=name,
-            storage_path=checkpoint_root(run),
-            storage_filesystem=pyarrow_filesystem(run.fs) if is_s3(run.uri) else None,
+            storage_path=path if s3 else storage_path,
+            storage_filesystem=pyarrow_filesystem(fs) if s3 else None,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
@@ -245,22 +182,9 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, run: RunDir, e
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training ended without a checkpoint")
     done = result.return_value
-    scheme = "s3://" if is_s3(run.uri) else ""
     return TrainResult(
-        name=name, checkpoint=scheme + result.checkpoint.path,
+        name=name, checkpoint=scheme(storage_path) + result.checkpoint.path,
         step=int(result.metrics["step"]), samples_seen=int(result.metrics["samples_seen"]),
         start_step=done["start_step"], start_samples=done["start_samples"],
         steps_run=done["steps_run"], history=done["history"],
         wall_s=time.perf_counter() - started, cached_rows=done["cached_rows"])
-
-
-def run_checkpoints(run: RunDir, name: str) -> list[str]:
-    """URIs of the checkpoint directories a run has kept, oldest first."""
-    root = join(checkpoint_root(run), name)
-    run.fs.invalidate_cache(root)  # Ray Train wrote there through its own handle: no stale listing
-    if not run.fs.exists(root):
-        return []
-    scheme = "s3://" if is_s3(run.uri) else ""
-    found = [p for p in run.fs.ls(root, detail=False) if p.rstrip("/").split("/")[-1].startswith("step_")]
-    return [scheme + p.rstrip("/") for p in sorted(found)]
-

@@ -24,9 +24,12 @@ import torch
 from open_clip.loss import ClipLoss
 from ray.train import Checkpoint
 
+from pipeline import console
+from pipeline.checkpoint_io import CHECKPOINT_FILE, LOG_FILE, read_checkpoint, step_dir_name
 from pipeline.config import StorageConfig, TrainConfig
+from pipeline.console import format_seconds
 from pipeline.model import create
-from pipeline.train import CHECKPOINT_FILE, LOG_FILE, format_seconds, lr_at, read_checkpoint
+from pipeline.schedule import lr_at
 
 # CLIP (Radford et al. 2021) and open_clip's ViT recipe: beta2 0.98 and eps 1e-6 keep the
 # contrastive loss stable at large batch.
@@ -50,8 +53,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=ADAMW_BETAS,
                              eps=ADAMW_EPS)
-
-
 
 
 def _checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -92,18 +93,19 @@ def _autocast(precision: str, device: torch.device):
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train worker function. ``config`` (built by ``train``): ``name``, ``train`` (the
-    TrainConfig as a dict), ``end_samples``, ``init_checkpoint``, ``storage``, ``crash_at_step``.
+    """Ray Train worker function. ``config`` (built by ``pipeline.train.train``): ``name``,
+    ``train`` (the TrainConfig, or a stage's view of it), ``end_samples``, ``schedule_total``,
+    ``threads``, ``init_checkpoint``, ``storage``, ``crash_at_step``.
 
     Returns (rank 0; becomes ``Result.return_value``) what this attempt did: its start step and
     samples, the steps it ran and the run's log lines.
     """
-    cfg = TrainConfig(**config["train"])
-    name, end_samples = config["name"], config["end_samples"]
+    cfg: TrainConfig = config["train"]
+    name, end_samples, total = config["name"], config["end_samples"], config["schedule_total"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.threads_per_worker:
-        torch.set_num_threads(cfg.threads_per_worker)
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
 
@@ -148,7 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     def say(text: str) -> None:
         if rank == 0:
-            print(f"[train {name}] {text}", flush=True)
+            console.say(f"[{name}] {text}")
 
     def save() -> None:
         metrics = {"step": step, "samples_seen": samples_seen,
@@ -161,7 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 with open(os.path.join(tmp, LOG_FILE), "w") as f:
                     json.dump(history, f)
                 ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:08d}")
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=step_dir_name(step))
 
     if checkpoint is not None:
         origin = "resumed from its latest checkpoint"
@@ -191,8 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 kept.append({k: v.cpu() for k, v in batch.items()})
             if len(batch["text"]) < local_batch:
                 continue  # the stream's last, partial batch: cached, not trained on
-            lr = lr_at(samples_seen + cfg.batch_size, cfg.lr, cfg.warmup_samples,
-                       cfg.total_samples)
+            lr = lr_at(samples_seen + cfg.batch_size, cfg.lr, cfg.warmup_samples, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with _autocast(cfg.precision, device):

@@ -1,7 +1,6 @@
 """Issue 3 end to end on Ray: embed -> cluster -> assign over a few thousand rows."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import assign, cluster, embed, kmeans
+from jobs import assign as assign_job
+from jobs import cluster as cluster_job
+from jobs import embed as embed_job
+from jobs import ingest as ingest_job
+from pipeline import assignments, clusters, kmeans, stages
 from pipeline.config import DemoConfig, StorageConfig, load_config
 from pipeline.demo_world import generate
 from pipeline.rundir import RunDir
+from pipeline.tables import embedding_matrix, embedding_table
 from tests.test_ingest import plant_bad_shards
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import assign as assign_job  # noqa: E402  (jobs/assign.py)
-import cluster as cluster_job  # noqa: E402
-import embed as embed_job  # noqa: E402
 
 
 def manifest(run_dir: Path, stage: str) -> dict:
@@ -36,21 +35,24 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clustered(ray_local, world, tmp_path_factory):
-    """One run through the three jobs, as a user would type them."""
+    """One run through the four jobs, as a user would type them."""
     run_dir = tmp_path_factory.mktemp("run")
     common = ["--run-dir", str(run_dir), "--set", "cluster.fine_k=32", "--set", "cluster.restarts=2"]
+    assert ingest_job.main([*common, "--data", str(world / "train")]) == 0
     assert embed_job.main([*common, "--data", str(world / "train")]) == 0
     assert cluster_job.main(common) == 0
     assert assign_job.main(common) == 0
     return run_dir
 
 
-def test_counts_add_up_through_all_three_stages(clustered, world):
-    emb, clu, asg = (manifest(clustered, s) for s in ("embeddings", "clusters", "assignments"))
+def test_counts_add_up_through_all_four_stages(clustered, world):
+    ing, emb, clu, asg = (manifest(clustered, s) for s in ("ingest", "embeddings", "clusters", "assignments"))
     truth = pd.read_parquet(world / "truth.parquet")
-    assert emb["rows_in"] == len(truth) == 3000
-    assert emb["rows_in"] == emb["rows_out"] + sum(emb["rows_skipped"].values())
-    assert set(emb["rows_skipped"]) <= {"empty_caption"} and emb["rows_skipped"]   # the world's junk
+    assert ing["rows_in"] == len(truth) == 3000
+    assert ing["rows_in"] == ing["rows_out"] + sum(ing["rows_skipped"].values())
+    assert set(ing["rows_skipped"]) <= {"empty_caption"} and ing["rows_skipped"]   # the world's junk
+    # embeddings uses ingest's verdicts: it reads its good rows and embeds every one
+    assert emb["rows_in"] == emb["rows_out"] == ing["rows_out"] and emb["rows_skipped"] == {}
     assert clu["rows_in"] == emb["rows_out"] == asg["rows_in"] == asg["rows_out"]
     per_expert = asg["stats"]["rows_per_expert"]
     assert sum(per_expert.values()) == asg["rows_out"]
@@ -66,7 +68,7 @@ def test_embeddings_schema_is_unit_norm_fixed_size_float32(clustered):
     table = pq.read_table(clustered / "embeddings")
     assert table.schema.field("key").type == pa.string()
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
-    x = embed.embedding_matrix(table)
+    x = embedding_matrix(table)
     assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
 
 
@@ -74,7 +76,7 @@ def test_identical_captions_are_embedded_once(clustered):
     emb = manifest(clustered, "embeddings")
     assert emb["rows_out"] > emb["stats"]["captions_encoded"] > 0
     table = pq.read_table(clustered / "embeddings")
-    distinct_vectors = np.unique(embed.embedding_matrix(table), axis=0)
+    distinct_vectors = np.unique(embedding_matrix(table), axis=0)
     # One pool actor with its cache: every distinct caption went through the model exactly once.
     assert emb["stats"]["captions_encoded"] == len(distinct_vectors)
     assert emb["stats"]["duplicate_captions_reused"] == emb["rows_out"] - len(distinct_vectors)
@@ -82,7 +84,7 @@ def test_identical_captions_are_embedded_once(clustered):
 
 def test_cluster_artifacts_and_balance(clustered):
     run = RunDir(str(clustered), StorageConfig())
-    arrays = cluster.load(run)
+    arrays = clusters.load(run)
     assert arrays["fine_centroids"].shape == (32, 384)
     assert arrays["fine_centroids"].dtype == np.float32
     assert arrays["coarse_centroids"].shape == (4, 384)
@@ -107,16 +109,20 @@ def test_assignments_match_nearest_centres_when_unbalanced(ray_local, clustered,
 
     run_dir = tmp_path / "run"
     shutil.copytree(clustered, run_dir)
-    assert assign_job.main(["--run-dir", str(run_dir), "--set", "cluster.balanced=false"]) == 0
+    plain = ["--run-dir", str(run_dir), "--set", "cluster.balanced=false"]
+    # the fit declares cluster.balanced too: assigning without refitting is refused
+    with pytest.raises(stages.StaleUpstream, match=r"cluster\.balanced=True.*rerun jobs/cluster\.py"):
+        assign_job.main(plain)
+    assert cluster_job.main(plain) == 0 and assign_job.main(plain) == 0
     rows = pd.read_parquet(run_dir / "assignments").sort_values("key")
     run = RunDir(str(run_dir), StorageConfig())
     emb = pd.read_parquet(run_dir / "embeddings").sort_values("key")
     x = np.stack(emb.embedding.to_numpy()).astype(np.float32)
-    fine = cluster.load(run)["fine_centroids"]
+    fine = clusters.load(run)["fine_centroids"]
     d = ((x[:, None, :] - fine[None]) ** 2).sum(-1)
     assert (rows.fine_id.to_numpy() == d.argmin(1)).mean() > 0.999
     assert np.allclose(rows.distance.to_numpy(), np.sqrt(d.min(1)), atol=1e-3)
-    f2e = cluster.load(run)["fine_to_expert"]
+    f2e = clusters.load(run)["fine_to_expert"]
     assert (rows.expert_id.to_numpy() == f2e[rows.fine_id.to_numpy()]).all()
 
 
@@ -125,7 +131,7 @@ def test_rerun_skips_then_force_rewrites_without_duplicates(ray_local, clustered
     fine_before = np.load(clustered / "clusters" / "fine_centroids.npy")
     common = ["--run-dir", str(clustered)]
 
-    monkeypatch.setattr(cluster.kmeans_ray, "fit", lambda *a, **k: pytest.fail("refit"))
+    monkeypatch.setattr(clusters.kmeans_ray, "fit", lambda *a, **k: pytest.fail("refit"))
     assert cluster_job.main(common) == 0                    # complete: skipped
     monkeypatch.undo()
     assert cluster_job.main([*common, "--force"]) == 0      # same seed: bit-identical centres
@@ -140,9 +146,9 @@ def test_rerun_skips_then_force_rewrites_without_duplicates(ray_local, clustered
 def test_missing_embeddings_is_a_clear_error(tmp_path):
     run = RunDir(str(tmp_path), StorageConfig())
     with pytest.raises(FileNotFoundError, match="run jobs/embed.py first"):
-        cluster.run_stage(load_config("demo"), run, log=lambda *_: None)
-    with pytest.raises(FileNotFoundError, match="run jobs/cluster.py first"):
-        assign.run_stage(load_config("demo"), run, log=lambda *_: None)
+        stages.run_stage("clusters", load_config("demo"), run, log=lambda *_: None)
+    with pytest.raises(FileNotFoundError, match="run jobs/embed.py first"):
+        stages.run_stage("assignments", load_config("demo"), run, log=lambda *_: None)
 
 
 def test_too_few_rows_for_fine_k_names_the_field(ray_local, clustered, tmp_path):
@@ -154,33 +160,33 @@ def test_too_few_rows_for_fine_k_names_the_field(ray_local, clustered, tmp_path)
         cluster_job.main(["--run-dir", str(run_dir), "--set", "cluster.fine_k=5000"])
 
 
-def test_embed_counts_bad_records_and_keeps_every_good_caption(ray_local, tmp_path):
+def test_embeddings_are_exactly_ingests_good_rows(ray_local, tmp_path):
     (tmp_path / "data").mkdir()
     expected, good = plant_bad_shards(tmp_path / "data")
     run = RunDir(str(tmp_path / "run"), StorageConfig())
-    m = embed.run_stage(load_config("demo"), run, str(tmp_path / "data"), log=lambda *_: None)
-    # Images are not decoded here: the corrupt JPEG's caption is embedded (ingest flags it).
-    expected.pop("corrupt_image")
-    assert m["rows_skipped"] == expected
+    cfg = load_config("demo")
+    ing = stages.run_stage("ingest", cfg, run, data=str(tmp_path / "data"), log=lambda *_: None)
+    m = stages.run_stage("embeddings", cfg, run, log=lambda *_: None)
+    assert ing["rows_skipped"] == expected
+    # ingest's verdicts: the corrupt JPEG's caption is not embedded, every good one is
     keys = set(pd.read_parquet(tmp_path / "run" / "embeddings").key)
-    assert len(keys) == m["rows_out"] and good <= keys
-    assert m["rows_in"] == m["rows_out"] + sum(m["rows_skipped"].values())
+    assert keys == good and m["rows_in"] == m["rows_out"] == len(good) and m["rows_skipped"] == {}
 
 
 def test_sample_is_seeded_uniform_and_layout_independent():
     keys = np.array([f"{i:09d}" for i in range(20000)], dtype=object)
     x = np.zeros((len(keys), 2), np.float32)
-    table = embed.embedding_table(keys, x)
-    whole = cluster._sample(table, 0.25, seed=3).column("key").to_pylist()
-    parts = [cluster._sample(table.slice(i, 3000), 0.25, seed=3).column("key").to_pylist()
+    table = embedding_table(keys, x)
+    whole = clusters._sample(table, 0.25, seed=3).column("key").to_pylist()
+    parts = [clusters._sample(table.slice(i, 3000), 0.25, seed=3).column("key").to_pylist()
              for i in range(0, len(keys), 3000)]
     assert whole == sum(parts, [])
     assert abs(len(whole) / len(keys) - 0.25) < 0.02
-    other = cluster._sample(table, 0.25, seed=4).column("key").to_pylist()
+    other = clusters._sample(table, 0.25, seed=4).column("key").to_pylist()
     assert len(set(whole) & set(other)) < 0.4 * len(whole)      # a different seed, another draw
 
 
-def test_all_three_stages_with_data_and_run_directory_on_s3(ray_local, tiny_world, s3_endpoint):
+def test_all_four_stages_with_data_and_run_directory_on_s3(ray_local, tiny_world, s3_endpoint):
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -188,14 +194,15 @@ def test_all_three_stages_with_data_and_run_directory_on_s3(ray_local, tiny_worl
         s3.upload_file(str(tar), "mode", f"shards3/{tar.name}")
     common = ["--run-dir", "s3://mode/runs/clustered", "--set", "cluster.fine_k=8",
               "--set", "cluster.restarts=1", "--set", f"storage.s3_endpoint_url={s3_endpoint}"]
-    assert embed_job.main([*common, "--data", "s3://mode/shards3"]) == 0
+    assert ingest_job.main([*common, "--data", "s3://mode/shards3"]) == 0
+    assert embed_job.main(common) == 0
     assert cluster_job.main(common) == 0
     assert assign_job.main(common) == 0
     run = RunDir("s3://mode/runs/clustered", load_config("demo", common[-1:]).storage)
-    emb, asg = run.manifest("embeddings"), run.manifest("assignments")
-    assert emb["rows_in"] == 600 and asg["rows_out"] == emb["rows_out"]
-    assert cluster.load(run)["fine_centroids"].shape == (8, 384)
-    assert assign.read(run, [0]).count() == asg["stats"]["rows_per_expert"]["0"]
+    ing, emb, asg = run.manifest("ingest"), run.manifest("embeddings"), run.manifest("assignments")
+    assert ing["rows_in"] == 600 and asg["rows_out"] == emb["rows_out"] == ing["rows_out"]
+    assert clusters.load(run)["fine_centroids"].shape == (8, 384)
+    assert assignments.read(run, [0]).count() == asg["stats"]["rows_per_expert"]["0"]
     assert run.fs.exists(run.stage_path("assignments", "_sizes.png"))
 
 
@@ -206,7 +213,7 @@ def test_each_demo_task_routes_to_the_expert_holding_its_domain(clustered, world
     from pipeline.ensemble import class_embeddings, routing_weights
 
     run = RunDir(str(clustered), StorageConfig())
-    c = cluster.load(run)
+    c = clusters.load(run)
     truth = pd.read_parquet(world / "truth.parquet")
     rows = pd.read_parquet(clustered / "assignments").merge(truth, on="key")
     holder = rows.groupby("domain")["expert_id"].agg(lambda s: s.value_counts().idxmax())

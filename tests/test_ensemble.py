@@ -1,4 +1,4 @@
-"""routing_weights against cases worked out by hand (MODE.md, stage 7)."""
+"""routing_weights against cases worked out by hand (docs/routing.md)."""
 
 import math
 

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoint_io import list_checkpoints, load_model, read_checkpoint
 from pipeline.config import DataConfig, StorageConfig, TrainConfig
-from pipeline.train import Preprocess, lr_at
+from pipeline.schedule import lr_at
+from pipeline.train import Preprocess
 from pipeline.train_loop import param_groups
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -133,21 +135,20 @@ def runs(ray_local, tiny_world, tmp_path_factory, s3_endpoint):
     run = RunDir(str(tmp_path_factory.mktemp("run")), StorageConfig())
     out = {"run": run, "n_rows": rows.count()}
     with pytest.raises(TrainingFailedError, match="crash_at_step=50"):
-        train("seed", rows, dataclasses.replace(CFG, cache_inputs=False), run, SEED_END,
-              crash_at_step=CRASH_AT)
+        train("seed", rows, dataclasses.replace(CFG, cache_inputs=False), run.stage_uri("checkpoints"),
+              SEED_END, crash_at_step=CRASH_AT)
     out["after_crash"] = _kept(run, "seed")
-    out["resumed"] = train("seed", rows, CFG, run, SEED_END)
+    out["resumed"] = train("seed", rows, CFG, run.stage_uri("checkpoints"), SEED_END)
     out["s3"] = StorageConfig(s3_endpoint_url=s3_endpoint)
     out["run_s3"] = RunDir("s3://mode/train-test", out["s3"])
-    out["expert"] = train("expert", rows, CFG, out["run_s3"], EXPERT_END,
-                          init_checkpoint=out["resumed"].checkpoint)
+    out["expert"] = train("expert", rows, CFG, out["run_s3"].stage_uri("checkpoints"), EXPERT_END,
+                          init_checkpoint=out["resumed"].checkpoint, storage=out["s3"])
     return out
 
 
 def _kept(run, name):
-    from pipeline.train import run_checkpoints
-
-    return [uri.rsplit("/", 1)[1] for uri in run_checkpoints(run, name)]
+    found = list_checkpoints(run.fs, run.stage_path("checkpoints", name), run.scheme)
+    return [uri.rsplit("/", 1)[1] for uri in found]
 
 
 def test_killed_run_kept_its_last_checkpoints(runs):
@@ -179,8 +180,6 @@ def test_loss_falls(runs):
 
 
 def test_expert_continues_the_seed(runs):
-    from pipeline.train import load_model, read_checkpoint
-
     r = runs["expert"]
     assert (r.start_step, r.start_samples, r.steps_run) == (100, SEED_END, 50)
     assert (r.step, r.samples_seen) == (150, EXPERT_END)
@@ -217,7 +216,8 @@ def test_train_module_imports_neither_torch_nor_open_clip():
     """Ray Train's controller and Ray Data's coordinator unpickle pipeline.train's functions;
     torch and open_clip (8 s of CPU per process) must come only with the worker loop."""
     heavy = "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
-    assert _python("import sys, pipeline.train, pipeline.experts; " + heavy) == "[]"
+    light = "pipeline.train, pipeline.checkpoints, pipeline.stages, pipeline.training_data"
+    assert _python(f"import sys, {light}; " + heavy) == "[]"
     # and the worker side does bring them (the check above is not vacuous)
     assert _python("import sys, pipeline.train_loop; " + heavy) == "['open_clip', 'torch']"
 

@@ -8,15 +8,14 @@ Streams ``embeddings/`` in blocks of ``cluster.block_rows`` and writes (README, 
 
 With ``cluster.balanced`` every block is assigned under per-centre capacities of
 (1 + ``cluster.capacity_slack``) times the block's rows per centre, so the full data stays
-balanced, not only the fit sample. The manifest holds the
-rows per expert and per fine cluster; the write replaces earlier files (a rerun never
+balanced, not only the fit sample. Files hold about ``cluster.rows_per_file`` rows. The manifest
+holds the rows per expert and per fine cluster; the write replaces earlier files (a rerun never
 duplicates rows).
 """
 
 from __future__ import annotations
 
 import io
-import time
 from typing import Any
 
 import numpy as np
@@ -24,13 +23,13 @@ import pandas as pd
 import pyarrow as pa
 import ray.data
 from ray.data import SaveMode
-from ray.data.datasource import Partitioning
 
-from pipeline import cluster, kmeans
-from pipeline.config import Config
-from pipeline.embed import count_rows, embedding_matrix
-from pipeline.rundir import RunDir, stage_hash
+from pipeline import clusters, kmeans
+from pipeline.config import ConfigView
+from pipeline.keys import key_rank
+from pipeline.rundir import RunDir, StageOutput
 from pipeline.storage import pyarrow_filesystem, write_bytes_atomic
+from pipeline.tables import count_rows, embedding_matrix, read_by_expert
 
 STAGE = "assignments"
 
@@ -40,7 +39,7 @@ def assign_table(batch: pa.Table, fine: np.ndarray, fine_to_expert: np.ndarray,
     """One block of embeddings to its assignment rows (capacity-limited when ``balanced``)."""
     keys = batch.column("key")
     # The block's first key decides which centres take the remainder rows: fixed per block.
-    offset = int(cluster.key_rank(keys.slice(0, 1).to_numpy(zero_copy_only=False), 0)[0] % 2**31)
+    offset = int(key_rank(keys.slice(0, 1).to_numpy(zero_copy_only=False), 0)[0] % 2**31)
     labels, d2 = kmeans.assign_block(embedding_matrix(batch), fine, balanced, offset, slack)
     return pa.table({"key": keys, "fine_id": pa.array(labels.astype(np.int32)),
                      "expert_id": pa.array(fine_to_expert[labels].astype(np.int32)),
@@ -54,7 +53,7 @@ def _fine_counts(batch: pd.DataFrame) -> pd.DataFrame:
 
 def plot_sizes(fine_counts: np.ndarray, expert_counts: np.ndarray) -> bytes:
     """PNG: histogram of fine-cluster sizes and bar chart of expert sizes."""
-    import matplotlib
+    import matplotlib  # late import: 0.6 s, kept out of the Ray workers that import this module
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -75,25 +74,12 @@ def plot_sizes(fine_counts: np.ndarray, expert_counts: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[str, Any]:
+def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> StageOutput:
     """Assign every row of ``embeddings/`` with the fitted centres; write ``assignments/``."""
-    clusters = run.manifest("clusters")
-    if clusters is None:
-        raise FileNotFoundError(f"{run.stage_uri('clusters')} has no manifest: "
-                                "run jobs/cluster.py first")
-    emb = run.manifest("embeddings")
-    inputs = {"clusters": clusters["config_hash"], "embeddings": emb["config_hash"]}
-    config_hash = stage_hash(cfg, ("cluster",), inputs)
-    done = run.completed(STAGE, config_hash)
-    if done and not force:
-        log(f"[assign] complete for this config ({run.stage_uri(STAGE)}): skipped")
-        return done
-    started = run.begin(STAGE)
-    t0 = time.perf_counter()
-    arrays = cluster.load(run)
+    arrays = clusters.load(run)
     fine, fine_to_expert = arrays["fine_centroids"], arrays["fine_to_expert"]
-    k, m = len(fine), cfg.cluster.num_experts
-    rows_in = count_rows(run, "embeddings")
+    k, m = len(fine), len(arrays["coarse_centroids"])
+    rows_in = int(upstream["embeddings"]["rows_out"])
     fs = pyarrow_filesystem(run.fs)
     ds = ray.data.read_parquet(run.stage_uri("embeddings"), filesystem=fs)
     assigned = ds.map_batches(assign_table, batch_format="pyarrow", batch_size=cfg.cluster.block_rows,
@@ -105,12 +91,12 @@ def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[
     np.add.at(fine_counts, tally["fine_id"].to_numpy(), tally["n"].to_numpy())
     expert_counts = np.bincount(fine_to_expert, weights=fine_counts, minlength=m).astype(np.int64)
     # A partition per expert; repartition first so each expert gets few files, not one per block.
-    path = run.stage_path(STAGE)
-    assigned.repartition(max(1, int(np.ceil(rows_in / cfg.embed.rows_per_file)))) \
-        .write_parquet(path, filesystem=fs, partition_cols=["expert_id"], mode=SaveMode.OVERWRITE)
-    rows_out = count_rows(run, STAGE)
+    assigned.repartition(max(1, int(np.ceil(rows_in / cfg.cluster.rows_per_file)))) \
+        .write_parquet(run.stage_path(STAGE), filesystem=fs, partition_cols=["expert_id"],
+                       mode=SaveMode.OVERWRITE)
+    rows_out = count_rows(run.fs, run.stage_path(STAGE))
     if rows_out != int(fine_counts.sum()):
-        raise RuntimeError(f"[assign] tallied {int(fine_counts.sum())} rows but wrote {rows_out}")
+        raise RuntimeError(f"[assignments] tallied {int(fine_counts.sum())} rows but wrote {rows_out}")
     write_bytes_atomic(run.fs, run.stage_path(STAGE, "_sizes.png"),
                        plot_sizes(fine_counts, expert_counts))
     mean = fine_counts.mean()
@@ -124,26 +110,16 @@ def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[
                        "max_over_mean": float(fine_counts.max() / mean),
                        "empty": int((fine_counts == 0).sum())},
         "mean_distance": float(tally["distance"].sum() / max(rows_out, 1)),
-        "seconds": round(time.perf_counter() - t0, 2),
     }
-    return run.finish(STAGE, config_hash=config_hash, inputs=inputs, rows_in=rows_in,
-                      rows_out=rows_out, rows_skipped={}, started_at=started, stats=stats)
-
-
-def read_by_expert(run: RunDir, stage: str, experts: list[int] | None = None,
-                   columns: list[str] | None = None) -> ray.data.Dataset:
-    """A stage written with ``partition_cols=["expert_id"]``, as a Ray Dataset with an int
-    ``expert_id`` column (optionally only some experts' partitions, some columns)."""
-    fs = pyarrow_filesystem(run.fs)
-    hive = Partitioning("hive", base_dir=run.stage_path(stage), field_types={"expert_id": int})
-    paths = run.stage_uri(stage) if experts is None else \
-        [run.stage_uri(stage, f"expert_id={e}") for e in experts]
-    return ray.data.read_parquet(paths, filesystem=fs, partitioning=hive, columns=columns)
+    sizes = stats["fine_sizes"]
+    log(f"[assignments] fine clusters {sizes['min']}..{sizes['max']} rows (cv {sizes['cv']:.3f}), "
+        f"experts {[int(v) for v in expert_counts]}; plot: {run.stage_uri(STAGE, '_sizes.png')}")
+    return StageOutput(rows_in, rows_out, {}, stats)
 
 
 def read(run: RunDir, experts: list[int] | None = None) -> ray.data.Dataset:
     """The assignments as a Ray Dataset (optionally only some experts' partitions)."""
-    return read_by_expert(run, STAGE, experts)
+    return read_by_expert(run.fs, run.stage_path(STAGE), run.scheme, experts)
 
 
 _STOP = frozenset("a an the of on in at with and or to for by from is are this that it its as".split())
@@ -159,9 +135,9 @@ def top_words(captions: pd.Series, n: int = 6) -> list[tuple[str, int]]:
 def expert_summary(run: RunDir, n_words: int = 6) -> pd.DataFrame:
     """Per expert: samples and most frequent caption words. Reads the run's assignments and
     ingest/samples into pandas on the driver: for the demo and small runs."""
-    fs = pyarrow_filesystem(run.fs)
     a = read(run).select_columns(["key", "expert_id"]).to_pandas()
-    captions = ray.data.read_parquet(run.stage_uri("ingest", "samples"), filesystem=fs,
+    captions = ray.data.read_parquet(run.stage_uri("ingest", "samples"),
+                                     filesystem=pyarrow_filesystem(run.fs),
                                      columns=["key", "caption"]).to_pandas()
     merged = a.merge(captions, on="key", how="left")
     rows = []

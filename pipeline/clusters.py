@@ -21,26 +21,22 @@ import time
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import ray.data
 from ray.data import DataContext
 
 from pipeline import kmeans, kmeans_ray
-from pipeline.config import ClusterConfig, Config
-from pipeline.rundir import RunDir, stage_hash
+from pipeline.config import ClusterConfig, ConfigView
+from pipeline.keys import key_rank
+from pipeline.rundir import RunDir, StageOutput
 from pipeline.storage import pyarrow_filesystem, write_bytes_atomic
 
 STAGE = "clusters"
 FILES = ("fine_centroids", "coarse_centroids", "fine_to_expert", "fine_sizes")
 
 
-def key_rank(keys: Any, seed: int) -> np.ndarray:
-    """A seeded 64-bit hash per key: uniform, stable across runs, machines and block layouts."""
-    return pd.util.hash_array(np.asarray(keys, dtype=object), hash_key=f"mode{seed % 10**12:012d}")
-
-
 def _sample(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
+    """The seeded sample's rows of a block, with their rank (the draw of initial centres)."""
     rank = key_rank(batch.column("key").to_numpy(zero_copy_only=False), seed)
     keep = rank < np.uint64(int(fraction * 2**64)) if fraction < 1 else np.ones(len(rank), bool)
     return batch.select(["key", "embedding"]).append_column("rank", pa.array(rank)).filter(keep)
@@ -73,31 +69,21 @@ def load(run: RunDir) -> dict[str, np.ndarray]:
     """The clusters stage's arrays, by name (see ``FILES``)."""
     if run.manifest(STAGE) is None:
         raise FileNotFoundError(f"{run.stage_uri(STAGE)} has no manifest: run jobs/cluster.py first")
-    out = {}
-    for name in FILES:
-        with run.fs.open(run.stage_path(STAGE, f"{name}.npy"), "rb") as f:
-            out[name] = np.load(io.BytesIO(f.read()))
-    return out
+    return {name: _load(run, name) for name in FILES}
 
 
-def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[str, Any]:
+def _load(run: RunDir, name: str) -> np.ndarray:
+    with run.fs.open(run.stage_path(STAGE, f"{name}.npy"), "rb") as f:
+        return np.load(io.BytesIO(f.read()))
+
+
+def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> StageOutput:
     """Fit the fine and coarse levels on the run's embeddings and write ``clusters/``."""
-    emb = run.manifest("embeddings")
-    if emb is None:
-        raise FileNotFoundError(f"{run.stage_uri('embeddings')} has no manifest: "
-                                "run jobs/embed.py first")
     c = cfg.cluster
-    inputs = {"embeddings": emb["config_hash"], "rows": emb["rows_out"]}
-    config_hash = stage_hash(cfg, ("cluster",), inputs)
-    done = run.completed(STAGE, config_hash)
-    if done and not force:
-        log(f"[cluster] complete for this config ({run.stage_uri(STAGE)}): skipped")
-        return done
-    n = emb["rows_out"]
+    n = int(upstream["embeddings"]["rows_out"])
     if n < c.fine_k:
         raise ValueError(f"cluster.fine_k={c.fine_k} centres need at least that many rows; the "
                          f"embeddings have {n}. Lower cluster.fine_k.")
-    started = run.begin(STAGE)
     t0 = time.perf_counter()
     target = c.sample_per_centre * c.fine_k
     fraction = 1.0 if target == 0 or target >= n else target / n
@@ -117,8 +103,8 @@ def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[
     if fitted < c.fine_k:
         raise ValueError(f"the fit sample has {fitted} rows, fewer than cluster.fine_k={c.fine_k}; "
                          "raise cluster.sample_per_centre or set it to 0 (all rows)")
-    log(f"[cluster] fitting {c.fine_k} fine centres on {fitted} of {n} rows in {len(blocks)} blocks "
-        f"({'balanced' if c.balanced else 'plain'}, {c.iterations} iterations, "
+    log(f"[clusters] fitting {c.fine_k} fine centres on {fitted:,} of {n:,} rows in {len(blocks)} "
+        f"blocks ({'balanced' if c.balanced else 'plain'}, {c.iterations} iterations, "
         f"{c.restarts} restart(s))")
     t_load = time.perf_counter() - t0
     best = None
@@ -136,7 +122,7 @@ def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[
         restarts.append({"restart": r, "objective": final.objective,
                          "history": [h["objective"] for h in history],
                          "reseeded": [h["reseeded"] for h in history]})
-        log(f"[cluster] restart {r}: objective {final.objective:.6g}")
+        log(f"[clusters] restart {r}: objective {final.objective:.6g}")
         if best is None or final.objective < best[2].objective:
             best = (r, centroids, final)
     r, fine, final = best
@@ -147,7 +133,7 @@ def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[
         _save(run, name, array)
     expert_rows = np.bincount(fine_to_expert, weights=sizes, minlength=c.num_experts)
     stats = {
-        "seed": c.seed, "sample_fraction": fraction, "fit_rows": int(fitted), "blocks": len(blocks),
+        "sample_fraction": fraction, "fit_rows": int(fitted), "blocks": len(blocks),
         "best_restart": r, "objective": final.objective, "restarts": restarts,
         "coarse_objective": coarse_objective,
         "fine_sizes": {"min": int(sizes.min()), "max": int(sizes.max()),
@@ -156,9 +142,9 @@ def run_stage(cfg: Config, run: RunDir, force: bool = False, log=print) -> dict[
                      "fit_rows": int(expert_rows[e])} for e in range(c.num_experts)],
         "seconds": {"sample": round(t_load, 2), "total": round(time.perf_counter() - t0, 2)},
     }
-    return run.finish(STAGE, config_hash=config_hash, inputs=inputs, rows_in=n, rows_out=fitted,
-                      rows_skipped={"not_in_fit_sample": n - fitted}, started_at=started,
-                      stats=stats)
+    log(f"[clusters] {c.fine_k} fine clusters -> {c.num_experts} experts, objective "
+        f"{final.objective:.4g} (restart {r})")
+    return StageOutput(n, int(fitted), {"not_in_fit_sample": n - int(fitted)}, stats)
 
 
 def _rerank(batch: pa.Table, seed: int) -> pa.Table:

@@ -1,21 +1,20 @@
-"""The evaluation report: zero-shot classification and retrieval for MoDE and every baseline.
+"""Stage ``eval``: zero-shot classification and retrieval for MoDE and every baseline.
 
 Writes ``eval/`` in the run directory::
 
     eval/report.json        every number: per task and method, routing weights, retrieval
     eval/report.md          the same as tables, for people
     eval/accuracy.png       per-task accuracy bars of every method
-    eval/routing.png        routing weights per task (heat map, default and sharp temperature)
+    eval/routing.png        routing weights per task and routed method (heat maps)
     eval/sizes.png          fine-cluster and expert sizes (from the assignments manifest)
 
 Zero-shot tasks are clip_benchmark-format webdataset folders (``classnames.txt``,
 ``zeroshot_classification_templates.txt``, ``test/*.tar`` with an image and a ``.cls`` per
-sample), local or ``s3://``. Methods, for every task (MODE.md, stage 7):
+sample), local or ``s3://``. Methods, for every task (docs/routing.md):
 
+- ``METHODS``: the experts mixed by routing weights, each method a label and the
+  ``routing_weights`` parameters it uses (the same data labels the row and computes it);
 - ``expert-e``: each data expert alone; ``oracle``: the best single expert on this task;
-- ``uniform``: the experts' logits averaged;
-- ``routed (T=8)``: the authors' routing (``routing_weights`` defaults); ``routed (T=1)``: the same
-  at a sharper temperature; ``routed top-1``: only the top expert runs;
 - ``random-split``: the random-partition experts averaged (ensembling without clustering);
 - ``dense``: the seed continued on all data for the same training cost; ``seed``.
 
@@ -28,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,14 +36,26 @@ import ray
 import torch
 from PIL import Image
 
-from pipeline.config import Config, StorageConfig
+from pipeline import assignments
+from pipeline.config import ConfigView, StorageConfig
 from pipeline.ensemble import MoDEEnsemble, routing_weights
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, StageOutput
+from pipeline.runs import parse_name, run_name
 from pipeline.storage import filesystem, join, pyarrow_filesystem, write_bytes_atomic
 
 STAGE = "eval"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SHARP_TEMPERATURE = 1.0
+# Ways to mix the experts, by report label: the parameters of ``routing_weights`` each one uses.
+# The authors' temperature 8 is nearly uniform with a few classes; 1 is the sharper routing that
+# calibration favoured at this scale (docs/routing.md, "Temperature").
+METHODS: dict[str, dict[str, Any]] = {
+    "routed (T=8)": {"temperature": 8.0},
+    "routed (T=1)": {"temperature": 1.0},
+    "routed top-1": {"temperature": 8.0, "mode": "top_k", "k": 1},
+    "uniform": {"mode": "uniform"},
+}
+DEFAULT_METHOD = "routed (T=8)"
+RANDOM_SPLIT = "random-split"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,39 +134,33 @@ def recall_at(similarity: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, f
 # ----------------------------------------------------------------------------- evaluation
 def _run_names(ens: MoDEEnsemble) -> dict[str, list[str]]:
     names = sorted(ens.registry)
-    return {"random": sorted(n for n in names if n.startswith("random-")),
+    return {RANDOM_SPLIT: sorted(n for n in names if parse_name(n)[0] == RANDOM_SPLIT),
             "baselines": [n for n in ("dense", "seed") if n in names]}
 
 
 def zero_shot_task(ens: MoDEEnsemble, task: Task) -> dict[str, Any]:
-    """Accuracy of every method on one task, and the routing weights used."""
+    """Accuracy of every method on one task, and the routing weights each routed method used."""
     m = ens.num_experts
-    logits = {f"expert-{e}": ens.logits(f"expert-{e}", task.images, task.classnames,
-                                        task.templates) for e in range(m)}
-    experts = [logits[f"expert-{e}"] for e in range(m)]
-    emb = ens.class_embeddings(task.classnames, task.templates)
-    route = dict(fine_centroids=ens.fine_centroids, fine_to_expert=ens.fine_to_expert,
-                 num_experts=m)
-    w8 = routing_weights(emb, **route)
-    w1 = routing_weights(emb, **route, temperature=SHARP_TEMPERATURE)
-    top1 = routing_weights(emb, **route, mode="top_k", k=1)
-    acc = {name: accuracy(lg, task.labels) for name, lg in logits.items()}
-    acc["oracle"] = max(acc[f"expert-{e}"] for e in range(m))
-    acc["uniform"] = accuracy(np.mean(experts, axis=0), task.labels)
-    for label, w in (("routed (T=8)", w8), (f"routed (T={SHARP_TEMPERATURE:g})", w1),
-                     ("routed top-1", top1)):
+    experts = [ens.logits(run_name("expert", e), task.images, task.classnames, task.templates)
+               for e in range(m)]
+    acc = {run_name("expert", e): accuracy(lg, task.labels) for e, lg in enumerate(experts)}
+    acc["oracle"] = max(acc[run_name("expert", e)] for e in range(m))
+    weights = {}
+    for label, params in METHODS.items():
+        w = ens.weights(task.classnames, task.templates, **params)
         acc[label] = accuracy(sum(w[e] * experts[e] for e in range(m)), task.labels)
+        if params.get("mode") != "uniform":
+            weights[label] = w.tolist()
     runs = _run_names(ens)
-    if runs["random"]:
-        acc["random-split"] = accuracy(np.mean([ens.logits(n, task.images, task.classnames,
-                                                          task.templates) for n in runs["random"]],
-                                               axis=0), task.labels)
+    if runs[RANDOM_SPLIT]:
+        acc[RANDOM_SPLIT] = accuracy(np.mean([ens.logits(n, task.images, task.classnames,
+                                                         task.templates) for n in runs[RANDOM_SPLIT]],
+                                              axis=0), task.labels)
     for name in runs["baselines"]:
         acc[name] = accuracy(ens.logits(name, task.images, task.classnames, task.templates),
                              task.labels)
     return {"classes": len(task.classnames), "images": len(task.labels),
-            "chance": 1.0 / len(task.classnames), "accuracy": acc,
-            "weights": {"T=8": w8.tolist(), f"T={SHARP_TEMPERATURE:g}": w1.tolist()}}
+            "chance": 1.0 / len(task.classnames), "accuracy": acc, "weights": weights}
 
 
 def _similarities(ens: MoDEEnsemble, name: str, pairs: Pairs) -> np.ndarray:
@@ -168,22 +172,15 @@ def _similarities(ens: MoDEEnsemble, name: str, pairs: Pairs) -> np.ndarray:
     return (image @ text.T).float().cpu().numpy()
 
 
-def retrieval(ens: MoDEEnsemble, pairs: Pairs) -> dict[str, dict[str, float]]:
+def _retrieval(ens: MoDEEnsemble, pairs: Pairs) -> dict[str, dict[str, float]]:
     """Recall@1/5 both ways for every method; routed as the paper does (see module doc)."""
     m = ens.num_experts
-    sims = {f"expert-{e}": _similarities(ens, f"expert-{e}", pairs) for e in range(m)}
-    experts = np.stack([sims[f"expert-{e}"] for e in range(m)])          # (m, images, captions)
+    sims = {run_name("expert", e): _similarities(ens, run_name("expert", e), pairs) for e in range(m)}
+    experts = np.stack(list(sims.values()))                                   # (m, images, captions)
     caption_emb = np.asarray(ens.encoder.encode(pairs.captions), np.float64)
     caption_emb /= np.linalg.norm(caption_emb, axis=1, keepdims=True)
     route = dict(fine_centroids=ens.fine_centroids, fine_to_expert=ens.fine_to_expert,
                  num_experts=m)
-    mixes = {"uniform": (np.full(m, 1 / m), None)}
-    for label, temperature in (("routed (T=8)", 8.0), (f"routed (T={SHARP_TEMPERATURE:g})",
-                                                       SHARP_TEMPERATURE)):
-        corpus = routing_weights(caption_emb, **route, temperature=temperature)
-        per_query = np.stack([routing_weights(caption_emb[i:i + 1], **route, temperature=temperature)
-                              for i in range(len(caption_emb))])              # (captions, m)
-        mixes[label] = (corpus, per_query)
     out: dict[str, dict[str, float]] = {}
 
     def score(name: str, i2t: np.ndarray, t2i: np.ndarray) -> None:
@@ -192,19 +189,18 @@ def retrieval(ens: MoDEEnsemble, pairs: Pairs) -> dict[str, dict[str, float]]:
 
     for name, s in sims.items():
         score(name, s, s.T)
-    for label, (corpus, per_query) in mixes.items():
-        i2t = np.tensordot(corpus, experts, axes=1)
-        if per_query is None:
-            t2i = i2t.T
-        else:   # query caption q: sum_c w_c(q) * similarity_c(image, q)
-            t2i = np.einsum("qc,ciq->qi", per_query, experts)
-        score(label, i2t, t2i)
-    best = max((f"expert-{e}" for e in range(m)), key=lambda n: np.mean(list(out[n].values())))
+    for label, params in METHODS.items():
+        corpus = routing_weights(caption_emb, **route, **params)
+        per_query = np.stack([routing_weights(caption_emb[i:i + 1], **route, **params)
+                              for i in range(len(caption_emb))])              # (captions, m)
+        # query caption q: sum_c w_c(q) * similarity_c(image, q)
+        score(label, np.tensordot(corpus, experts, axes=1), np.einsum("qc,ciq->qi", per_query, experts))
+    best = max(sims, key=lambda n: np.mean(list(out[n].values())))
     out["oracle"] = dict(out[best], expert=best)
     runs = _run_names(ens)
-    if runs["random"]:
-        s = np.mean([_similarities(ens, n, pairs) for n in runs["random"]], axis=0)
-        score("random-split", s, s.T)
+    if runs[RANDOM_SPLIT]:
+        s = np.mean([_similarities(ens, n, pairs) for n in runs[RANDOM_SPLIT]], axis=0)
+        score(RANDOM_SPLIT, s, s.T)
     for name in runs["baselines"]:
         s = _similarities(ens, name, pairs)
         score(name, s, s.T)
@@ -213,11 +209,9 @@ def retrieval(ens: MoDEEnsemble, pairs: Pairs) -> dict[str, dict[str, float]]:
 
 def confusion(run: RunDir, truth_uri: str, storage: StorageConfig) -> pd.DataFrame:
     """Expert-by-true-domain counts of the assigned training samples (worlds that know them)."""
-    from pipeline import assign
-
     fs, path = filesystem(truth_uri, storage)
     truth = pd.read_parquet(io.BytesIO(fs.cat_file(path)), columns=["key", "split", "domain"])
-    a = assign.read(run).select_columns(["key", "expert_id"]).to_pandas()
+    a = assignments.read(run).select_columns(["key", "expert_id"]).to_pandas()
     merged = a.merge(truth[truth["split"] == "train"], on="key", how="left")
     merged["domain"] = merged["domain"].fillna("(unknown)")
     return pd.crosstab(merged["expert_id"], merged["domain"])
@@ -225,10 +219,9 @@ def confusion(run: RunDir, truth_uri: str, storage: StorageConfig) -> pd.DataFra
 
 # ----------------------------------------------------------------------------- report
 def method_order(m: int, columns: Sequence[str]) -> list[str]:
-    first = ["routed (T=8)", f"routed (T={SHARP_TEMPERATURE:g})", "routed top-1", "uniform",
-             "oracle", "random-split", "dense", "seed"]
-    return [c for c in first if c in columns] + [f"expert-{e}" for e in range(m)
-                                                 if f"expert-{e}" in columns]
+    first = [*METHODS, "oracle", RANDOM_SPLIT, "dense", "seed"]
+    experts = [run_name("expert", e) for e in range(m)]
+    return [c for c in first if c in columns] + [e for e in experts if e in columns]
 
 
 def summary_table(report: dict[str, Any]) -> pd.DataFrame:
@@ -251,13 +244,14 @@ def _markdown(df: pd.DataFrame, digits: int = 1) -> str:
 def markdown(report: dict[str, Any]) -> str:
     out = [f"# MoDE evaluation: {report['run']}", "",
            f"{report['num_experts']} experts; zero-shot accuracy (%) per task, mean over tasks. "
-           "`routed (T=8)` is the authors' routing; `oracle` the best single expert per task; "
-           "`dense` the same training cost on all data.", "",
+           f"`{DEFAULT_METHOD}` is the authors' routing; `oracle` the best single expert per task; "
+           f"`{RANDOM_SPLIT}` the random-split experts averaged; `dense` the same training cost "
+           "on all data.", "",
            _markdown(summary_table(report).rename_axis("method")), ""]
     if report.get("zero_shot"):
-        w = pd.DataFrame({t: r["weights"]["T=8"] for t, r in report["zero_shot"].items()}).T
-        w.columns = [f"expert-{e}" for e in w.columns]
-        out += ["## Routing weights (T=8)", "", _markdown(w.rename_axis("task"), digits=3), ""]
+        w = pd.DataFrame({t: r["weights"][DEFAULT_METHOD] for t, r in report["zero_shot"].items()}).T
+        w.columns = [run_name("expert", e) for e in w.columns]
+        out += [f"## Routing weights, {DEFAULT_METHOD}", "", _markdown(w.rename_axis("task"), digits=3), ""]
     if report.get("retrieval"):
         r = pd.DataFrame(report["retrieval"]).T.drop(columns=["expert"], errors="ignore")
         out += [f"## Retrieval on {report['retrieval_pairs']} held-out pairs (recall, %)", "",
@@ -270,7 +264,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot_accuracy(report: dict[str, Any]) -> bytes:
-    import matplotlib
+    import matplotlib  # late import: 0.6 s, kept out of the processes that only read tasks
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -288,7 +282,7 @@ def plot_accuracy(report: dict[str, Any]) -> bytes:
 
 
 def plot_routing(report: dict[str, Any]) -> bytes:
-    import matplotlib
+    import matplotlib  # late import: 0.6 s, kept out of the processes that only read tasks
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -304,13 +298,13 @@ def plot_routing(report: dict[str, Any]) -> bytes:
         for (i, j), v in np.ndenumerate(w):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                     color="white" if v < 0.5 else "black")
-        ax.set_title(f"routing weights, {key}")
+        ax.set_title(key)
     fig.colorbar(im, ax=axes)
     return _png(fig)
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late import: see plot_accuracy
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -328,32 +322,29 @@ def demo_inputs(data_uri: str, storage: StorageConfig) -> tuple[list[str], str, 
     return tasks, join(data_uri, "eval", "retrieval"), join(data_uri, "truth.parquet")
 
 
-def run_stage(cfg: Config, run: RunDir, tasks: Sequence[str], retrieval_uri: str | None = None,
-              truth_uri: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate the run's experts and baselines; write ``eval/``; return the report."""
-    from pipeline import assign
-
-    t0 = time.perf_counter()
+def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[str], None] = print, *,
+        tasks: Sequence[str], retrieval: str | None = None, truth: str | None = None) -> StageOutput:
+    """Evaluate the run's experts and baselines; write ``eval/``."""
     ens = MoDEEnsemble(run.uri, cfg)
     report: dict[str, Any] = {"run": run.uri, "num_experts": ens.num_experts,
-                              "runs": sorted(ens.registry), "zero_shot": {}}
+                              "runs": sorted(ens.registry), "methods": METHODS, "zero_shot": {}}
+    images = 0
     for uri in tasks:
         task = read_task(uri, cfg.storage)
-        log(f"[eval] {task.name}: {len(task.labels)} images, {len(task.classnames)} classes")
-        report["zero_shot"][task.name] = zero_shot_task(ens, task)
-        r = report["zero_shot"][task.name]
-        log(f"[eval] {task.name}: routed {r['accuracy']['routed (T=8)']:.1%}, dense "
-            f"{r['accuracy'].get('dense', float('nan')):.1%}, weights "
-            f"{np.round(r['weights']['T=8'], 2).tolist()}")
-    if retrieval_uri:
-        pairs = read_pairs(retrieval_uri, cfg.storage)
+        result = report["zero_shot"][task.name] = zero_shot_task(ens, task)
+        images += len(task.labels)
+        acc = result["accuracy"]
+        log(f"[eval] {task.name}: {len(task.labels)} images, {len(task.classnames)} classes; "
+            f"{DEFAULT_METHOD} {acc[DEFAULT_METHOD]:.1%}, dense {acc.get('dense', float('nan')):.1%}")
+    if retrieval:
+        pairs = read_pairs(retrieval, cfg.storage)
         report["retrieval_pairs"] = len(pairs.captions)
+        images += len(pairs.captions)
         log(f"[eval] retrieval: {len(pairs.captions)} pairs")
-        report["retrieval"] = retrieval(ens, pairs)
-    if truth_uri:
+        report["retrieval"] = _retrieval(ens, pairs)
+    if truth:
         report["confusion"] = {str(k): {str(e): int(v) for e, v in col.items()}
-                               for k, col in confusion(run, truth_uri, cfg.storage).items()}
-    report["seconds"] = round(time.perf_counter() - t0, 1)
+                               for k, col in confusion(run, truth, cfg.storage).items()}
     fs = run.fs
     write_bytes_atomic(fs, run.stage_path(STAGE, "report.json"),
                        (json.dumps(report, indent=2) + "\n").encode())
@@ -361,10 +352,14 @@ def run_stage(cfg: Config, run: RunDir, tasks: Sequence[str], retrieval_uri: str
     if report["zero_shot"]:
         write_bytes_atomic(fs, run.stage_path(STAGE, "accuracy.png"), plot_accuracy(report))
         write_bytes_atomic(fs, run.stage_path(STAGE, "routing.png"), plot_routing(report))
-    manifest = run.manifest("assignments")
-    if manifest is not None:
-        stats = manifest["stats"]
-        fine = np.array(stats["rows_per_fine_cluster"])
-        per_expert = np.array([stats["rows_per_expert"][str(e)] for e in range(ens.num_experts)])
-        write_bytes_atomic(fs, run.stage_path(STAGE, "sizes.png"), assign.plot_sizes(fine, per_expert))
-    return report
+    stats = upstream["assignments"]["stats"]
+    per_expert = np.array([stats["rows_per_expert"][str(e)] for e in range(ens.num_experts)])
+    write_bytes_atomic(fs, run.stage_path(STAGE, "sizes.png"),
+                       assignments.plot_sizes(np.array(stats["rows_per_fine_cluster"]), per_expert))
+    return StageOutput(images, images, {}, {"tasks": sorted(report["zero_shot"]),
+                                            "retrieval_pairs": report.get("retrieval_pairs", 0)})
+
+
+def load_report(run: RunDir) -> dict[str, Any]:
+    """The report of the run's ``eval/`` stage."""
+    return json.loads(run.fs.cat_file(run.stage_path(STAGE, "report.json")))

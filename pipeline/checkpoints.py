@@ -1,0 +1,185 @@
+"""Stage ``checkpoints``: the seed, the data experts and the baselines, one Ray Train run each.
+
+Each run (``pipeline.runs``: names, kinds, schedule) is a unit ``checkpoints/<run>`` under the
+manifest contract of ``pipeline/stages.py``: its config view, its hash, its manifest written
+last. Rerunning a job skips the runs whose manifest matches, resumes an interrupted run from its
+latest checkpoint, and starts afresh a run whose checkpoints were made with another config (the
+hash it started with is kept in ``checkpoints/<run>/_attempt.json``). A finished run is also
+entered in the registry (``experts.json``, ``pipeline.registry``) before its manifest is written.
+
+The launcher keeps at most ``train.max_concurrent`` runs going, longest first, each in a
+zero-CPU Ray task that calls Ray Train's ``fit``; a failed run does not stop the others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+
+from pipeline import clusters, console, registry, train, training_data
+from pipeline.checkpoint_io import sha256
+from pipeline.config import Config, ConfigView, TrainConfig
+from pipeline.rundir import RunDir, StageOutput, now
+from pipeline.runs import Job, seed_job
+from pipeline.schedule import seed_end
+from pipeline.stages import StageRun
+from pipeline.storage import read_json, write_json_atomic
+
+ATTEMPT = "_attempt.json"
+Log = Callable[[str], None]
+
+
+def num_experts(run: RunDir) -> int:
+    """Experts of the run's clustering (from the clusters manifest)."""
+    m = run.manifest("clusters")
+    if m is None:
+        raise FileNotFoundError(f"{run.stage_uri('clusters')} is not complete: run jobs/cluster.py first")
+    return len(m["stats"]["experts"])
+
+
+def seed_threads(cfg: TrainConfig, node_cpus: float | None = None) -> int:
+    """The seed trains alone: it gets the torch threads of ``max_concurrent`` runs, capped at the
+    CPUs of the cluster's largest node (``node_cpus``; read from Ray when None). Not their CPU
+    reservation: Ray Data's read and decode tasks need the CPUs a worker leaves free (on 2 CPUs
+    a 1-CPU worker starved its own input pipeline). On 2 cores, 3 threads trained mode-tiny at
+    800 samples/s and 2 at 1,000 (README, "Demo timings"): no more threads than cores. 0 keeps
+    Ray's default (the worker's CPUs)."""
+    if node_cpus is None:
+        node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]),
+                        default=0.0)
+    threads = cfg.threads_per_worker * cfg.max_concurrent
+    return min(threads, int(node_cpus)) if node_cpus >= 1 else threads
+
+
+# ----------------------------------------------------------------------------- one run
+def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
+              samples: int | None, threads: int | None) -> dict[str, Any]:
+    """Train one run to its end (resuming its own checkpoints) and return its registry entry."""
+    run = RunDir(run_uri, cfg.storage)
+    started, wall0 = now(), time.time()
+    experts = len(upstream["training_data"]["stats"]["rows_per_expert"])
+    ooc = cfg.train.ooc_ratio if job.kind == "expert" else 0.0
+    if samples is None:     # a manifest without this count: two small columns are enough
+        samples = training_data.rows_for(run, job, experts, ooc, cfg.train.seed,
+                                         columns=["key", "random_id"]).count()
+    init = upstream["checkpoints/seed"]["stats"]["entry"]["checkpoint"] if job.kind != "seed" else None
+    result = train.train(job.name, training_data.rows_for(run, job, experts, ooc, cfg.train.seed),
+                         cfg.train, run.stage_uri("checkpoints"), job.end_samples,
+                         schedule_total=job.schedule_total, threads=threads,
+                         init_checkpoint=init, storage=cfg.storage)
+    fine = None
+    if job.kind == "expert":
+        f2e = clusters.load(run)["fine_to_expert"]
+        fine = np.flatnonzero(f2e == job.index).tolist()
+    losses = [h["loss"] for h in result.history]
+    return {
+        "name": job.name, "kind": job.kind, "expert_id": job.index if job.kind == "expert" else None,
+        "part": job.index if job.kind == "random-split" else None,
+        "fine_clusters": fine, "samples": int(samples), "model": cfg.train.model,
+        "checkpoint": result.checkpoint, "sha256": sha256(run.fs, result.checkpoint),
+        "init_checkpoint": init,
+        "metrics": {"step": result.step, "samples_seen": result.samples_seen,
+                    "steps_run": result.steps_run, "start_step": result.start_step,
+                    "final_loss": losses[-1] if losses else None,
+                    "first_loss": losses[0] if losses else None},
+        "started_at": started, "finished_at": now(),
+        "wall": {"start": wall0, "end": time.time(), "seconds": round(time.time() - wall0, 2)},
+    }
+
+
+@ray.remote(num_cpus=0)
+def _train_remote(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
+                  samples: int | None, threads: int | None) -> dict[str, Any]:
+    # Zero CPUs: the launcher task only waits on its Train run, whose workers hold the CPUs.
+    return train_run(cfg, run_uri, job, upstream, samples, threads)
+
+
+def _fresh_start(run: RunDir, job: Job, config_hash: str, force: bool, log: Log) -> None:
+    """Keep a run's checkpoints only when they were made with this config (then it resumes)."""
+    marker = run.stage_path(job.unit, ATTEMPT)
+    before = read_json(run.fs, marker)["config_hash"] if run.fs.exists(marker) else None
+    folder = run.stage_path(job.unit)
+    if (before != config_hash or force) and run.fs.exists(folder):
+        log(f"[{job.name}] {'--force' if force else 'its checkpoints were made with another config'}:"
+            " starting afresh")
+        run.fs.rm(folder, recursive=True)
+    write_json_atomic(run.fs, marker, {"config_hash": config_hash, "started_at": now()})
+
+
+# ----------------------------------------------------------------------------- the launcher
+def launch(cfg: Config, run: RunDir, jobs: Sequence[Job], max_concurrent: int, *,
+           threads: int | None = None, force: bool = False,
+           log: Log = print) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Run ``jobs``, at most ``max_concurrent`` at once; returns (registry entries of the runs
+    finished now, {name: error} of the failed ones).
+
+    Every run's inputs are checked first (a missing or out-of-date seed fails the call before
+    anything starts). Complete runs are skipped; the others queue, longest first, and start as
+    slots free up (a Ray Train run short of CPUs also waits for them). A failed run is reported
+    and does not stop the others.
+    """
+    # Longest first (dense costs m expert runs): the last slot to free up should not be left
+    # running one long job alone.
+    jobs = sorted(jobs, key=lambda j: j.end_samples - seed_end(cfg.train), reverse=True)
+    queue: list[tuple[Job, StageRun]] = []
+    for job in jobs:
+        sr = StageRun(job.unit, cfg, run)
+        done = sr.completed()
+        if done is not None and not force:
+            if job.name not in registry.finished(run):
+                registry.put(run, done["stats"]["entry"])
+            log(f"[{job.name}] complete for this config: skipped")
+        else:
+            queue.append((job, sr))
+            log(f"[{job.name}] queued")
+    t = cfg.train
+    need = max_concurrent * t.num_workers * t.cpus_per_worker
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if len(queue) > 1 and total - need < 1:
+        log(f"[launch] warning: {max_concurrent} runs x {t.num_workers} worker(s) x "
+            f"{t.cpus_per_worker:g} CPU reserve {need:g} of the cluster's {total:g} CPUs, leaving "
+            "less than 1 for Ray Data's read and decode tasks: runs can stall waiting for data. "
+            "Lower train.max_concurrent or train.cpus_per_worker (or add CPUs).")
+    running: dict[ray.ObjectRef, tuple[Job, StageRun, str, int | None]] = {}
+    finished, failed = [], {}
+    with console.relay(log):
+        while queue or running:
+            while queue and len(running) < max_concurrent:
+                job, sr = queue.pop(0)
+                started = sr.begin()
+                registry.drop(run, job.name)
+                _fresh_start(run, job, sr.config_hash, force, log)
+                ooc = sr.cfg.train.ooc_ratio if job.kind == "expert" else 0.0
+                samples = training_data.run_rows(sr.upstream["training_data"], job, ooc,
+                                                 sr.cfg.train.seed)
+                ref = _train_remote.remote(sr.cfg, run.uri, job, sr.upstream, samples, threads)
+                running[ref] = (job, sr, started, samples)
+                log(f"[{job.name}] running")
+            ready, _ = ray.wait(list(running), num_returns=1)
+            job, sr, started, _ = running.pop(ready[0])
+            try:
+                entry = ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 - one failed run must not stop the others
+                failed[job.name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+                log(f"[{job.name}] failed: {failed[job.name]}")
+                continue
+            registry.put(run, entry)
+            sr.finish(StageOutput(entry["samples"], entry["samples"], {}, {"entry": entry}), started)
+            finished.append(entry)
+            m = entry["metrics"]
+            log(f"[{job.name}] done: {entry['samples']:,} samples, steps {m['start_step']}->{m['step']}, "
+                f"loss {m['first_loss']:.3f}->{m['final_loss']:.3f}, {entry['wall']['seconds']:.0f} s")
+    return finished, failed
+
+
+def train_seed(cfg: Config, run: RunDir, force: bool = False, log: Log = print) -> dict[str, Any]:
+    """Train (or resume, or skip when complete) the seed; returns its registry entry."""
+    job = seed_job(cfg.train)
+    done, failed = launch(cfg, run, [job], 1, threads=seed_threads(cfg.train), force=force, log=log)
+    if failed:
+        raise RuntimeError(f"the seed failed: {failed[job.name]}")
+    return done[0] if done else registry.finished(run)[job.name]

@@ -1,0 +1,254 @@
+"""What a job prints: its own lines, a progress line for long work, and Ray's logs kept apart.
+
+By default a job prints what each stage read, kept, skipped and wrote, one progress line with
+rate and ETA every ``PROGRESS_EVERY_S`` for long work, and the training runs' log lines. Ray's
+own output stays in Ray's session logs (``<ray temp dir>/session_latest/logs``): worker output is
+not forwarded to the driver, Ray and Ray Data log only errors to the console, and Ray Data's
+progress bars show in a terminal only. ``--verbose`` (or ``MODE_LOG_LEVEL=DEBUG``) brings all of
+it back (README, "Console output").
+
+Lines from code running in Ray workers (the training loop) reach the job's console through a
+small actor (``relay``): worker output itself is not forwarded.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TextIO
+
+import ray
+from ray.data import DataContext
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 10.0
+SINK_NAME = "mode-console"
+LEVEL_ENV = "MODE_LOG_LEVEL"
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def is_verbose() -> bool:
+    return os.environ.get(LEVEL_ENV, "").upper() == "DEBUG"
+
+
+def setup(verbose: bool = False) -> None:
+    """A job's process: our modules log at INFO (DEBUG when verbose), others at WARNING; the
+    lines Ray's driver prints on behalf of the raylet go to Ray's session logs unless verbose."""
+    if verbose:
+        os.environ[LEVEL_ENV] = "DEBUG"
+    verbose = is_verbose()
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not sys.stdout.isatty():
+        # Ray colours the prefixes of forwarded lines: no escape codes in a log file.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if not verbose and not isinstance(sys.stdout, _RaySideLines):
+        sys.stdout = _RaySideLines(sys.stdout)
+
+
+def attach_ray_logs(log_dir: str) -> None:
+    """Once Ray runs: the raylet's lines set aside by ``setup`` go to ``<log_dir>/mode-driver.out``."""
+    if isinstance(sys.stdout, _RaySideLines):
+        sys.stdout.attach(os.path.join(log_dir, "mode-driver.out"))
+
+
+class _RaySideLines(io.TextIOBase):
+    """The driver's stdout, minus the raylet's messages (worker-pool size warnings and the like).
+
+    Ray's driver prints what the raylet reports to it, prefixed ``(raylet)``, whatever
+    ``log_to_driver`` says; they are Ray's own logs, so they go to a file in Ray's session log
+    folder instead (kept in memory until ``attach`` names it). Everything else passes through.
+    """
+
+    PREFIX = "(raylet)"
+
+    def __init__(self, out: TextIO) -> None:
+        self._out, self._lock = out, threading.Lock()
+        self._partial = ""
+        self._held: list[str] = []
+        self._file: TextIO | None = None
+
+    def attach(self, path: str) -> None:
+        with self._lock:
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as stdout
+            self._file.writelines(self._held)
+            self._held.clear()
+            self._file.flush()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._partial += text
+            while "\n" in self._partial:
+                line, self._partial = self._partial.split("\n", 1)
+                self._route(line + "\n")
+        return len(text)
+
+    def _route(self, line: str) -> None:
+        if line.lstrip().startswith(self.PREFIX):
+            if self._file is not None:
+                self._file.write(line)
+                self._file.flush()
+            elif len(self._held) < 1000:
+                self._held.append(line)
+        else:
+            self._out.write(line)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._partial and not self._partial.lstrip().startswith(self.PREFIX):
+                self._out.write(self._partial)
+                self._partial = ""
+            self._out.flush()
+
+    def isatty(self) -> bool:
+        return self._out.isatty()
+
+    def fileno(self) -> int:
+        return self._out.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return self._out.encoding
+
+
+def quiet_ray_data() -> None:
+    """Ray Data in this process: progress bars in a terminal only, its console log to errors
+    only unless verbose (its full log stays in the session's ``logs/ray-data``)."""
+    verbose = is_verbose()
+    DataContext.get_current().enable_progress_bars = verbose or sys.stderr.isatty()
+    if not verbose:
+        # Only the console handler streams; the session log file keeps everything.
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.ERROR)
+
+
+# ----------------------------------------------------------------------------- progress
+@ray.remote(num_cpus=0)
+class Counter:
+    """Sums the counts that map tasks and actors report, one call per batch."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.counts.update({k: int(v) for k, v in counts.items()})
+
+    def totals(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+class Progress:
+    """A line every ``every`` seconds while some long work runs: done/total, rate and ETA.
+
+    ``done`` is polled from a background thread (e.g. a ``Counter``'s totals); nothing is printed
+    for work that ends before the first interval.
+    """
+
+    def __init__(self, label: str, done: Callable[[], int], total: int | None, unit: str = "rows",
+                 every: float = PROGRESS_EVERY_S, say: Callable[[str], None] = print) -> None:
+        self.label, self.done, self.total, self.unit = label, done, total, unit
+        self.every, self.say = every, say
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"progress-{label}")
+
+    def __enter__(self) -> Progress:
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def line(self, done: int, elapsed: float) -> str:
+        rate = done / elapsed if elapsed > 0 else 0.0
+        text = f"[{self.label}] {done:,}"
+        if self.total:
+            eta = (self.total - done) / rate if rate > 0 else float("inf")
+            text += f"/{self.total:,} {self.unit} ({done / self.total:.0%}), {rate:,.0f} {self.unit}/s, " \
+                    f"ETA {format_seconds(max(eta, 0.0))}"
+        else:
+            text += f" {self.unit}, {rate:,.0f} {self.unit}/s"
+        return text
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                done = int(self.done())
+            except Exception as e:  # noqa: BLE001 - a progress line must never fail the stage
+                log.debug("progress poll failed: %s", e)
+                continue
+            if done:    # nothing to measure a rate or an ETA from before the first unit is done
+                self.say(self.line(done, time.perf_counter() - self._start))
+
+
+# ----------------------------------------------------------------------------- worker lines
+@ray.remote(num_cpus=0)
+class _Sink:
+    """Lines sent by code running in Ray workers, held until the driver prints them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+
+    def drain(self) -> list[str]:
+        out, self.lines = self.lines, []
+        return out
+
+
+@contextlib.contextmanager
+def relay(say: Callable[[str], None] = print, every: float = 1.0) -> Iterator[None]:
+    """Print, in this driver, the lines that Ray workers send with ``say`` while the block runs."""
+    sink = _Sink.options(name=SINK_NAME, get_if_exists=True).remote()
+    stop = threading.Event()
+
+    def pump() -> None:
+        while True:
+            stopping = stop.wait(every)
+            try:
+                for line in ray.get(sink.drain.remote()):
+                    say(line)
+            except Exception as e:  # noqa: BLE001 - the console must never fail a run
+                log.debug("console relay failed: %s", e)
+            if stopping:
+                return
+
+    thread = threading.Thread(target=pump, daemon=True, name="console-relay")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        ray.kill(sink)
+
+
+def say(line: str) -> None:
+    """From a Ray worker: a line for the job's console (printed locally when no relay runs)."""
+    try:
+        sink = ray.get_actor(SINK_NAME)
+    except ValueError:
+        print(line, flush=True)
+        return
+    sink.say.remote(line)

@@ -1,0 +1,90 @@
+"""Stage ``embeddings``: every good caption embedded by the clustering encoder, on Ray Data.
+
+Reads the captions of ``ingest/samples`` (ingest's good rows: no shard is read again, no image
+bytes travel) and embeds them with ``CaptionEncoder`` in an actor pool. Output, one row per good
+sample (README, "Run directory")::
+
+    embeddings/*.parquet    key: string, embedding: fixed_size_list<float32>[d], unit L2 norm
+
+The counts come from a small counter actor that every batch reports to, and ``rows_out`` is read
+back from the written files' metadata, so the manifest's arithmetic checks the write too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+from ray.data import ActorPoolStrategy, SaveMode
+
+from pipeline.config import ConfigView, EmbedConfig
+from pipeline.console import Counter, Progress
+from pipeline.encoders import CaptionEncoder
+from pipeline.rundir import RunDir, StageOutput
+from pipeline.storage import pyarrow_filesystem
+from pipeline.tables import count_rows, embedding_table, parquet_schema
+
+
+class _EmbedBatches:
+    """The actor of the pool: one encoder, its caption cache, and counts sent per batch."""
+
+    def __init__(self, model: str, batch_size: int, cache_size: int,
+                 counter: ray.actor.ActorHandle | None) -> None:
+        self.encoder = CaptionEncoder(model, batch_size=batch_size, cache_size=cache_size)
+        self.counter = counter
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        before = self.encoder.encoded
+        emb = self.encoder.encode(batch["caption"].tolist())
+        if self.counter is not None:
+            ray.get(self.counter.add.remote({"embedded": len(emb),
+                                             "encoded": self.encoder.encoded - before}))
+        return embedding_table(batch["key"], emb)
+
+
+def embed_dataset(ds: ray.data.Dataset, cfg: EmbedConfig,
+                  counter: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
+    """Map rows with ``key`` and ``caption`` to rows with ``key`` and ``embedding``.
+
+    The encoder runs in an actor pool of up to ``cfg.num_actors`` actors, each with
+    ``cfg.num_cpus_per_actor`` CPUs and ``cfg.num_gpus_per_actor`` GPUs; each call gets
+    ``cfg.rows_per_call`` rows, encoded ``cfg.batch_size`` captions at a time.
+    """
+    return ds.map_batches(
+        _EmbedBatches,
+        fn_constructor_kwargs={"model": cfg.model, "batch_size": cfg.batch_size,
+                               "cache_size": cfg.cache_size, "counter": counter},
+        compute=ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
+        num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
+        batch_size=cfg.rows_per_call, batch_format="numpy")
+
+
+def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> StageOutput:
+    """Embed the caption of every good sample of ``ingest/``; write ``embeddings/``."""
+    rows_in = int(upstream["ingest"]["rows_out"])
+    counter = Counter.remote()
+    ds = ray.data.read_parquet(run.stage_uri("ingest", "samples"), columns=["key", "caption"],
+                               filesystem=pyarrow_filesystem(run.fs))
+    ds = embed_dataset(ds, cfg.embed, counter)
+
+    def embedded() -> int:
+        return ray.get(counter.totals.remote()).get("embedded", 0)
+
+    with Progress("embeddings", embedded, rows_in, unit="captions", say=log):
+        ds.write_parquet(run.stage_path("embeddings"), filesystem=pyarrow_filesystem(run.fs),
+                         mode=SaveMode.OVERWRITE, min_rows_per_file=cfg.embed.rows_per_file)
+    totals = ray.get(counter.totals.remote())
+    rows_out = count_rows(run.fs, run.stage_path("embeddings"))
+    if rows_out != totals.get("embedded", 0):
+        raise RuntimeError(f"[embeddings] {totals.get('embedded', 0)} rows embedded but {rows_out} "
+                           "rows in the written files (a retried task, or files from elsewhere?)")
+    schema = parquet_schema(run.fs, run.stage_path("embeddings"))
+    stats = {"model": cfg.embed.model, "dim": int(schema.field("embedding").type.list_size),
+             "captions_encoded": totals.get("encoded", 0),
+             "duplicate_captions_reused": rows_out - totals.get("encoded", 0)}
+    log(f"[embeddings] {rows_out:,} captions, {stats['captions_encoded']:,} distinct through "
+        f"{cfg.embed.model} ({stats['dim']}-d)")
+    return StageOutput(rows_in, rows_out, {}, stats)

@@ -1,0 +1,282 @@
+"""The stage graph, declared once, and the one wrapper that runs any stage (docs/stages.md).
+
+Every stage has a name, which is also its folder in the run directory and (before any ``/``) its
+module ``pipeline/<name>.py`` with a ``run`` function; the stages it reads; the config ``fields``
+that decide its output; the ``knobs`` it reads that do not (resources, file sizes); its
+``external`` inputs (URIs outside the run directory); and the job that runs it. The training runs
+are units below ``checkpoints/`` (``checkpoints/seed``, ``checkpoints/expert-<e>``, ...), one row
+per kind of run, all run by ``pipeline/checkpoints.py``.
+
+A unit's hash covers its declared fields, the hashes of the units it reads and its external
+inputs, nothing else; its config is a ``ConfigView`` of those fields and knobs only, so reading
+an undeclared field fails. ``StageRun`` does what every stage needs before and after its own
+work: the upstream manifests exist and match the current config, the hash, skip when complete,
+mark incomplete, and the manifest whose counts must add up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from pipeline import registry
+from pipeline.config import Config, ConfigView, field_names
+from pipeline.rundir import RunDir, StageOutput, now
+from pipeline.runs import parse_name, plan, seed_job
+
+Log = Callable[[str], None]
+
+DATA_FIELDS = ("data.format", "data.caption_column", "data.image_column", "data.key_column")
+# What decides a trained model: architecture, optimiser, schedule, data order and precision.
+TRAIN_FIELDS = ("train.model", "train.batch_size", "train.lr", "train.total_samples",
+                "train.seed_fraction", "train.warmup_samples", "train.weight_decay", "train.seed",
+                "train.precision", "train.augment", "train.shuffle_buffer", "train.cache_inputs")
+# How a run uses the cluster: neither changes the model it trains beyond float rounding.
+TRAIN_KNOBS = ("train.checkpoint_every_steps", "train.keep_checkpoints", "train.log_every_steps",
+               "train.num_workers", "train.use_gpu", "train.cpus_per_worker",
+               "train.threads_per_worker", "train.max_failures")
+CLUSTER_FIT_FIELDS = ("cluster.fine_k", "cluster.num_experts", "cluster.balanced",
+                      "cluster.capacity_slack", "cluster.iterations", "cluster.sample_per_centre",
+                      "cluster.seed", "cluster.restarts", "cluster.fit_block_rows",
+                      "cluster.balanced_coarse")
+ALL_RUNS = "checkpoints/*"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str                       # run-directory folder (and pipeline/<name before "/">.py)
+    reads: tuple[str, ...]          # units whose manifests it needs; "checkpoints/*": every run
+    fields: tuple[str, ...]         # config fields that decide its output (hashed)
+    knobs: tuple[str, ...]          # config fields it reads that do not (not hashed)
+    external: tuple[str, ...]       # inputs from outside the run directory, by keyword
+    output: str                     # what it writes (README, "Architecture")
+    job: str                        # the job that runs it
+
+    @property
+    def module(self) -> str:
+        return "pipeline." + self.name.split("/", 1)[0]
+
+    def function(self) -> Callable[..., StageOutput]:
+        """The stage's ``run(cfg, run, upstream, log, **external)``; the training runs have none
+        here (``pipeline.checkpoints`` launches them)."""
+        return importlib.import_module(self.module).run
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("ingest", (), DATA_FIELDS, (), ("data",),
+          "samples/ (key, caption, shard of every good row), skipped/ (key, shard, reason)",
+          "jobs/ingest.py"),
+    Stage("embeddings", ("ingest",), ("embed.model",),
+          ("embed.batch_size", "embed.rows_per_call", "embed.num_actors", "embed.num_gpus_per_actor",
+           "embed.num_cpus_per_actor", "embed.cache_size", "embed.rows_per_file"), (),
+          "key, unit-norm caption embedding", "jobs/embed.py"),
+    Stage("clusters", ("embeddings",), CLUSTER_FIT_FIELDS, (), (),
+          "fine and coarse centroids, fine-to-expert map", "jobs/cluster.py"),
+    Stage("assignments", ("embeddings", "clusters"),
+          ("cluster.balanced", "cluster.capacity_slack", "cluster.block_rows"),
+          ("cluster.rows_per_file",), (),
+          "key, fine_id, distance by expert_id; size plot", "jobs/assign.py"),
+    Stage("training_data", ("ingest", "assignments"), (*DATA_FIELDS, "train.seed"),
+          ("train.ooc_ratio", "train.rows_per_file"), (),
+          "key, caption, image, fine_id, random_id by expert_id", "jobs/train_seed.py"),
+    Stage("checkpoints/seed", ("training_data",), TRAIN_FIELDS, TRAIN_KNOBS, (),
+          "checkpoints of `seed`", "jobs/train_seed.py"),
+    Stage("checkpoints/expert", ("training_data", "clusters", "checkpoints/seed"),
+          (*TRAIN_FIELDS, "train.ooc_ratio"), TRAIN_KNOBS, (),
+          "checkpoints of `expert-<e>`", "jobs/train_experts.py"),
+    Stage("checkpoints/random-split", ("training_data", "checkpoints/seed"), TRAIN_FIELDS,
+          TRAIN_KNOBS, (), "checkpoints of `random-split-<e>`", "jobs/train_experts.py"),
+    Stage("checkpoints/dense", ("training_data", "checkpoints/seed"), TRAIN_FIELDS, TRAIN_KNOBS,
+          (), "checkpoints of `dense`", "jobs/train_experts.py"),
+    Stage("eval", ("clusters", "assignments", ALL_RUNS), ("embed.model",), ("embed.batch_size",),
+          ("tasks", "retrieval", "truth"), "report.json, report.md, plots", "jobs/evaluate.py"),
+)}
+
+
+class MissingUpstream(FileNotFoundError):
+    """A stage needs another stage's output, which is not complete."""
+
+
+class StaleUpstream(RuntimeError):
+    """A stage's input was made with another config than the current one."""
+
+
+def stage_of(unit: str) -> Stage:
+    """The stage a unit belongs to: itself, or for ``checkpoints/<run>`` the row of its kind."""
+    if unit.startswith("checkpoints/"):
+        kind, _ = parse_name(unit.split("/", 1)[1])
+        return STAGES[f"checkpoints/{kind}"]
+    if unit not in STAGES:
+        raise ValueError(f"unknown stage {unit!r}; stages: {[s for s in STAGES if '/' not in s]}")
+    return STAGES[unit]
+
+
+def view(cfg: Config, unit: str) -> ConfigView:
+    """The part of ``cfg`` a unit may read: its stage's fields and knobs."""
+    stage = stage_of(unit)
+    return cfg.view(stage.fields, stage.knobs, owner=unit)
+
+
+def reads(unit: str, runs: Iterable[str] = ()) -> tuple[str, ...]:
+    """The units ``unit`` reads; ``runs`` are the training-run units for a ``checkpoints/*`` read."""
+    out: list[str] = []
+    for r in stage_of(unit).reads:
+        out += sorted(runs) if r == ALL_RUNS else [r]
+    return tuple(out)
+
+
+def unit_hash(cfg: ConfigView, unit: str, upstream: Mapping[str, str],
+              external: Mapping[str, Any]) -> str:
+    """What decides a unit's output: its declared fields, its inputs' hashes, its external inputs."""
+    blob = json.dumps({"unit": unit, "fields": cfg.values(), "upstream": dict(upstream),
+                       "external": dict(external)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def planned_units(cfg: Config) -> list[str]:
+    """Every unit of a full run of ``cfg`` (all experts and baselines), inputs first."""
+    runs = [seed_job(cfg.train), *plan(cfg.train, cfg.cluster.num_experts)]
+    data = [name for name in STAGES if "/" not in name and name != "eval"]
+    return [*data, *(job.unit for job in runs), "eval"]
+
+
+def planned_hashes(cfg: Config, external: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """The hash every unit of a full run gets under ``cfg`` (``external`` by stage name): a pure
+    function of the config, the same the wrapper computes from the manifests on disk."""
+    units = planned_units(cfg)
+    runs = [u for u in units if u.startswith("checkpoints/")]
+    hashes: dict[str, str] = {}
+    for unit in units:
+        upstream = {u: hashes[u] for u in reads(unit, runs)}
+        hashes[unit] = unit_hash(view(cfg, unit), unit, upstream,
+                                 external.get(stage_of(unit).name, {}))
+    return hashes
+
+
+def downstream(units: Iterable[str], all_units: list[str]) -> set[str]:
+    """``units`` and every unit that reads one of them, directly or not."""
+    runs = [u for u in all_units if u.startswith("checkpoints/")]
+    out = set(units)
+    for unit in all_units:            # inputs come first, so one pass in order suffices
+        if out & set(reads(unit, runs)):
+            out.add(unit)
+    return out
+
+
+# ----------------------------------------------------------------------------- the wrapper
+class StageRun:
+    """One unit about to run: its view of the config, its current inputs and its hash.
+
+    Building it checks that every unit it reads is complete and was made with the current config
+    (recursively), so a stage never silently consumes an output of another config.
+    """
+
+    def __init__(self, unit: str, cfg: Config, run: RunDir, external: Mapping[str, Any] | None = None,
+                 runs: Iterable[str] = ()) -> None:
+        self.unit, self.stage, self.run = unit, stage_of(unit), run
+        self.cfg = view(cfg, unit)
+        self.external = dict(external or {})
+        self._full = cfg
+        self._checked: dict[str, dict[str, Any]] = {}
+        self.upstream = {u: self._current(u, unit) for u in reads(unit, runs)}
+        self.config_hash = unit_hash(self.cfg, unit, {u: m["config_hash"] for u, m in self.upstream.items()},
+                                     self.external)
+
+    def _current(self, unit: str, reader: str) -> dict[str, Any]:
+        """``unit``'s manifest, after checking that it (and what it read) matches the config."""
+        if unit in self._checked:
+            return self._checked[unit]
+        m = self.run.manifest(unit)
+        if m is None:
+            raise MissingUpstream(f"{reader} reads {self.run.stage_uri(unit)}, which is not complete "
+                                  f"(no manifest): run {stage_of(unit).job} first")
+        recorded = m.get("inputs", {})
+        upstream = {u: self._current(u, unit)["config_hash"] for u in recorded.get("upstream", {})}
+        expected = unit_hash(view(self._full, unit), unit, upstream, recorded.get("external", {}))
+        if m.get("config_hash") != expected:
+            known = set(field_names())
+            changed = {k: (v, self._full.value(k)) for k, v in m.get("fields", {}).items()
+                       if k in known and self._full.value(k) != v}
+            what = ", ".join(f"{k}={a!r} (the config now has {b!r})" for k, (a, b) in changed.items())
+            raise StaleUpstream(f"{reader} reads {self.run.stage_uri(unit)}, which was made "
+                                f"{'with ' + what if what else 'by another version of this code'}: "
+                                f"rerun {stage_of(unit).job} first (or --force it)")
+        self._checked[unit] = m
+        return m
+
+    def completed(self) -> dict[str, Any] | None:
+        """The unit's manifest if it finished with this hash, else None."""
+        m = self.run.manifest(self.unit)
+        return m if m is not None and m.get("config_hash") == self.config_hash else None
+
+    def begin(self) -> str:
+        """Mark the unit incomplete before its outputs are rewritten; returns the start time."""
+        self.run.drop_manifest(self.unit)
+        return now()
+
+    def finish(self, output: StageOutput, started_at: str) -> dict[str, Any]:
+        """Write the manifest (refused when the counts do not add up)."""
+        inputs = {"upstream": {u: m["config_hash"] for u, m in self.upstream.items()},
+                  "external": self.external}
+        return self.run.write_manifest(self.unit, config_hash=self.config_hash,
+                                       fields=self.cfg.values(), knobs=self.cfg.knob_values(),
+                                       inputs=inputs, output=output, started_at=started_at)
+
+
+def summary(unit: str, m: Mapping[str, Any], seconds: float | None = None) -> str:
+    """One line: what a unit read, kept, skipped and wrote."""
+    skipped = m["rows_skipped"]
+    text = (f"[{unit}] read {m['rows_in']:,} rows, wrote {m['rows_out']:,}, skipped "
+            f"{sum(skipped.values()):,}" + (f" {skipped}" if skipped else ""))
+    return text + (f" in {seconds:.1f} s" if seconds is not None else "")
+
+
+def run_stage(name: str, cfg: Config, run: RunDir, *, force: bool = False, log: Log = print,
+              **external: Any) -> dict[str, Any]:
+    """Run one stage (not a training run) under the manifest contract; returns its manifest.
+
+    Skipped when its manifest matches the current hash (unless ``force``); otherwise its
+    manifest is dropped, its ``run`` function does the work and the new manifest is written.
+    """
+    stage = stage_of(name)
+    if name.startswith("checkpoints"):
+        raise ValueError("training runs are launched by pipeline.checkpoints, not run_stage")
+    missing = set(stage.external) - set(external)
+    if missing:
+        raise TypeError(f"stage {name} needs {sorted(missing)}")
+    runs = [f"checkpoints/{n}" for n in registry.finished(run)] if ALL_RUNS in stage.reads else []
+    sr = StageRun(name, cfg, run, external, runs)
+    done = sr.completed()
+    if done is not None and not force:
+        log(f"[{name}] complete for this config: skipped ({run.stage_uri(name)})")
+        return done
+    started, t0 = sr.begin(), time.perf_counter()
+    output = stage.function()(sr.cfg, run, sr.upstream, log=log, **external)
+    manifest = sr.finish(output, started)
+    log(summary(name, manifest, time.perf_counter() - t0) + f" -> {run.stage_uri(name)}")
+    return manifest
+
+
+def _fields_text(fields: Iterable[str]) -> str:
+    by_section: dict[str, list[str]] = {}
+    for path in fields:
+        section, name = path.split(".")
+        by_section.setdefault(section, []).append(name)
+    return "; ".join(f"`{s}`: {', '.join(names)}" for s, names in by_section.items()) or "none"
+
+
+def markdown_table() -> str:
+    """The stage table as markdown (README, "Architecture"; docs/stages.md)."""
+    lines = ["| stage (folder) | module | reads | fields (rerun when changed) | knobs (never rerun) | writes | job |",
+             "|---|---|---|---|---|---|---|"]
+    for s in STAGES.values():
+        reads = ", ".join(f"`{r}`" for r in s.reads) or "the shards"
+        external = f" + {', '.join(s.external)}" if s.external and s.reads else ""
+        lines.append(f"| `{s.name}` | `{s.module.replace('.', '/')}.py` | {reads}{external} | "
+                     f"{_fields_text(s.fields)} | {_fields_text(s.knobs)} | {s.output} | `{s.job}` |")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""Stage ``training_data``: the training samples with their images, partitioned by expert.
+
+Every trainer reads its data many times over (one epoch after another), so the expensive parts
+run once, here: reading the shards' image bytes and joining each sample with its assignment.
+Which samples are good was decided by ``ingest``, which decoded every image: this stage decodes
+none. It re-reads the shards for the bytes and keeps the samples that were assigned, which are
+exactly ingest's good rows (embeddings and assignments carry one row per good sample); its
+manifest repeats ingest's skip counts, so its counts add up on their own. Output (README, "Run
+directory")::
+
+    training_data/expert_id=<e>/*.parquet   key: string, caption: string, image: binary,
+                                            fine_id: int32, random_id: int32
+
+``random_id`` is the sample's part in the random-split baseline: a seeded uniform partition with
+the same expected sizes as the experts. Files hold about ``train.rows_per_file`` rows. Readers:
+``rows_for`` (what one training run reads). The manifest's ``stats.rows_per_run`` counts what
+each run's reader yields (``run_rows``), so a trainer needs no counting pass of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray.data
+from ray.data import SaveMode
+
+from pipeline import assignments, ingest
+from pipeline.config import ConfigView
+from pipeline.keys import key_rank, uniform
+from pipeline.rundir import RunDir, StageOutput
+from pipeline.runs import Job, run_name
+from pipeline.storage import pyarrow_filesystem
+from pipeline.tables import count_rows, read_by_expert
+
+STAGE = "training_data"
+COLUMNS = ["key", "caption", "image", "fine_id", "random_id"]
+# Seeds of the two hash draws, offset from train.seed so they never coincide with the sample.
+_RANDOM_SPLIT_SALT = 7_919
+_OOC_SALT = 104_729
+
+
+def random_parts(keys: Any, fractions: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded uniform partition of keys into len(fractions) parts of those expected shares."""
+    u = uniform(keys, seed + _RANDOM_SPLIT_SALT)
+    cuts = np.cumsum(fractions)[:-1] / np.sum(fractions)
+    return np.searchsorted(cuts, u, side="right").astype(np.int32)
+
+
+def ooc_mask(keys: Any, expert: int, ratio: float, seed: int) -> np.ndarray:
+    """Which of ``keys`` (samples of other experts) expert ``expert`` also trains on: a seeded
+    ``ratio`` share, a different draw per expert."""
+    return key_rank(keys, seed + expert + _OOC_SALT) < np.uint64(int(ratio * 2**64))
+
+
+def _label(batch: pd.DataFrame, fractions: np.ndarray, seed: int) -> pd.DataFrame:
+    out = batch.copy()
+    out["random_id"] = random_parts(out["key"].to_numpy(), fractions, seed)
+    out["fine_id"] = out["fine_id"].astype(np.int32)
+    out["expert_id"] = out["expert_id"].astype(np.int32)
+    return out[[*COLUMNS, "expert_id"]]
+
+
+def _run_sizes(batch: pd.DataFrame, num_experts: int, ratio: float, seed: int) -> pd.DataFrame:
+    """One row: the samples of this batch that each expert's and random part's reader yields."""
+    keys, expert, part = (batch[c].to_numpy() for c in ("key", "expert_id", "random_id"))
+    sizes = {}
+    for e in range(num_experts):
+        own = expert == e
+        ooc = ooc_mask(keys[~own], e, ratio, seed).sum() if ratio > 0 else 0
+        sizes[run_name("expert", e)] = [int(own.sum() + ooc)]
+        sizes[run_name("random-split", e)] = [int((part == e).sum())]
+    return pd.DataFrame(sizes)
+
+
+def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> StageOutput:
+    """Join the shards' good samples (ingest's verdicts) with their assignment; write them by expert."""
+    done_ingest, done_assign = upstream["ingest"], upstream["assignments"]
+    data_uri = done_ingest["inputs"]["external"]["data"]
+    per_expert_rows = done_assign["stats"]["rows_per_expert"]
+    sizes = np.array([per_expert_rows[str(e)] for e in range(len(per_expert_rows))], np.float64)
+    good = int(done_ingest["rows_out"])
+    parts = max(1, int(np.ceil(good / cfg.train.rows_per_file)))
+    samples = ingest.good_rows(ingest.read_samples(data_uri, cfg.data, cfg.storage, decode_images=False))
+    labels = assignments.read(run).select_columns(["key", "fine_id", "expert_id"])
+    samples.select_columns(["key", "caption", "image"]) \
+        .join(labels, join_type="inner", num_partitions=parts, on=("key",)) \
+        .map_batches(_label, batch_format="pandas", fn_kwargs={"fractions": sizes, "seed": cfg.train.seed}) \
+        .write_parquet(run.stage_path(STAGE), filesystem=pyarrow_filesystem(run.fs),
+                       partition_cols=["expert_id"], mode=SaveMode.OVERWRITE)
+    rows_out = count_rows(run.fs, run.stage_path(STAGE))
+    if rows_out != good:
+        raise RuntimeError(f"[training_data] the shards at {data_uri} hold {rows_out:,} of ingest's "
+                           f"{good:,} good samples: they changed since ingest ran; rerun "
+                           "jobs/ingest.py (and the stages after it)")
+    per_expert = {str(e): count_rows(run.fs, run.stage_path(STAGE, f"expert_id={e}"))
+                  for e in range(len(sizes))}
+    stats = {"rows_per_expert": per_expert,
+             "rows_per_run": _count_runs(run, len(sizes), cfg.train.ooc_ratio, cfg.train.seed),
+             "ooc": {"ratio": cfg.train.ooc_ratio, "seed": cfg.train.seed},
+             "images_decoded": 0}
+    log(f"[training_data] {rows_out:,} samples with images, by expert {per_expert} (no image "
+        "decoded: ingest's verdicts)")
+    return StageOutput(int(done_ingest["rows_in"]), rows_out, dict(done_ingest["rows_skipped"]), stats)
+
+
+def _count_runs(run: RunDir, num_experts: int, ratio: float, seed: int) -> dict[str, int]:
+    """``_run_sizes`` summed over the written files (three small columns of each are read)."""
+    sizes = _read(run, None, ["key", "random_id", "expert_id"]).map_batches(
+        _run_sizes, batch_format="pandas",
+        fn_kwargs={"num_experts": num_experts, "ratio": ratio, "seed": seed}).to_pandas()
+    return {name: int(n) for name, n in sizes.sum().items()}
+
+
+# ----------------------------------------------------------------------------- readers
+def _read(run: RunDir, experts: list[int] | None = None,
+          columns: list[str] | None = None) -> ray.data.Dataset:
+    return read_by_expert(run.fs, run.stage_path(STAGE), run.scheme, experts, columns)
+
+
+def _expert_filter(batch: pa.Table, expert: int, ratio: float, seed: int) -> pa.Table:
+    keys = batch.column("key").to_numpy(zero_copy_only=False)
+    own = batch.column("expert_id").to_numpy(zero_copy_only=False) == expert
+    return batch.filter(pa.array(own | ooc_mask(keys, expert, ratio, seed)))
+
+
+def _random_part(batch: pa.Table, part: int) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("random_id"), part))
+
+
+def rows_for(run: RunDir, job: Job, num_experts: int, ooc_ratio: float, seed: int,
+             columns: list[str] | None = None) -> ray.data.Dataset:
+    """The rows a training run reads (a lazy Ray Dataset; ``columns`` must include ``key`` for an
+    expert and ``random_id`` for a random part):
+
+    - ``seed``, ``dense``: every sample;
+    - ``expert-<e>``: expert e's samples plus a seeded ``ooc_ratio`` share of every other
+      expert's, in one read of every partition and a filter (each read costs Ray Data a listing
+      pass of its own, so not two reads and a union);
+    - ``random-split-<e>``: part e of the random split.
+    """
+    if job.kind in ("seed", "dense"):
+        return _read(run, None, columns)
+    if job.kind == "random-split":
+        return _read(run, None, columns).map_batches(_random_part, batch_format="pyarrow",
+                                                     fn_kwargs={"part": job.index})
+    if num_experts == 1 or ooc_ratio == 0:
+        return _read(run, [job.index], columns)
+    read_columns = None if columns is None else list(dict.fromkeys([*columns, "expert_id"]))
+    ds = _read(run, None, read_columns).map_batches(_expert_filter, batch_format="pyarrow", fn_kwargs={
+        "expert": job.index, "ratio": ooc_ratio, "seed": seed})
+    return ds if columns is None or "expert_id" in columns else ds.drop_columns(["expert_id"])
+
+
+def run_rows(manifest: dict[str, Any], job: Job, ooc_ratio: float, seed: int) -> int | None:
+    """Samples a run's reader yields, from this stage's manifest; None where the manifest does
+    not say (an expert under another ``train.ooc_ratio`` than the manifest's): count instead."""
+    if job.kind in ("seed", "dense"):
+        return int(manifest["rows_out"])
+    if job.kind == "expert" and manifest["stats"].get("ooc") != {"ratio": ooc_ratio, "seed": seed}:
+        return None
+    return manifest["stats"]["rows_per_run"].get(job.name)
