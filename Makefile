@@ -33,7 +33,7 @@ test: venv  ## the test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest tests
 
 lint: venv
-	$(BIN)/ruff check pipeline jobs tests
+	$(BIN)/ruff check pipeline jobs tests bench
 
 bench: venv  ## benchmarks print ratios against a reference run (added by the stages that need them)
 	@ls bench/bench_*.py >/dev/null 2>&1 && for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done \

@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     print("\nexperts (what each one is about):")
     print(summary.to_string(index=False))
     print()
+    clock.lap("expert table")
     if not args.skip_training:
         stages.run_stage("training_data", cfg, run, force=args.force)
         clock.lap("training data")

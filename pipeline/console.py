@@ -7,8 +7,9 @@ not forwarded to the driver, Ray and Ray Data log only errors to the console, an
 progress bars show in a terminal only. ``--verbose`` (or ``MODE_LOG_LEVEL=DEBUG``) brings all of
 it back (README, "Console output").
 
-Lines from code running in Ray workers (the training loop) reach the job's console through a
-small actor (``relay``): worker output itself is not forwarded.
+Lines from code running in Ray workers (the training loop) reach the job's console through the
+job's console actor (``relay``), which also sums the counts behind the progress lines
+(``Tally``): worker output itself is not forwarded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
@@ -31,7 +33,7 @@ from ray.data import DataContext
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 10.0
-SINK_NAME = "mode-console"
+ACTOR_NAME = "mode-console"
 LEVEL_ENV = "MODE_LOG_LEVEL"
 
 
@@ -141,25 +143,65 @@ def quiet_ray_data() -> None:
                 handler.setLevel(logging.ERROR)
 
 
-# ----------------------------------------------------------------------------- progress
+# ----------------------------------------------------------------------------- the job's actor
 @ray.remote(num_cpus=0)
-class Counter:
-    """Sums the counts that map tasks and actors report, one call per batch."""
+class _Console:
+    """One small actor per job: counts that map tasks report (by scope), and lines that code in
+    Ray workers sends for the driver to print. One process for every stage's progress and the
+    training runs' lines: on a small machine each extra actor is a Python process to start."""
 
     def __init__(self) -> None:
-        self.counts: collections.Counter[str] = collections.Counter()
+        self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.lines: list[str] = []
+
+    def add(self, scope: str, counts: dict[str, int]) -> None:
+        self.counts[scope].update({k: int(v) for k, v in counts.items()})
+
+    def totals(self, scope: str) -> dict[str, int]:
+        return dict(self.counts.get(scope, {}))
+
+    def forget(self, scope: str) -> None:
+        self.counts.pop(scope, None)
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+
+    def drain(self) -> list[str]:
+        out, self.lines = self.lines, []
+        return out
+
+
+def _actor() -> ray.actor.ActorHandle:
+    return _Console.options(name=ACTOR_NAME, get_if_exists=True).remote()
+
+
+class Tally:
+    """Counts that tasks and actors add, batch by batch, summed in the job's console actor.
+
+    Picklable: hand it to map tasks (``fn_kwargs``); each use gets its own scope.
+    """
+
+    def __init__(self) -> None:
+        self._actor, self._scope = _actor(), uuid.uuid4().hex
 
     def add(self, counts: dict[str, int]) -> None:
-        self.counts.update({k: int(v) for k, v in counts.items()})
+        """Add counts and wait until they are in (a batch's counts are not lost with its task)."""
+        ray.get(self._actor.add.remote(self._scope, counts))
 
     def totals(self) -> dict[str, int]:
-        return dict(self.counts)
+        return ray.get(self._actor.totals.remote(self._scope))
+
+    def get(self, name: str) -> int:
+        return self.totals().get(name, 0)
+
+    def close(self) -> None:
+        self._actor.forget.remote(self._scope)
 
 
 class Progress:
     """A line every ``every`` seconds while some long work runs: done/total, rate and ETA.
 
-    ``done`` is polled from a background thread (e.g. a ``Counter``'s totals); nothing is printed
+    ``done`` is polled from a background thread (e.g. a ``Tally``'s totals); nothing is printed
     for work that ends before the first interval.
     """
 
@@ -202,32 +244,17 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------- worker lines
-@ray.remote(num_cpus=0)
-class _Sink:
-    """Lines sent by code running in Ray workers, held until the driver prints them."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def say(self, line: str) -> None:
-        self.lines.append(line)
-
-    def drain(self) -> list[str]:
-        out, self.lines = self.lines, []
-        return out
-
-
 @contextlib.contextmanager
 def relay(say: Callable[[str], None] = print, every: float = 1.0) -> Iterator[None]:
     """Print, in this driver, the lines that Ray workers send with ``say`` while the block runs."""
-    sink = _Sink.options(name=SINK_NAME, get_if_exists=True).remote()
+    actor = _actor()
     stop = threading.Event()
 
     def pump() -> None:
         while True:
             stopping = stop.wait(every)
             try:
-                for line in ray.get(sink.drain.remote()):
+                for line in ray.get(actor.drain.remote()):
                     say(line)
             except Exception as e:  # noqa: BLE001 - the console must never fail a run
                 log.debug("console relay failed: %s", e)
@@ -241,14 +268,13 @@ def relay(say: Callable[[str], None] = print, every: float = 1.0) -> Iterator[No
     finally:
         stop.set()
         thread.join(timeout=10)
-        ray.kill(sink)
 
 
 def say(line: str) -> None:
-    """From a Ray worker: a line for the job's console (printed locally when no relay runs)."""
+    """From a Ray worker: a line for the job's console (printed locally when there is none)."""
     try:
-        sink = ray.get_actor(SINK_NAME)
+        actor = ray.get_actor(ACTOR_NAME)
     except ValueError:
         print(line, flush=True)
         return
-    sink.say.remote(line)
+    actor.say.remote(line)

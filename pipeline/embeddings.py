@@ -16,12 +16,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 import ray.data
 from ray.data import ActorPoolStrategy, SaveMode
 
 from pipeline.config import ConfigView, EmbedConfig
-from pipeline.console import Counter, Progress
+from pipeline.console import Progress, Tally
 from pipeline.encoders import CaptionEncoder
 from pipeline.rundir import RunDir, StageOutput
 from pipeline.storage import pyarrow_filesystem
@@ -31,8 +30,7 @@ from pipeline.tables import count_rows, embedding_table, parquet_schema
 class _EmbedBatches:
     """The actor of the pool: one encoder, its caption cache, and counts sent per batch."""
 
-    def __init__(self, model: str, batch_size: int, cache_size: int,
-                 counter: ray.actor.ActorHandle | None) -> None:
+    def __init__(self, model: str, batch_size: int, cache_size: int, counter: Tally | None) -> None:
         self.encoder = CaptionEncoder(model, batch_size=batch_size, cache_size=cache_size)
         self.counter = counter
 
@@ -40,13 +38,12 @@ class _EmbedBatches:
         before = self.encoder.encoded
         emb = self.encoder.encode(batch["caption"].tolist())
         if self.counter is not None:
-            ray.get(self.counter.add.remote({"embedded": len(emb),
-                                             "encoded": self.encoder.encoded - before}))
+            self.counter.add({"embedded": len(emb), "encoded": self.encoder.encoded - before})
         return embedding_table(batch["key"], emb)
 
 
 def embed_dataset(ds: ray.data.Dataset, cfg: EmbedConfig,
-                  counter: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
+                  counter: Tally | None = None) -> ray.data.Dataset:
     """Map rows with ``key`` and ``caption`` to rows with ``key`` and ``embedding``.
 
     The encoder runs in an actor pool of up to ``cfg.num_actors`` actors, each with
@@ -65,18 +62,16 @@ def embed_dataset(ds: ray.data.Dataset, cfg: EmbedConfig,
 def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> StageOutput:
     """Embed the caption of every good sample of ``ingest/``; write ``embeddings/``."""
     rows_in = int(upstream["ingest"]["rows_out"])
-    counter = Counter.remote()
+    counter = Tally()
     ds = ray.data.read_parquet(run.stage_uri("ingest", "samples"), columns=["key", "caption"],
                                filesystem=pyarrow_filesystem(run.fs))
     ds = embed_dataset(ds, cfg.embed, counter)
 
-    def embedded() -> int:
-        return ray.get(counter.totals.remote()).get("embedded", 0)
-
-    with Progress("embeddings", embedded, rows_in, unit="captions", say=log):
+    with Progress("embeddings", lambda: counter.get("embedded"), rows_in, unit="captions", say=log):
         ds.write_parquet(run.stage_path("embeddings"), filesystem=pyarrow_filesystem(run.fs),
                          mode=SaveMode.OVERWRITE, min_rows_per_file=cfg.embed.rows_per_file)
-    totals = ray.get(counter.totals.remote())
+    totals = counter.totals()
+    counter.close()
     rows_out = count_rows(run.fs, run.stage_path("embeddings"))
     if rows_out != totals.get("embedded", 0):
         raise RuntimeError(f"[embeddings] {totals.get('embedded', 0)} rows embedded but {rows_out} "

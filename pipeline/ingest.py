@@ -25,14 +25,13 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.fs
-import ray
 import ray.data
 from PIL import Image
 from ray.data import SaveMode
 from ray.data.datasource import FileBasedDatasource
 
 from pipeline.config import ConfigView, DataConfig, StorageConfig
-from pipeline.console import Counter, Progress
+from pipeline.console import Progress, Tally
 from pipeline.rundir import RunDir, StageOutput
 from pipeline.storage import expand_shards, filesystem, pyarrow_filesystem, strip_scheme
 
@@ -127,8 +126,8 @@ class SampleTarDatasource(FileBasedDatasource):
     else one marker row stands for it). Each finished shard is reported to ``counter``.
     """
 
-    def __init__(self, paths: list[str], keep_images: bool,
-                 counter: ray.actor.ActorHandle | None = None, **kwargs: Any) -> None:
+    def __init__(self, paths: list[str], keep_images: bool, counter: Tally | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(paths, **kwargs)
         self._keep_images = keep_images
         self._counter = counter
@@ -154,7 +153,7 @@ class SampleTarDatasource(FileBasedDatasource):
         if rows:
             yield _frame(rows)
         if self._counter is not None:
-            self._counter.add.remote({"shards": 1})
+            self._counter.add({"shards": 1})
 
 
 def _raw_row(sample: dict[str, Any], path: str, keep_images: bool) -> dict[str, Any]:
@@ -217,8 +216,7 @@ def _decodes(image: bytes) -> bool:
 
 
 def read_samples(uri: str, data: DataConfig, storage: StorageConfig, keep_images: bool = True,
-                 decode_images: bool = True,
-                 counter: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
+                 decode_images: bool = True, counter: Tally | None = None) -> ray.data.Dataset:
     """All rows of the shards at ``uri`` with their ``skip_reason`` (good rows have "").
 
     Args:
@@ -228,7 +226,7 @@ def read_samples(uri: str, data: DataConfig, storage: StorageConfig, keep_images
         keep_images: False keeps only the presence of each image (``b""``), for stages that
             need captions alone; the bytes still stream past but are not kept.
         decode_images: check that each image decodes (needs ``keep_images``).
-        counter: a ``console.Counter`` told of each finished tar shard (progress).
+        counter: a ``console.Tally`` told of each finished tar shard or parquet batch (progress).
     """
     fs, _ = filesystem(uri, storage)
     if data.format == "webdataset":
@@ -248,12 +246,12 @@ def read_samples(uri: str, data: DataConfig, storage: StorageConfig, keep_images
 
 
 def _parquet_rows(batch: pd.DataFrame, data: DataConfig, keep_images: bool,
-                  counter: ray.actor.ActorHandle | None) -> pd.DataFrame:
+                  counter: Tally | None) -> pd.DataFrame:
     images = batch[data.image_column].tolist()
     if not keep_images:
         images = [None if im is None else b"" for im in images]
     if counter is not None:
-        counter.add.remote({"rows": len(batch)})
+        counter.add({"rows": len(batch)})
     return pd.DataFrame({
         "key": batch[data.key_column].astype(str),
         "caption": batch[data.caption_column].tolist(),
@@ -285,18 +283,15 @@ def _tally(ds: ray.data.Dataset) -> pd.DataFrame:
     return parts.groupby(["shard", "skip_reason"], as_index=False)["n"].sum()
 
 
-def _progress(uri: str, data: DataConfig, storage: StorageConfig, counter, log) -> Progress:
+def _progress(uri: str, data: DataConfig, storage: StorageConfig, counter: Tally, log) -> Progress:
     """Shards done of all (tars), or rows read of all (parquet, counted from the footers)."""
-    def done(name: str) -> int:
-        return ray.get(counter.totals.remote()).get(name, 0)
-
     if data.format == "webdataset":
         total = len(expand_shards(uri, storage, (".tar",)))
-        return Progress("ingest", lambda: done("shards"), total, unit="shards", say=log)
+        return Progress("ingest", lambda: counter.get("shards"), total, unit="shards", say=log)
     fs, _ = filesystem(uri, storage)
     total = pads.dataset([strip_scheme(p) for p in expand_shards(uri, storage, (".parquet",))],
                          filesystem=pyarrow_filesystem(fs), format="parquet").count_rows()
-    return Progress("ingest", lambda: done("rows"), total, unit="rows", say=log)
+    return Progress("ingest", lambda: counter.get("rows"), total, unit="rows", say=log)
 
 
 def run(cfg: ConfigView, run: RunDir, upstream: dict, log=print, *, data: str) -> StageOutput:
@@ -306,10 +301,11 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict, log=print, *, data: str) -
     ``ingest/skipped/*.parquet`` (key, shard, skip_reason: every bad record). Images are decoded
     once here to find corrupt ones; their bytes are not copied.
     """
-    counter = Counter.remote()
+    counter = Tally()
     with _progress(data, cfg.data, cfg.storage, counter, log):
         ds = read_samples(data, cfg.data, cfg.storage, counter=counter) \
             .drop_columns(["image"]).materialize()
+    counter.close()
     tally = _tally(ds)
     reasons = tally.groupby("skip_reason")["n"].sum().to_dict()
     rows_out = reasons.pop("", 0)

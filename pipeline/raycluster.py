@@ -18,16 +18,6 @@ FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 LOCAL_FOOTER_ACTORS = "1"
 
 
-def _quiet_workers() -> None:
-    """Set up every worker process of a local Ray (``worker_process_setup_hook``)."""
-    # Without the dashboard there is no State API, and Ray Train's placement-group cleaner then
-    # warns about it every second of every run; its job (removing a dead controller's placement
-    # group) does not need the warning. A logger name, not an import.
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner") \
-        .setLevel(logging.ERROR)
-    console.quiet_ray_data()
-
-
 def init_ray(cfg: RayConfig, num_cpus: int | None = None) -> str:
     """Join the configured cluster, the one ``ray job submit`` runs us on, or start a local one.
 
@@ -46,11 +36,19 @@ def init_ray(cfg: RayConfig, num_cpus: int | None = None) -> str:
         context = ray.init(address=address, **quiet)
         what = f"joined ray cluster at {address}"
     else:
+        def quiet_workers() -> None:
+            # Without the dashboard there is no State API, and Ray Train's placement-group
+            # cleaner then warns about it every second of every run; its job (removing a dead
+            # controller's placement group) does not need the warning. A logger name, not an
+            # import; nested, so Ray ships it by value and no worker imports our modules for it.
+            logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner") \
+                .setLevel(logging.ERROR)
+
         # Set before Ray starts: the local raylet, and every worker it starts, inherit it.
         os.environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)
         context = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
                            object_store_memory=cfg.object_store_memory, include_dashboard=False,
-                           runtime_env={"worker_process_setup_hook": _quiet_workers}, **quiet)
+                           runtime_env={"worker_process_setup_hook": quiet_workers}, **quiet)
         what = f"started local ray with {ray.cluster_resources().get('CPU', 0):g} CPUs"
     console.quiet_ray_data()
     session = context.address_info.get("session_dir")

@@ -30,6 +30,7 @@ from ray.data import SaveMode
 
 from pipeline import assignments, ingest
 from pipeline.config import ConfigView
+from pipeline.console import Tally
 from pipeline.keys import key_rank, uniform
 from pipeline.rundir import RunDir, StageOutput
 from pipeline.runs import Job, run_name
@@ -56,24 +57,31 @@ def ooc_mask(keys: Any, expert: int, ratio: float, seed: int) -> np.ndarray:
     return key_rank(keys, seed + expert + _OOC_SALT) < np.uint64(int(ratio * 2**64))
 
 
-def _label(batch: pd.DataFrame, fractions: np.ndarray, seed: int) -> pd.DataFrame:
+def _label(batch: pd.DataFrame, fractions: np.ndarray, seed: int, ratio: float,
+           counter: Tally) -> pd.DataFrame:
+    """The written columns of a joined batch; its per-run counts go to ``counter``."""
     out = batch.copy()
     out["random_id"] = random_parts(out["key"].to_numpy(), fractions, seed)
     out["fine_id"] = out["fine_id"].astype(np.int32)
     out["expert_id"] = out["expert_id"].astype(np.int32)
+    counter.add({"rows": len(out), **_run_sizes(out, len(fractions), ratio, seed)})
     return out[[*COLUMNS, "expert_id"]]
 
 
-def _run_sizes(batch: pd.DataFrame, num_experts: int, ratio: float, seed: int) -> pd.DataFrame:
-    """One row: the samples of this batch that each expert's and random part's reader yields."""
+def _run_sizes(batch: pd.DataFrame, num_experts: int, ratio: float, seed: int) -> dict[str, int]:
+    """The samples of this batch that each expert's and random part's reader yields."""
     keys, expert, part = (batch[c].to_numpy() for c in ("key", "expert_id", "random_id"))
     sizes = {}
     for e in range(num_experts):
         own = expert == e
         ooc = ooc_mask(keys[~own], e, ratio, seed).sum() if ratio > 0 else 0
-        sizes[run_name("expert", e)] = [int(own.sum() + ooc)]
-        sizes[run_name("random-split", e)] = [int((part == e).sum())]
-    return pd.DataFrame(sizes)
+        sizes[run_name("expert", e)] = int(own.sum() + ooc)
+        sizes[run_name("random-split", e)] = int((part == e).sum())
+    return sizes
+
+
+def _run_sizes_frame(batch: pd.DataFrame, num_experts: int, ratio: float, seed: int) -> pd.DataFrame:
+    return pd.DataFrame({k: [v] for k, v in _run_sizes(batch, num_experts, ratio, seed).items()})
 
 
 def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> StageOutput:
@@ -86,9 +94,12 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
     parts = max(1, int(np.ceil(good / cfg.train.rows_per_file)))
     samples = ingest.good_rows(ingest.read_samples(data_uri, cfg.data, cfg.storage, decode_images=False))
     labels = assignments.read(run).select_columns(["key", "fine_id", "expert_id"])
+    counter = Tally()
+    ratio, seed = cfg.train.ooc_ratio, cfg.train.seed
     samples.select_columns(["key", "caption", "image"]) \
         .join(labels, join_type="inner", num_partitions=parts, on=("key",)) \
-        .map_batches(_label, batch_format="pandas", fn_kwargs={"fractions": sizes, "seed": cfg.train.seed}) \
+        .map_batches(_label, batch_format="pandas", fn_kwargs={
+            "fractions": sizes, "seed": seed, "ratio": ratio, "counter": counter}) \
         .write_parquet(run.stage_path(STAGE), filesystem=pyarrow_filesystem(run.fs),
                        partition_cols=["expert_id"], mode=SaveMode.OVERWRITE)
     rows_out = count_rows(run.fs, run.stage_path(STAGE))
@@ -98,10 +109,12 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
                            "jobs/ingest.py (and the stages after it)")
     per_expert = {str(e): count_rows(run.fs, run.stage_path(STAGE, f"expert_id={e}"))
                   for e in range(len(sizes))}
-    stats = {"rows_per_expert": per_expert,
-             "rows_per_run": _count_runs(run, len(sizes), cfg.train.ooc_ratio, cfg.train.seed),
-             "ooc": {"ratio": cfg.train.ooc_ratio, "seed": cfg.train.seed},
-             "images_decoded": 0}
+    per_run = counter.totals()
+    counter.close()
+    if per_run.pop("rows", 0) != rows_out:     # a retried task counted twice: count the files
+        per_run = _count_runs(run, len(sizes), ratio, seed)
+    stats = {"rows_per_expert": per_expert, "rows_per_run": per_run,
+             "ooc": {"ratio": ratio, "seed": seed}, "images_decoded": 0}
     log(f"[training_data] {rows_out:,} samples with images, by expert {per_expert} (no image "
         "decoded: ingest's verdicts)")
     return StageOutput(int(done_ingest["rows_in"]), rows_out, dict(done_ingest["rows_skipped"]), stats)
@@ -110,7 +123,7 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
 def _count_runs(run: RunDir, num_experts: int, ratio: float, seed: int) -> dict[str, int]:
     """``_run_sizes`` summed over the written files (three small columns of each are read)."""
     sizes = _read(run, None, ["key", "random_id", "expert_id"]).map_batches(
-        _run_sizes, batch_format="pandas",
+        _run_sizes_frame, batch_format="pandas",
         fn_kwargs={"num_experts": num_experts, "ratio": ratio, "seed": seed}).to_pandas()
     return {name: int(n) for name, n in sizes.sum().items()}
 

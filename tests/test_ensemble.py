@@ -68,3 +68,26 @@ def test_bad_inputs_are_named():
         routing_weights(_classes(E0), CENTRES, F2E, 2)
     with pytest.raises(ValueError, match="top_k needs"):
         routing_weights(_classes(E0), CENTRES, F2E, 3, mode="top_k", k=4)
+
+
+def test_report_methods_are_data_that_label_what_they_compute():
+    """Each method's label is checked against the parameters it computes with: a default of
+    routing_weights changing cannot mislabel a row, because every method names its own."""
+    import re
+
+    from pipeline.eval import DEFAULT_METHOD, METHODS
+
+    rng = np.random.default_rng(0)
+    classes = rng.standard_normal((6, 4))
+    for label, params in METHODS.items():
+        t = re.search(r"T=(\d+(?:\.\d+)?)", label)
+        if t:
+            assert params["temperature"] == float(t.group(1)), label
+        k = re.search(r"top-(\d+)", label)
+        if k:
+            assert params["mode"] == "top_k" and params["k"] == int(k.group(1)), label
+        if label == "uniform":
+            assert params == {"mode": "uniform"}
+        w = routing_weights(classes, CENTRES, F2E, 3, **params)
+        assert math.isclose(w.sum(), 1.0)
+    assert DEFAULT_METHOD in METHODS and METHODS[DEFAULT_METHOD] == {"temperature": 8.0}

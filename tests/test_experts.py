@@ -124,6 +124,9 @@ def test_training_data_manifest_counts_what_each_run_reads(seeded):
         counted = training_data.rows_for(run, job, 2, cfg.ooc_ratio, cfg.seed,
                                          columns=["key", "random_id"]).count()
         assert training_data.run_rows(manifest, job, cfg.ooc_ratio, cfg.seed) == counted, job.name
+    # Counted while writing; the fallback that counts the written files (a retried write task
+    # would have counted twice) gives the same numbers.
+    assert training_data._count_runs(run, 2, cfg.ooc_ratio, cfg.seed) == manifest["stats"]["rows_per_run"]
     # Another out-of-cluster draw than the manifest's: no number, the launcher counts instead.
     expert, part = Job("expert", 0, 1, 1), Job("random-split", 0, 1, 1)
     assert training_data.run_rows(manifest, expert, 0.1, cfg.seed) is None
@@ -183,10 +186,15 @@ def test_two_experts_train_concurrently_and_each_owns_its_data(trained, tmp_path
     assert complete == {"seed", "dense", "random-split-0", "random-split-1"}
 
 
-def test_experts_flag_trains_only_that_expert(seeded, tmp_path):
+def test_experts_flag_trains_only_that_expert(seeded, tmp_path, capsys):
     run = copy_run(seeded, tmp_path / "run")
     assert experts_job.main(["--run-dir", run.uri, "--experts", "1"]) == 0
     assert sorted(registry_of(tmp_path / "run")) == ["expert-1", "seed"]
+    # The run's own log lines, printed by the Ray Train worker, reach this driver's console
+    # through the console actor (worker output is not forwarded): once each.
+    lines = capsys.readouterr().out.splitlines()
+    steps = [line for line in lines if line.startswith("[expert-1] step ")]
+    assert steps and len(steps) == len(set(steps)) and "ETA" in steps[-1]
 
 
 def test_a_failing_expert_leaves_the_others_done(seeded, tmp_path):
