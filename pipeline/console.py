@@ -171,8 +171,16 @@ class _Console:
         return out
 
 
+# The handle stays referenced for the whole job: a named actor that loses its last reference is
+# destroyed, and one created again under the same name meanwhile would be the dying one.
+_handles: dict[str, ray.actor.ActorHandle] = {}
+
+
 def _actor() -> ray.actor.ActorHandle:
-    return _Console.options(name=ACTOR_NAME, get_if_exists=True).remote()
+    job = ray.get_runtime_context().get_job_id()
+    if job not in _handles:
+        _handles[job] = _Console.options(name=ACTOR_NAME, get_if_exists=True).remote()
+    return _handles[job]
 
 
 class Tally:

@@ -58,3 +58,24 @@ def test_raylet_lines_go_to_a_file_and_the_rest_passes(tmp_path, capsys):
     assert buffer.getvalue() == "[ingest] read 10 rows\npartial line\n"
     assert (tmp_path / "mode-driver.out").read_text() == \
         "(raylet) WARNING: 16 PYTHON worker processes\n  (raylet) another\n"
+
+
+def test_the_console_actor_outlives_each_use(ray_local):
+    """Tallies and relays come and go; the job's console actor stays. A named actor whose last
+    handle is dropped is destroyed, and a use during its destruction would get the dying one
+    (it failed a CI run with ActorDiedError)."""
+    import gc
+    import time
+
+    import ray
+
+    ray.get(console._actor().say.remote("kept"))
+    tally = console.Tally()
+    tally.add({"rows": 2})
+    assert tally.get("rows") == 2
+    tally.close()
+    del tally
+    gc.collect()
+    time.sleep(2)
+    assert ray.get(console._actor().drain.remote()) == ["kept"]
+    assert console.Tally().totals() == {}
