@@ -14,7 +14,6 @@ with BENCH_ENSEMBLE_IMAGES, BENCH_ENSEMBLE_BATCH, BENCH_ENSEMBLE_REPEATS, BENCH_
 from __future__ import annotations
 
 import io
-import json
 import os
 import pathlib
 import tempfile
@@ -24,6 +23,7 @@ import numpy as np
 from benchlib import print_table
 from PIL import Image
 
+from pipeline import registry
 from pipeline.config import load_config
 from pipeline.demo_world import DOMAINS, render
 from pipeline.rundir import RunDir, StageOutput
@@ -60,7 +60,6 @@ def synthetic_run(root: str) -> str:
     np.save(clusters / "fine_sizes.npy", np.ones(k, np.int64))
     run.write_manifest("clusters", config_hash="synthetic", fields={}, knobs={}, inputs={},
                        output=StageOutput(k, k), started_at="")
-    entries = []
     for e in range(NUM_EXPERTS):
         torch.manual_seed(e)
         model, *_ = create(cfg.train.model)
@@ -68,9 +67,8 @@ def synthetic_run(root: str) -> str:
         ckpt.mkdir(parents=True)
         torch.save({"model": model.state_dict(), "model_name": cfg.train.model},
                    ckpt / CHECKPOINT_FILE)
-        entries.append({"name": f"expert-{e}", "kind": "expert", "expert_id": e,
-                        "checkpoint": str(ckpt)})
-    (pathlib.Path(root) / "experts.json").write_text(json.dumps(entries))
+        registry.put(run, {"name": f"expert-{e}", "kind": "expert", "expert_id": e,
+                           "checkpoint": str(ckpt)})
     return root
 
 
@@ -83,7 +81,7 @@ def main() -> int:
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         source = "demo run"
-        if not (pathlib.Path(RUN) / "experts.json").exists():
+        if not (pathlib.Path(RUN) / "registry" / "expert-0.json").exists():
             source = "synthetic run (random weights; `make demo` first for the trained one)"
         run = RUN if source == "demo run" else synthetic_run(tmp)
         ens = MoDEEnsemble(run)

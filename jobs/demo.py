@@ -4,6 +4,11 @@
 
 Generates the world under <out>/data (once), then runs every stage into <out>/run and prints
 what each stage produced, then the wall time of each part. Complete stages are skipped on rerun.
+
+The world's held-out domain (arrows, <out>/data/new_domain) is added to the run as generation
+`arrows` once the seed is trained (what jobs/add_experts.py does): its novel samples make a new
+expert, which trains next to the original experts and baselines; the report ends with the
+ensemble's accuracy before and after it (docs/growth.md).
 """
 
 import io
@@ -12,13 +17,15 @@ import time
 
 import pandas as pd
 
-from pipeline import assignments, checkpoints, cli, demo_world, registry, stages
+from pipeline import assignments, checkpoints, cli, demo_world, generations, registry, stages
 from pipeline import eval as evaluation
 from pipeline.console import format_seconds
 from pipeline.raycluster import init_ray
 from pipeline.rundir import FOLDERS
 from pipeline.runs import plan
 from pipeline.storage import filesystem, join
+
+NEW = "arrows"      # the generation the demo adds: the world's held-out domain
 
 
 class Clock:
@@ -73,13 +80,17 @@ def main(argv=None) -> int:
         clock.lap("training data")
         checkpoints.train_seed(cfg, run, force=args.force)
         clock.lap("seed")
-        jobs = plan(cfg.train, checkpoints.num_experts(run))
+        grew, new_jobs = generations.prepare(cfg, run, join(data, "new_domain"), NEW)
+        print(f"[add_experts] generation {NEW}: {grew['novel']:,} novel, {grew['familiar']:,} "
+              f"familiar samples; {grew['why']}")
+        clock.lap("new data (arrows)")
+        jobs = plan(cfg.train, checkpoints.num_experts(run)) + new_jobs
         _, failed = checkpoints.launch(cfg, run, jobs, cfg.train.max_concurrent, force=args.force)
-        clock.lap("experts and baselines")
+        clock.lap("experts, new expert and baselines")
         if failed:
             print(f"failed runs: {failed}")
             return 1
-        print("\nruns (experts.json):")
+        print(f"\nruns ({registry.uri(run)}):")
         print(_runs_table(registry.entries(run)).to_string(index=False))
         print()
         tasks, retrieval, truth_uri = evaluation.demo_inputs(data, cfg.storage)

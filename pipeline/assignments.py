@@ -51,7 +51,8 @@ def _fine_counts(batch: pd.DataFrame) -> pd.DataFrame:
                                                          distance=("distance", "sum"))
 
 
-def plot_sizes(fine_counts: np.ndarray, expert_counts: np.ndarray) -> bytes:
+def plot_sizes(fine_counts: np.ndarray, expert_counts: np.ndarray,
+               expert_ids: np.ndarray | None = None) -> bytes:
     """PNG: histogram of fine-cluster sizes and bar chart of expert sizes."""
     import matplotlib  # late import: 0.6 s, kept out of the Ray workers that import this module
 
@@ -64,9 +65,10 @@ def plot_sizes(fine_counts: np.ndarray, expert_counts: np.ndarray) -> bytes:
     a.set(title=f"{len(fine_counts)} fine clusters", xlabel="samples per fine cluster",
           ylabel="fine clusters")
     a.legend()
+    ids = np.arange(len(expert_counts)) if expert_ids is None else np.asarray(expert_ids)
     b.bar(np.arange(len(expert_counts)), expert_counts, color="#ed7d31")
-    b.set(title=f"{len(expert_counts)} experts", xlabel="expert_id", ylabel="samples",
-          xticks=np.arange(len(expert_counts)))
+    b.set(title=f"{len(expert_counts)} experts", xlabel="expert_id", ylabel="samples")
+    b.set_xticks(np.arange(len(expert_counts)), [str(e) for e in ids])
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -76,35 +78,44 @@ def plot_sizes(fine_counts: np.ndarray, expert_counts: np.ndarray) -> bytes:
 
 def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> StageOutput:
     """Assign every row of ``embeddings/`` with the fitted centres; write ``assignments/``."""
-    arrays = clusters.load(run)
-    fine, fine_to_expert = arrays["fine_centroids"], arrays["fine_to_expert"]
-    k, m = len(fine), len(arrays["coarse_centroids"])
-    rows_in = int(upstream["embeddings"]["rows_out"])
-    fs = pyarrow_filesystem(run.fs)
-    ds = ray.data.read_parquet(run.stage_uri("embeddings"), filesystem=fs)
-    assigned = ds.map_batches(assign_table, batch_format="pyarrow", batch_size=cfg.cluster.block_rows,
+    arrays = clusters.load(run, generations=[])
+    ds = ray.data.read_parquet(run.stage_uri("embeddings"), filesystem=pyarrow_filesystem(run.fs))
+    return assign_and_write(run, ds, int(upstream["embeddings"]["rows_out"]),
+                            arrays["fine_centroids"], arrays["fine_to_expert"], cfg.cluster, log)
+
+
+def assign_and_write(run: RunDir, ds: ray.data.Dataset, rows_in: int, fine: np.ndarray,
+                     fine_to_expert: np.ndarray, c: Any, log=print, fine_offset: int = 0) -> StageOutput:
+    """Assign the rows of ``ds`` (key, embedding) to ``fine`` (balanced per ``c.balanced``) and
+    write ``assignments/`` by expert. A generation (docs/growth.md) passes its own new centres,
+    their expert ids and ``fine_offset``, the fine id its first centre has in the run."""
+    experts = np.unique(fine_to_expert)
+    assigned = ds.map_batches(assign_table, batch_format="pyarrow", batch_size=c.block_rows,
                               fn_kwargs={"fine": fine, "fine_to_expert": fine_to_expert,
-                                         "balanced": cfg.cluster.balanced,
-                                         "slack": cfg.cluster.capacity_slack}).materialize()
+                                         "balanced": c.balanced, "slack": c.capacity_slack}).materialize()
     tally = assigned.map_batches(_fine_counts, batch_format="pandas").to_pandas()
-    fine_counts = np.zeros(k, np.int64)
+    fine_counts = np.zeros(len(fine), np.int64)
     np.add.at(fine_counts, tally["fine_id"].to_numpy(), tally["n"].to_numpy())
-    expert_counts = np.bincount(fine_to_expert, weights=fine_counts, minlength=m).astype(np.int64)
+    expert_counts = np.array([fine_counts[fine_to_expert == e].sum() for e in experts], np.int64)
+    if fine_offset:
+        assigned = assigned.map_batches(_shift_fine, batch_format="pyarrow",
+                                        fn_kwargs={"offset": fine_offset})
     # A partition per expert; repartition first so each expert gets few files, not one per block.
-    assigned.repartition(max(1, int(np.ceil(rows_in / cfg.cluster.rows_per_file)))) \
-        .write_parquet(run.stage_path(STAGE), filesystem=fs, partition_cols=["expert_id"],
-                       mode=SaveMode.OVERWRITE)
+    assigned.repartition(max(1, int(np.ceil(rows_in / c.rows_per_file)))) \
+        .write_parquet(run.stage_path(STAGE), filesystem=pyarrow_filesystem(run.fs),
+                       partition_cols=["expert_id"], mode=SaveMode.OVERWRITE)
     rows_out = count_rows(run.fs, run.stage_path(STAGE))
     if rows_out != int(fine_counts.sum()):
         raise RuntimeError(f"[assignments] tallied {int(fine_counts.sum())} rows but wrote {rows_out}")
     write_bytes_atomic(run.fs, run.stage_path(STAGE, "_sizes.png"),
-                       plot_sizes(fine_counts, expert_counts))
+                       plot_sizes(fine_counts, expert_counts, experts))
     mean = fine_counts.mean()
     stats = {
-        "balanced": cfg.cluster.balanced,
-        "capacity_slack": cfg.cluster.capacity_slack,
-        "rows_per_expert": {str(e): int(v) for e, v in enumerate(expert_counts)},
+        "balanced": c.balanced,
+        "capacity_slack": c.capacity_slack,
+        "rows_per_expert": {str(e): int(v) for e, v in zip(experts, expert_counts, strict=True)},
         "rows_per_fine_cluster": fine_counts.tolist(),
+        "first_fine_id": fine_offset,
         "fine_sizes": {"min": int(fine_counts.min()), "max": int(fine_counts.max()),
                        "mean": float(mean), "cv": float(fine_counts.std() / mean),
                        "max_over_mean": float(fine_counts.max() / mean),
@@ -113,8 +124,14 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
     }
     sizes = stats["fine_sizes"]
     log(f"[assignments] fine clusters {sizes['min']}..{sizes['max']} rows (cv {sizes['cv']:.3f}), "
-        f"experts {[int(v) for v in expert_counts]}; plot: {run.stage_uri(STAGE, '_sizes.png')}")
+        f"experts {stats['rows_per_expert']}; plot: {run.stage_uri(STAGE, '_sizes.png')}")
     return StageOutput(rows_in, rows_out, {}, stats)
+
+
+def _shift_fine(batch: pa.Table, offset: int) -> pa.Table:
+    i = batch.schema.get_field_index("fine_id")
+    shifted = pa.array(batch.column(i).to_numpy(zero_copy_only=False) + np.int32(offset), pa.int32())
+    return batch.set_column(i, "fine_id", shifted)
 
 
 def read(run: RunDir, experts: list[int] | None = None) -> ray.data.Dataset:

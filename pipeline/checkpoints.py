@@ -5,7 +5,9 @@ manifest contract of ``pipeline/stages.py``: its config view, its hash, its mani
 last. Rerunning a job skips the runs whose manifest matches, resumes an interrupted run from its
 latest checkpoint, and starts afresh a run whose checkpoints were made with another config (the
 hash it started with is kept in ``checkpoints/<run>/_attempt.json``). A finished run is also
-entered in the registry (``experts.json``, ``pipeline.registry``) before its manifest is written.
+entered in the registry (``registry/<run>.json``, ``pipeline.registry``) before its manifest is
+written. Experts added later by a generation (docs/growth.md) are the same kind of run, with
+their unit and checkpoints below ``generations/<g>/``.
 
 The launcher keeps at most ``train.max_concurrent`` runs going, longest first, each in a
 zero-CPU Ray task that calls Ray Train's ``fit``; a failed run does not stop the others.
@@ -68,7 +70,7 @@ def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
                                          columns=["key", "random_id"]).count()
     init = upstream["checkpoints/seed"]["stats"]["entry"]["checkpoint"] if job.kind != "seed" else None
     result = train.train(job.name, training_data.rows_for(run, job, experts, ooc, cfg.train.seed),
-                         cfg.train, run.stage_uri("checkpoints"), job.end_samples,
+                         cfg.train, run.stage_uri(job.folder), job.end_samples,
                          schedule_total=job.schedule_total, threads=threads,
                          init_checkpoint=init, storage=cfg.storage)
     fine = None
@@ -77,7 +79,8 @@ def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
         fine = np.flatnonzero(f2e == job.index).tolist()
     losses = [h["loss"] for h in result.history]
     return {
-        "name": job.name, "kind": job.kind, "expert_id": job.index if job.kind == "expert" else None,
+        "name": job.name, "kind": job.kind, "unit": job.unit, "generation": job.generation,
+        "expert_id": job.index if job.kind == "expert" else None,
         "part": job.index if job.kind == "random-split" else None,
         "fine_clusters": fine, "samples": int(samples), "model": cfg.train.model,
         "checkpoint": result.checkpoint, "sha256": sha256(run.fs, result.checkpoint),

@@ -33,8 +33,10 @@ def parser(description: str, run_dir: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def load(args: argparse.Namespace) -> tuple[Config, RunDir | None]:
-    """Config from --config/--set, falling back to the run directory's own config.yaml."""
+def load(args: argparse.Namespace, write_config: bool = True) -> tuple[Config, RunDir | None]:
+    """Config from --config/--set, falling back to the run directory's own config.yaml, which
+    is then written with the config in force (unless ``write_config`` is False: the job writes
+    it after its own checks)."""
     console.setup(verbose=getattr(args, "verbose", False))
     try:
         cfg = load_config(args.config or "demo", args.overrides)
@@ -45,7 +47,8 @@ def load(args: argparse.Namespace) -> tuple[Config, RunDir | None]:
                 saved = yaml.safe_load(run.fs.cat_file(run.config_path))
                 cfg = load_config(saved, args.overrides)
                 run = RunDir(args.run_dir, cfg.storage)
-            run.write_config(cfg)
+            if write_config:
+                run.write_config(cfg)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     return cfg, run

@@ -16,8 +16,10 @@ them in).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,10 +28,10 @@ import ray.data
 from ray.data import DataContext
 
 from pipeline import kmeans, kmeans_ray
-from pipeline.config import ClusterConfig, ConfigView
+from pipeline.config import ConfigView
 from pipeline.keys import key_rank
 from pipeline.rundir import RunDir, StageOutput
-from pipeline.storage import pyarrow_filesystem, write_bytes_atomic
+from pipeline.storage import join, pyarrow_filesystem, write_bytes_atomic
 
 STAGE = "clusters"
 FILES = ("fine_centroids", "coarse_centroids", "fine_to_expert", "fine_sizes")
@@ -46,16 +48,16 @@ def _same(batch: pa.Table) -> pa.Table:
     return batch
 
 
-def coarse_level(fine_centroids: np.ndarray, sizes: np.ndarray, cfg: ClusterConfig
-                 ) -> tuple[np.ndarray, np.ndarray, float]:
+def coarse_level(fine_centroids: np.ndarray, sizes: np.ndarray, num_experts: int, seed: int,
+                 balanced: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Coarse centres over the fine ones, weighted by size; experts renumbered largest first."""
     weights = np.maximum(sizes.astype(np.float64), 1e-9)
     centroids, labels, objective = kmeans.weighted_kmeans(
-        fine_centroids, weights, cfg.num_experts, cfg.seed, balanced=cfg.balanced_coarse)
-    mass = np.bincount(labels, weights=weights, minlength=cfg.num_experts)
-    order = np.lexsort((np.arange(cfg.num_experts), -mass))      # largest first, ties by index
+        fine_centroids, weights, num_experts, seed, balanced=balanced)
+    mass = np.bincount(labels, weights=weights, minlength=num_experts)
+    order = np.lexsort((np.arange(num_experts), -mass))      # largest first, ties by index
     relabel = np.empty_like(order)
-    relabel[order] = np.arange(cfg.num_experts)
+    relabel[order] = np.arange(num_experts)
     return centroids[order], relabel[labels].astype(np.int32), objective
 
 
@@ -65,14 +67,45 @@ def _save(run: RunDir, name: str, array: np.ndarray) -> None:
     write_bytes_atomic(run.fs, run.stage_path(STAGE, f"{name}.npy"), buf.getvalue())
 
 
-def load(run: RunDir) -> dict[str, np.ndarray]:
-    """The clusters stage's arrays, by name (see ``FILES``)."""
+def load(run: RunDir, generations: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The clustering of the run and of its generations as one (see ``FILES``), by name.
+
+    Generations (data added later with new experts, docs/growth.md) append their fine centres,
+    coarse centres and expert ids after the original ones, so fine ids and expert ids are the
+    same in every view. ``generations``: which to include (default: every one that added an
+    expert, in the order it did); ``[]`` is the original clustering alone.
+    """
     if run.manifest(STAGE) is None:
         raise FileNotFoundError(f"{run.stage_uri(STAGE)} has no manifest: run jobs/cluster.py first")
-    return {name: _load(run, name) for name in FILES}
+    arrays = {name: [load_level(run, name)] for name in FILES}
+    for g in (grown(run) if generations is None else generations):
+        part = run.generation(g)
+        if part.manifest(STAGE) is None:
+            raise FileNotFoundError(f"{part.stage_uri(STAGE)} is not complete: rerun "
+                                    f"jobs/add_experts.py --name {g}")
+        for name in FILES:
+            arrays[name].append(load_level(part, name))
+    out = {name: np.concatenate(parts) for name, parts in arrays.items()}
+    if not np.array_equal(np.unique(out["fine_to_expert"]), np.arange(len(out["coarse_centroids"]))):
+        raise ValueError(f"{run.uri}: expert ids of the generations {list(generations or [])} do "
+                         "not follow each other (two add_experts jobs at once?)")
+    return out
 
 
-def _load(run: RunDir, name: str) -> np.ndarray:
+def grown(run: RunDir) -> list[str]:
+    """The generations that added experts, in the order they did (by their first expert id)."""
+    found = []
+    folder = join(run.path, "generations")
+    if run.fs.exists(folder):
+        for path in run.fs.ls(folder, detail=False):
+            g = path.rstrip("/").rsplit("/", 1)[-1]
+            m = run.generation(g).manifest(STAGE)
+            if m is not None and m["stats"]["experts"]:
+                found.append((m["stats"]["experts"][0]["expert_id"], g))
+    return [g for _, g in sorted(found)]
+
+
+def load_level(run: RunDir, name: str) -> np.ndarray:
     with run.fs.open(run.stage_path(STAGE, f"{name}.npy"), "rb") as f:
         return np.load(io.BytesIO(f.read()))
 
@@ -84,15 +117,46 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
     if n < c.fine_k:
         raise ValueError(f"cluster.fine_k={c.fine_k} centres need at least that many rows; the "
                          f"embeddings have {n}. Lower cluster.fine_k.")
+    ds = ray.data.read_parquet(run.stage_uri("embeddings"), filesystem=pyarrow_filesystem(run.fs))
+    level = fit_level(ds, n, c, c.fine_k, c.num_experts, log)
+    save(run, level)
+    log(f"[clusters] {c.fine_k} fine clusters -> {c.num_experts} experts, objective "
+        f"{level.stats['objective']:.4g} (restart {level.stats['best_restart']})")
+    fitted = level.stats["fit_rows"]
+    return StageOutput(n, fitted, {"not_in_fit_sample": n - fitted}, level.stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """A fitted clustering: what ``clusters/`` holds (``FILES``), and the fit's statistics."""
+    fine_centroids: np.ndarray      # (K, d) float32
+    coarse_centroids: np.ndarray    # (m, d) float32
+    fine_to_expert: np.ndarray      # (K,) int32
+    fine_sizes: np.ndarray          # (K,) int64
+    stats: dict[str, Any]
+
+
+def save(run: RunDir, level: Level) -> None:
+    for name in FILES:
+        _save(run, name, getattr(level, name))
+
+
+def fit_level(ds: ray.data.Dataset, n: int, c: Any, fine_k: int, num_experts: int,
+              log=print, first_expert: int = 0) -> Level:
+    """Balanced fine k-means on the rows of ``ds`` (``key``, ``embedding``; ``n`` of them), then
+    ``num_experts`` coarse clusters over the fine centres, numbered from ``first_expert``.
+
+    ``c`` holds the fit's settings (``cluster.*``: sample_per_centre, seed, fit_block_rows,
+    restarts, iterations, balanced, capacity_slack, balanced_coarse); ``fine_k`` and
+    ``num_experts`` are given apart, since a generation (docs/growth.md) sizes its own level.
+    """
     t0 = time.perf_counter()
-    target = c.sample_per_centre * c.fine_k
+    target = c.sample_per_centre * fine_k
     fraction = 1.0 if target == 0 or target >= n else target / n
     # Block order decides the float64 reduction order: keep it fixed for bit-identical refits.
     options = DataContext.get_current().execution_options
     keep_order, options.preserve_order = options.preserve_order, True
     try:
-        ds = ray.data.read_parquet(run.stage_uri("embeddings"),
-                                   filesystem=pyarrow_filesystem(run.fs))
         sample = ds.map_batches(_sample, batch_format="pyarrow",
                                 fn_kwargs={"fraction": fraction, "seed": c.seed}) \
             .map_batches(_same, batch_format="pyarrow", batch_size=c.fit_block_rows).materialize()
@@ -100,10 +164,10 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
         options.preserve_order = keep_order
     blocks = sample.to_arrow_refs()
     fitted = sample.count()
-    if fitted < c.fine_k:
-        raise ValueError(f"the fit sample has {fitted} rows, fewer than cluster.fine_k={c.fine_k}; "
+    if fitted < fine_k:
+        raise ValueError(f"the fit sample has {fitted} rows, fewer than {fine_k} fine centres; "
                          "raise cluster.sample_per_centre or set it to 0 (all rows)")
-    log(f"[clusters] fitting {c.fine_k} fine centres on {fitted:,} of {n:,} rows in {len(blocks)} "
+    log(f"[clusters] fitting {fine_k} fine centres on {fitted:,} of {n:,} rows in {len(blocks)} "
         f"blocks ({'balanced' if c.balanced else 'plain'}, {c.iterations} iterations, "
         f"{c.restarts} restart(s))")
     t_load = time.perf_counter() - t0
@@ -115,7 +179,7 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
                                           fn_kwargs={"seed": c.seed + r}).to_arrow_refs()
         else:
             blocks_r = blocks
-        init = kmeans_ray.init_lowest_rank(blocks_r, c.fine_k)
+        init = kmeans_ray.init_lowest_rank(blocks_r, fine_k)
         centroids, history = kmeans_ray.fit(blocks, init, c.iterations, c.seed + 1000 * r,
                                             c.balanced, c.capacity_slack)
         final = kmeans_ray.final_stats(blocks, centroids, c.balanced, c.capacity_slack)
@@ -127,24 +191,21 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
             best = (r, centroids, final)
     r, fine, final = best
     sizes = final.counts
-    coarse, fine_to_expert, coarse_objective = coarse_level(fine, sizes, c)
-    for name, array in zip(FILES, (fine, coarse, fine_to_expert, sizes.astype(np.int64)),
-                           strict=True):
-        _save(run, name, array)
-    expert_rows = np.bincount(fine_to_expert, weights=sizes, minlength=c.num_experts)
+    coarse, fine_to_expert, coarse_objective = coarse_level(fine, sizes, num_experts, c.seed,
+                                                            c.balanced_coarse)
+    expert_rows = np.bincount(fine_to_expert, weights=sizes, minlength=num_experts)
     stats = {
         "sample_fraction": fraction, "fit_rows": int(fitted), "blocks": len(blocks),
         "best_restart": r, "objective": final.objective, "restarts": restarts,
         "coarse_objective": coarse_objective,
         "fine_sizes": {"min": int(sizes.min()), "max": int(sizes.max()),
                        "mean": float(sizes.mean()), "empty": int((sizes == 0).sum())},
-        "experts": [{"expert_id": e, "fine_clusters": int((fine_to_expert == e).sum()),
-                     "fit_rows": int(expert_rows[e])} for e in range(c.num_experts)],
+        "experts": [{"expert_id": first_expert + e, "fine_clusters": int((fine_to_expert == e).sum()),
+                     "fit_rows": int(expert_rows[e])} for e in range(num_experts)],
         "seconds": {"sample": round(t_load, 2), "total": round(time.perf_counter() - t0, 2)},
     }
-    log(f"[clusters] {c.fine_k} fine clusters -> {c.num_experts} experts, objective "
-        f"{final.objective:.4g} (restart {r})")
-    return StageOutput(n, int(fitted), {"not_in_fit_sample": n - int(fitted)}, stats)
+    return Level(fine, coarse, (fine_to_expert + first_expert).astype(np.int32),
+                 sizes.astype(np.int64), stats)
 
 
 def _rerank(batch: pa.Table, seed: int) -> pa.Table:

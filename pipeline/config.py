@@ -192,6 +192,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class GrowConfig:
+    # Adding experts later (jobs/add_experts.py, docs/growth.md). A new sample is novel when its
+    # distance to the nearest fine centre exceeds this quantile of the distances of that
+    # centre's own training samples (per centre: clusters differ in spread).
+    novelty_quantile: float = 0.99
+    # A centre with fewer training samples than this uses the quantile over all samples.
+    min_rows_per_centre: int = 20
+    # Fewer novel samples than this make no new expert (the job says so).
+    min_novel_rows: int = 100_000
+
+
+@dataclass(frozen=True)
 class RayConfig:
     # Cluster to join: None starts a local Ray sized to this machine unless the process runs
     # under `ray job submit` (RAY_ADDRESS set), in which case it joins that cluster.
@@ -208,6 +220,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    grow: GrowConfig = field(default_factory=GrowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -361,6 +374,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "checkpoint_every_steps": 250, "keep_checkpoints": 2, "log_every_steps": 50,
                   "num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.3,
                   "threads_per_worker": 1, "max_concurrent": 3},
+        # A quarter of the original rows per expert (about 2,500) is enough for a new expert.
+        "grow": {"min_novel_rows": 600},
     },
     "small": {
         "embed": {"model": "minilm-offline", "batch_size": 512, "num_actors": 2,
@@ -474,12 +489,17 @@ def _check_ranges(cfg: Config) -> None:
         "cluster.block_rows": cfg.cluster.block_rows,
         "cluster.fit_block_rows": cfg.cluster.fit_block_rows,
         "train.max_concurrent": cfg.train.max_concurrent,
+        "grow.min_novel_rows": cfg.grow.min_novel_rows,
     }
+    if not 0 < cfg.grow.novelty_quantile < 1:
+        raise ConfigError(f"grow.novelty_quantile: must be between 0 and 1 (exclusive), got "
+                          f"{cfg.grow.novelty_quantile!r}")
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name}: must be > 0, got {value!r}")
     non_negative = {
         "demo.new_domain_samples": cfg.demo.new_domain_samples,
+        "grow.min_rows_per_centre": cfg.grow.min_rows_per_centre,
         "cluster.sample_per_centre": cfg.cluster.sample_per_centre,
         "embed.num_gpus_per_actor": cfg.embed.num_gpus_per_actor,
         "train.warmup_samples": cfg.train.warmup_samples, "train.weight_decay": cfg.train.weight_decay,

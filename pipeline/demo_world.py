@@ -306,6 +306,7 @@ class Pair:
     domain: str
     label: str
     noise: str          # clean | mismatch | junk | duplicate | empty
+    caption_domain: str = ""    # whose caption it carries: a domain, or "junk" / "empty"
 
 
 def _rng(seed: int, stream: str, index: int) -> np.random.Generator:
@@ -331,20 +332,21 @@ def web_pairs(seed: int, stream: str, n: int, size: int, domains: dict[str, floa
         label = _pick(rng, DOMAINS[domain].classes)
         jpg, color, bg = render(rng, domain, label, size)
         clean_captions.append(caption(rng, domain, label, color, bg))
-        pairs.append(Pair(_key(i, shard_size), jpg, clean_captions[-1], domain, label, "clean"))
+        pairs.append(Pair(_key(i, shard_size), jpg, clean_captions[-1], domain, label, "clean", domain))
     for i in range(n):
         kind, p = noise[i], pairs[i]
         rng = _rng(seed, stream + "/noise", i)
         if kind == "mismatch":
             j = int(partner[i]) if partner[i] != i else (i + 1) % n
-            pairs[i] = Pair(p.key, p.jpg, clean_captions[j], p.domain, p.label, kind)
+            pairs[i] = Pair(p.key, p.jpg, clean_captions[j], p.domain, p.label, kind,
+                            names[dom_idx[j]])
         elif kind == "junk":
-            pairs[i] = Pair(p.key, p.jpg, _pick(rng, JUNK), p.domain, p.label, kind)
+            pairs[i] = Pair(p.key, p.jpg, _pick(rng, JUNK), p.domain, p.label, kind, "junk")
         elif kind == "empty":
-            pairs[i] = Pair(p.key, p.jpg, _pick(rng, EMPTY), p.domain, p.label, kind)
+            pairs[i] = Pair(p.key, p.jpg, _pick(rng, EMPTY), p.domain, p.label, kind, "empty")
         elif kind == "duplicate" and i > 0:
             src = pairs[int(partner[i]) % i]  # an earlier pair, copied whole under a new key
-            pairs[i] = Pair(p.key, src.jpg, src.txt, src.domain, src.label, kind)
+            pairs[i] = Pair(p.key, src.jpg, src.txt, src.domain, src.label, kind, src.caption_domain)
     return pairs
 
 
@@ -400,8 +402,7 @@ def generate(out: str, cfg: DemoConfig, storage: StorageConfig, log=print) -> di
         for s, shard in enumerate(shards):
             fs.pipe_file(join(root, split, f"{s:05d}.tar"), tar_bytes(_web_members(shard)))
         log(f"  {split}: {n} pairs in {len(shards)} shards")
-        truth += [{"key": p.key, "split": split, "domain": p.domain, "label": p.label, "noise": p.noise}
-                  for p in pairs]
+        truth += _truth(pairs, split)
         counts[split] = {"pairs": n, "shards": len(shards),
                          "noise": {k: sum(p.noise == k for p in pairs) for k in ["clean", *NOISE_SHARES]}}
     tasks = {}
@@ -423,10 +424,7 @@ def generate(out: str, cfg: DemoConfig, storage: StorageConfig, log=print) -> di
                  tar_bytes(m for p in retrieval if p.noise == "clean"
                            for m in ((f"{p.key}.jpg", p.jpg), (f"{p.key}.txt", p.txt.encode()))))
     fs.pipe_file(join(root, "eval", "retrieval", "test", "nshards.txt"), b"1\n")
-    table = pd.DataFrame(truth, columns=["key", "split", "domain", "label", "noise"])
-    buf = io.BytesIO()
-    table.to_parquet(buf, index=False)
-    fs.pipe_file(join(root, "truth.parquet"), buf.getvalue())
+    _write_truth(fs, root, truth)
     world = {
         "seed": cfg.seed, "image_size": cfg.image_size,
         "train_domains": {d: list(DOMAINS[d].classes) for d in TRAIN_DOMAINS},
@@ -437,6 +435,38 @@ def generate(out: str, cfg: DemoConfig, storage: StorageConfig, log=print) -> di
     }
     fs.pipe_file(join(root, "world.json"), (json.dumps(world, indent=2) + "\n").encode())
     return world
+
+
+TRUTH_COLUMNS = ["key", "split", "domain", "label", "noise", "caption_domain"]
+
+
+def _truth(pairs: list[Pair], split: str) -> list[dict]:
+    return [{"key": p.key, "split": split, "domain": p.domain, "label": p.label, "noise": p.noise,
+             "caption_domain": p.caption_domain} for p in pairs]
+
+
+def _write_truth(fs, root: str, rows: list[dict]) -> None:
+    buf = io.BytesIO()
+    pd.DataFrame(rows, columns=TRUTH_COLUMNS).to_parquet(buf, index=False)
+    fs.pipe_file(join(root, "truth.parquet"), buf.getvalue())
+
+
+def generate_web(out: str, cfg: DemoConfig, storage: StorageConfig, domains: dict[str, float],
+                 seed: int, log=print) -> int:
+    """Only web shards (``out/*.tar``) and their ``truth.parquet``: ``cfg.samples`` pairs over
+    ``domains`` (name -> share, e.g. ``{"shapes": 0.5, "arrows": 0.5}`` for a mixed set in the
+    same shards), from world seed ``seed``. For adding data to a trained run (docs/growth.md)."""
+    unknown = set(domains) - set(DOMAINS)
+    if unknown:
+        raise ValueError(f"unknown domains {sorted(unknown)}; domains: {sorted(DOMAINS)}")
+    fs, root = filesystem(out, storage)
+    fs.makedirs(root, exist_ok=True)
+    pairs = web_pairs(seed, "web", cfg.samples, cfg.image_size, domains, cfg.samples_per_shard)
+    for s, i in enumerate(range(0, len(pairs), cfg.samples_per_shard)):
+        fs.pipe_file(join(root, f"{s:05d}.tar"), tar_bytes(_web_members(pairs[i:i + cfg.samples_per_shard])))
+    _write_truth(fs, root, _truth(pairs, "web"))
+    log(f"  {len(pairs)} pairs over {domains} (seed {seed}) at {out}")
+    return len(pairs)
 
 
 def write_parquet_copy(src_tar_uri: str, dst_uri: str, storage: StorageConfig) -> int:

@@ -139,14 +139,16 @@ class ZeroShot:
 class MoDEEnsemble:
     """The data experts of a run directory, routed per task.
 
-    Loads the run's ``experts.json`` (expert entries and their checkpoints), the fine centres and
-    fine-to-expert map of ``clusters/``, and the clustering encoder (``embed.model`` of the run's
-    config). Models load lazily and stay cached, so routing with ``top_k`` never loads or runs
-    the experts it drops. Baseline runs of the registry (seed, dense, random-k) load the same way
+    Loads the run's registry (expert entries and their checkpoints), the fine centres and
+    fine-to-expert map of ``clusters/`` with those of every generation whose experts are trained
+    (docs/growth.md), and the clustering encoder (``embed.model`` of the run's config). Models
+    load lazily and stay cached, so routing with ``top_k`` never loads or runs the experts it
+    drops. Baseline runs of the registry (seed, dense, random-k) load the same way
     through ``model(name)``.
     """
 
-    def __init__(self, run_uri: str, cfg: Config | None = None, device: str = "cpu") -> None:
+    def __init__(self, run_uri: str, cfg: Config | None = None, device: str = "cpu",
+                 generations: Sequence[str] | None = None) -> None:
         import torch  # late import: routing_weights alone needs no torch
 
         if cfg is None:
@@ -154,13 +156,26 @@ class MoDEEnsemble:
         self.cfg, self.device = cfg, torch.device(device)
         self.run = RunDir(run_uri, cfg.storage)
         self.registry = registry.finished(self.run)
-        arrays = clusters.load(self.run)
+        if generations is None:     # the generations whose experts have all finished training
+            generations = [g for g in clusters.grown(self.run)
+                           if all(run_name("expert", e) in self.registry
+                                  for e in np.unique(clusters.load_level(self.run.generation(g),
+                                                                         "fine_to_expert")))]
+        self.generations = list(generations)
+        arrays = clusters.load(self.run, self.generations)
         self.fine_centroids = arrays["fine_centroids"]
         self.fine_to_expert = arrays["fine_to_expert"]
         self.num_experts = int(len(arrays["coarse_centroids"]))
+        # (fine centres, experts) of the ensemble before each generation: a prefix of the union.
+        self.levels = [(len(clusters.load_level(self.run, "fine_to_expert")),
+                        len(clusters.load_level(self.run, "coarse_centroids")))]
+        for g in self.generations:
+            part = self.run.generation(g)
+            fine, coarse = (len(clusters.load_level(part, n)) for n in ("fine_to_expert", "coarse_centroids"))
+            self.levels.append((self.levels[-1][0] + fine, self.levels[-1][1] + coarse))
         missing = [e for e in range(self.num_experts) if run_name("expert", e) not in self.registry]
         if missing:
-            raise ValueError(f"{run_uri}: experts {missing} are not in experts.json yet (trained: "
+            raise ValueError(f"{run_uri}: experts {missing} are not registered yet (trained: "
                              f"{sorted(self.registry)}); run jobs/train_experts.py first")
         self._models: dict[str, tuple] = {}
         self._encoder = None
@@ -177,7 +192,7 @@ class MoDEEnsemble:
         """(model, preprocess, tokenizer) of a registry run, in eval mode on the device."""
         if name not in self._models:
             if name not in self.registry:
-                raise KeyError(f"no run {name!r} in experts.json; runs: {sorted(self.registry)}")
+                raise KeyError(f"no run {name!r} in the registry; runs: {sorted(self.registry)}")
             model, preprocess, tokenizer = load_model(self.registry[name]["checkpoint"],
                                                       self.cfg.storage)
             self._models[name] = (model.to(self.device), preprocess, tokenizer)
@@ -190,10 +205,16 @@ class MoDEEnsemble:
             self._routes[key] = class_embeddings(self.encoder, classnames, templates)
         return self._routes[key]
 
-    def weights(self, classnames: Sequence[str], templates: Sequence[str], **params) -> np.ndarray:
-        """``routing_weights`` of a task (``params``: temperature, mode, k, variant, ...)."""
-        return routing_weights(self.class_embeddings(classnames, templates), self.fine_centroids,
-                               self.fine_to_expert, self.num_experts, **params)
+    def weights(self, classnames: Sequence[str], templates: Sequence[str], level: int = -1,
+                **params) -> np.ndarray:
+        """``routing_weights`` of a task (``params``: temperature, mode, k, variant, ...).
+
+        ``level``: the ensemble as it was before generation ``level`` was added (an index into
+        ``levels``; -1, the default, is every generation): its fine centres and experts are a
+        prefix of the union's, so the result has that many weights."""
+        fine, m = self.levels[level]
+        return routing_weights(self.class_embeddings(classnames, templates), self.fine_centroids[:fine],
+                               self.fine_to_expert[:fine], m, **params)
 
     def classifier(self, name: str, classnames: Sequence[str], templates: Sequence[str]):
         """(d, n) unit class-text embeddings of one model: open_clip's zero-shot head (cached

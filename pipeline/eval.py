@@ -151,6 +151,15 @@ def zero_shot_task(ens: MoDEEnsemble, task: Task) -> dict[str, Any]:
         acc[label] = accuracy(sum(w[e] * experts[e] for e in range(m)), task.labels)
         if params.get("mode") != "uniform":
             weights[label] = w.tolist()
+    growth = {}
+    if len(ens.levels) > 1:     # the ensemble before the last generation, on the same logits
+        before = len(ens.levels) - 2
+        m_before = ens.levels[before][1]
+        for label, params in METHODS.items():
+            w = ens.weights(task.classnames, task.templates, level=before, **params)
+            growth[label] = {"before": accuracy(sum(w[e] * experts[e] for e in range(m_before)),
+                                                task.labels),
+                             "after": acc[label], "weights_before": w.tolist()}
     runs = _run_names(ens)
     if runs[RANDOM_SPLIT]:
         acc[RANDOM_SPLIT] = accuracy(np.mean([ens.logits(n, task.images, task.classnames,
@@ -160,7 +169,8 @@ def zero_shot_task(ens: MoDEEnsemble, task: Task) -> dict[str, Any]:
         acc[name] = accuracy(ens.logits(name, task.images, task.classnames, task.templates),
                              task.labels)
     return {"classes": len(task.classnames), "images": len(task.labels),
-            "chance": 1.0 / len(task.classnames), "accuracy": acc, "weights": weights}
+            "chance": 1.0 / len(task.classnames), "accuracy": acc, "weights": weights,
+            "growth": growth}
 
 
 def _similarities(ens: MoDEEnsemble, name: str, pairs: Pairs) -> np.ndarray:
@@ -252,6 +262,8 @@ def markdown(report: dict[str, Any]) -> str:
         w = pd.DataFrame({t: r["weights"][DEFAULT_METHOD] for t, r in report["zero_shot"].items()}).T
         w.columns = [run_name("expert", e) for e in w.columns]
         out += [f"## Routing weights, {DEFAULT_METHOD}", "", _markdown(w.rename_axis("task"), digits=3), ""]
+    if report.get("generations"):
+        out += [growth_section(report), ""]
     if report.get("retrieval"):
         r = pd.DataFrame(report["retrieval"]).T.drop(columns=["expert"], errors="ignore")
         out += [f"## Retrieval on {report['retrieval_pairs']} held-out pairs (recall, %)", "",
@@ -261,6 +273,35 @@ def markdown(report: dict[str, Any]) -> str:
         out += ["## Clustering: assigned training samples, expert x true domain", "",
                 _markdown(c.rename_axis("expert")), ""]
     return "\n".join(out)
+
+
+GROWTH_METHODS = (DEFAULT_METHOD, "routed (T=1)")
+
+
+def growth_table(report: dict[str, Any]) -> pd.DataFrame:
+    """Per task: the routed ensemble's accuracy (%) before the last generation's experts and
+    after, and the change, for ``GROWTH_METHODS``."""
+    rows = {}
+    for task, r in report["zero_shot"].items():
+        row = {}
+        for label in GROWTH_METHODS:
+            g = r["growth"][label]
+            row[f"{label} before"] = 100 * g["before"]
+            row[f"{label} after"] = 100 * g["after"]
+            row[f"{label} change"] = 100 * (g["after"] - g["before"])
+        rows[task] = row
+    return pd.DataFrame(rows).T.round(1)
+
+
+def growth_section(report: dict[str, Any]) -> str:
+    last = report["generations"][-1]
+    before, after = report["experts_before_last_generation"], report["num_experts"]
+    return "\n".join([
+        f"## Growth: before and after generation `{last}`", "",
+        f"Zero-shot accuracy (%) of the routed ensemble of the {before} experts before the "
+        f"generation and of all {after} after it (same checkpoints, same images; the new "
+        "experts' own routing weights decide what they add).", "",
+        _markdown(growth_table(report).rename_axis("task"))])
 
 
 def plot_accuracy(report: dict[str, Any]) -> bytes:
@@ -318,7 +359,9 @@ def demo_inputs(data_uri: str, storage: StorageConfig) -> tuple[list[str], str, 
     if not fs.exists(join(path, "world.json")):
         return None
     world = json.loads(fs.cat_file(join(path, "world.json")))
-    tasks = [join(data_uri, "eval", t) for t in world["train_domains"]]
+    # Every domain's task, the held-out one too: before an expert for it exists, its accuracy
+    # is what growing the run (docs/growth.md) has to improve on.
+    tasks = [join(data_uri, "eval", t) for t in [*world["train_domains"], *world.get("new_domain", {})]]
     return tasks, join(data_uri, "eval", "retrieval"), join(data_uri, "truth.parquet")
 
 
@@ -327,6 +370,8 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[s
     """Evaluate the run's experts and baselines; write ``eval/``."""
     ens = MoDEEnsemble(run.uri, cfg)
     report: dict[str, Any] = {"run": run.uri, "num_experts": ens.num_experts,
+                              "generations": ens.generations,
+                              "experts_before_last_generation": ens.levels[-2][1] if ens.generations else None,
                               "runs": sorted(ens.registry), "methods": METHODS, "zero_shot": {}}
     images = 0
     for uri in tasks:
@@ -352,10 +397,11 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[s
     if report["zero_shot"]:
         write_bytes_atomic(fs, run.stage_path(STAGE, "accuracy.png"), plot_accuracy(report))
         write_bytes_atomic(fs, run.stage_path(STAGE, "routing.png"), plot_routing(report))
-    stats = upstream["assignments"]["stats"]
-    per_expert = np.array([stats["rows_per_expert"][str(e)] for e in range(ens.num_experts)])
+    stats = upstream["assignments"]["stats"]      # the original clustering's sizes
+    ids = sorted(int(e) for e in stats["rows_per_expert"])
+    per_expert = np.array([stats["rows_per_expert"][str(e)] for e in ids])
     write_bytes_atomic(fs, run.stage_path(STAGE, "sizes.png"),
-                       assignments.plot_sizes(np.array(stats["rows_per_fine_cluster"]), per_expert))
+                       assignments.plot_sizes(np.array(stats["rows_per_fine_cluster"]), per_expert, ids))
     return StageOutput(images, images, {}, {"tasks": sorted(report["zero_shot"]),
                                             "retrieval_pairs": report.get("retrieval_pairs", 0)})
 

@@ -216,7 +216,8 @@ def _decodes(image: bytes) -> bool:
 
 
 def read_samples(uri: str, data: DataConfig, storage: StorageConfig, keep_images: bool = True,
-                 decode_images: bool = True, counter: Tally | None = None) -> ray.data.Dataset:
+                 decode_images: bool = True, counter: Tally | None = None,
+                 key_prefix: str = "") -> ray.data.Dataset:
     """All rows of the shards at ``uri`` with their ``skip_reason`` (good rows have "").
 
     Args:
@@ -227,6 +228,8 @@ def read_samples(uri: str, data: DataConfig, storage: StorageConfig, keep_images
             need captions alone; the bytes still stream past but are not kept.
         decode_images: check that each image decodes (needs ``keep_images``).
         counter: a ``console.Tally`` told of each finished tar shard or parquet batch (progress).
+        key_prefix: put before every key. Keys are unique within one data set only; data added
+            to a run later (a generation, docs/growth.md) gets its own namespace this way.
     """
     fs, _ = filesystem(uri, storage)
     if data.format == "webdataset":
@@ -241,8 +244,17 @@ def read_samples(uri: str, data: DataConfig, storage: StorageConfig, keep_images
                                    columns=cols, include_paths=True)
         ds = ds.map_batches(_parquet_rows, batch_format="pandas",
                             fn_kwargs={"data": data, "keep_images": keep_images, "counter": counter})
-    return ds.map_batches(validate_batch, batch_format="pandas",
-                          fn_kwargs={"decode_images": decode_images and keep_images})
+    ds = ds.map_batches(validate_batch, batch_format="pandas",
+                        fn_kwargs={"decode_images": decode_images and keep_images})
+    if key_prefix:
+        ds = ds.map_batches(_prefix_keys, batch_format="pandas", fn_kwargs={"prefix": key_prefix})
+    return ds
+
+
+def _prefix_keys(batch: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    out = batch.copy()
+    out["key"] = prefix + out["key"].astype(str)
+    return out
 
 
 def _parquet_rows(batch: pd.DataFrame, data: DataConfig, keep_images: bool,
@@ -294,7 +306,8 @@ def _progress(uri: str, data: DataConfig, storage: StorageConfig, counter: Tally
     return Progress("ingest", lambda: counter.get("rows"), total, unit="rows", say=log)
 
 
-def run(cfg: ConfigView, run: RunDir, upstream: dict, log=print, *, data: str) -> StageOutput:
+def run(cfg: ConfigView, run: RunDir, upstream: dict, log=print, *, data: str,
+        key_prefix: str = "") -> StageOutput:
     """Validate every sample of the shards at ``data``; write the sample index.
 
     Writes ``ingest/samples/*.parquet`` (key, caption, shard: every good row) and
@@ -303,7 +316,7 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict, log=print, *, data: str) -
     """
     counter = Tally()
     with _progress(data, cfg.data, cfg.storage, counter, log):
-        ds = read_samples(data, cfg.data, cfg.storage, counter=counter) \
+        ds = read_samples(data, cfg.data, cfg.storage, counter=counter, key_prefix=key_prefix) \
             .drop_columns(["image"]).materialize()
     counter.close()
     tally = _tally(ds)

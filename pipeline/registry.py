@@ -1,10 +1,18 @@
-"""The registry of trained runs: ``experts.json`` in the run directory.
+"""The registry of trained runs: one small JSON file per finished run, ``registry/<run>.json``.
 
-A list of entries, oldest first, one per finished run (seed, experts, baselines): ``name``,
-``kind``, ``expert_id``, ``fine_clusters`` it owns, ``samples``, ``checkpoint`` URI and its
-``sha256``, ``metrics``, times (README, "Training"). The launcher in the driver is its only
-writer: each change is an atomic rewrite, so readers never see a partial file. A run is complete
-when its manifest (``checkpoints/<run>/_manifest.json``) is written, after its entry here.
+An entry holds ``name``, ``kind``, ``expert_id``, ``fine_clusters`` it owns, ``samples``,
+``checkpoint`` URI and its ``sha256``, ``metrics``, times and ``unit`` (where its checkpoints and
+manifest live; README, "Training"). The registry is the listing of that folder, oldest first.
+
+Several jobs write it at once (``train_experts`` and ``add_experts`` on one cluster and run
+directory, docs/growth.md): each writer only ever writes its own runs' files, each file in one
+atomic write (a rename locally, one PUT on S3), so no writer can lose another's entry, and
+nothing is locked, so a killed job leaves nothing behind that blocks the next. Rewriting the
+same run (it is trained again) replaces its file; two jobs training the same run at once would
+both write a complete entry, the last one wins.
+
+Run directories made before this layout keep their single ``experts.json``: it is read (never
+written), and a run's own file takes precedence over its entry there.
 """
 
 from __future__ import annotations
@@ -12,12 +20,28 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.rundir import RunDir
-from pipeline.storage import read_json, write_json_atomic
+from pipeline.storage import join, read_json, write_json_atomic
+
+FOLDER = "registry"
+LEGACY = "experts.json"
+
+
+def _path(run: RunDir, name: str) -> str:
+    return join(run.path, FOLDER, f"{name}.json")
 
 
 def entries(run: RunDir) -> list[dict[str, Any]]:
     """Every registered run, oldest first (empty when there is no registry yet)."""
-    return read_json(run.fs, run.experts_path) if run.fs.exists(run.experts_path) else []
+    legacy = join(run.path, LEGACY)
+    found = {e["name"]: e for e in (read_json(run.fs, legacy) if run.fs.exists(legacy) else [])}
+    folder = join(run.path, FOLDER)
+    run.fs.invalidate_cache(folder)     # s3fs caches listings: other jobs write here too
+    if run.fs.exists(folder):
+        for path in sorted(run.fs.ls(folder, detail=False)):
+            if path.endswith(".json"):  # not a local writer's temporary "<name>.json.tmp-..."
+                entry = read_json(run.fs, path)
+                found[entry["name"]] = entry
+    return sorted(found.values(), key=lambda e: (e.get("finished_at") or "", e["name"]))
 
 
 def finished(run: RunDir) -> dict[str, dict[str, Any]]:
@@ -26,14 +50,18 @@ def finished(run: RunDir) -> dict[str, dict[str, Any]]:
 
 
 def put(run: RunDir, entry: dict[str, Any]) -> None:
-    """Add a run's entry, replacing an older entry of the same name."""
-    kept = [e for e in entries(run) if e["name"] != entry["name"]]
-    write_json_atomic(run.fs, run.experts_path, [*kept, entry])
+    """Register a finished run (replacing an earlier entry of the same name)."""
+    write_json_atomic(run.fs, _path(run, entry["name"]), entry)
 
 
 def drop(run: RunDir, name: str) -> None:
-    """Remove a run's entry (it is being trained again)."""
-    current = entries(run)
-    kept = [e for e in current if e["name"] != name]
-    if len(kept) != len(current):
-        write_json_atomic(run.fs, run.experts_path, kept)
+    """Unregister a run that is being trained again. A run listed only in a legacy
+    ``experts.json`` is never rewritten there: its retraining writes its own file, which wins."""
+    path = _path(run, name)
+    if run.fs.exists(path):
+        run.fs.rm(path)
+
+
+def uri(run: RunDir) -> str:
+    """Where the registry lives (for messages)."""
+    return f"{run.uri}/{FOLDER}/"

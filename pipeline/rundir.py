@@ -9,8 +9,10 @@ Layout (README, "Run directory"; local path or ``s3://bucket/prefix``)::
     assignments/              key -> fine_id, expert_id (parquet by expert_id) + _manifest.json
     training_data/            samples with images (parquet by expert_id) + _manifest.json
     checkpoints/<run>/        Ray Train checkpoints of one run + _manifest.json
-    experts.json              registry of finished runs
+    registry/<run>.json       one entry per finished run (pipeline/registry.py)
     eval/                     reports and plots + _manifest.json
+    generations/<name>/       data added later and the experts trained on it
+                              (jobs/add_experts.py, docs/growth.md): the same folders again
 
 A unit of work (a stage, or one training run ``checkpoints/<run>``) writes its
 ``_manifest.json`` last, atomically: a unit without one is incomplete. The stage graph and the
@@ -24,14 +26,25 @@ import datetime as dt
 import functools
 import hashlib
 import pathlib
+import re
 import subprocess
 from typing import Any
 
 from pipeline.config import Config, StorageConfig
 from pipeline.storage import filesystem, join, read_json, scheme, write_bytes_atomic, write_json_atomic
 
-FOLDERS = ("ingest", "embeddings", "clusters", "assignments", "training_data", "checkpoints", "eval")
+FOLDERS = ("ingest", "embeddings", "clusters", "assignments", "training_data", "checkpoints", "eval",
+           "generations")
+GENERATION_FOLDERS = ("ingest", "embeddings", "novelty", "clusters", "assignments", "training_data",
+                      "checkpoints")
 MANIFEST = "_manifest.json"
+
+
+def check_generation_name(name: str) -> None:
+    """A generation's name is a folder name and a key prefix: letters, digits, ``-`` and ``_``."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name or ""):
+        raise ValueError(f"generation name {name!r}: use 1-64 letters, digits, '-' or '_', "
+                         "starting with a letter or digit")
 
 
 class CountMismatch(RuntimeError):
@@ -77,10 +90,21 @@ def code_version() -> str:
 class RunDir:
     """Paths and manifests of one run directory."""
 
-    def __init__(self, uri: str, storage: StorageConfig) -> None:
+    def __init__(self, uri: str, storage: StorageConfig, generation: str | None = None) -> None:
         self.uri = uri.rstrip("/")
         self.fs, self.path = filesystem(self.uri, storage)
         self.scheme = scheme(self.uri)
+        self.storage = storage
+        self.generation_name = generation
+        self.root = self        # a generation's: the run directory it belongs to
+
+    def generation(self, name: str) -> RunDir:
+        """The run directory of generation ``name`` (``generations/<name>/``): the stage code
+        that writes ``ingest/`` or ``training_data/`` here writes them there."""
+        check_generation_name(name)
+        child = RunDir(f"{self.uri}/generations/{name}", self.storage, generation=name)
+        child.root = self
+        return child
 
     def __repr__(self) -> str:
         return f"RunDir({self.uri!r})"
@@ -89,8 +113,9 @@ class RunDir:
         """Path inside the filesystem (no scheme), for ``self.fs``. ``unit`` is a folder of the
         layout (``"assignments"``) or below one (``"checkpoints/expert-0"``)."""
         folder = unit.split("/", 1)[0]
-        if folder not in FOLDERS:
-            raise ValueError(f"unknown stage folder {folder!r}; folders: {list(FOLDERS)}")
+        allowed = GENERATION_FOLDERS if self.generation_name else FOLDERS
+        if folder not in allowed:
+            raise ValueError(f"unknown stage folder {folder!r}; folders: {list(allowed)}")
         return join(self.path, unit, *parts)
 
     def stage_uri(self, unit: str, *parts: str) -> str:
@@ -100,10 +125,6 @@ class RunDir:
     @property
     def config_path(self) -> str:
         return join(self.path, "config.yaml")
-
-    @property
-    def experts_path(self) -> str:
-        return join(self.path, "experts.json")
 
     def write_config(self, cfg: Config) -> None:
         write_bytes_atomic(self.fs, self.config_path, cfg.to_yaml().encode())

@@ -42,6 +42,7 @@ class Job:
     index: int | None       # expert or random part index; None for seed and dense
     end_samples: int        # absolute samples_seen at which the run stops
     schedule_total: int     # samples over which its cosine schedule runs
+    generation: str | None = None   # the generation that added this expert (docs/growth.md)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -49,15 +50,23 @@ class Job:
         if (self.index is None) == (self.kind in INDEXED):
             raise ValueError(f"a {self.kind!r} run {'needs' if self.kind in INDEXED else 'takes no'} "
                              f"index, got {self.index!r}")
+        if self.generation is not None and self.kind != "expert":
+            raise ValueError(f"only experts are added by a generation, not a {self.kind!r} run")
 
     @property
     def name(self) -> str:
         return run_name(self.kind, self.index)
 
     @property
+    def folder(self) -> str:
+        """Where its checkpoints go: ``checkpoints``, or its generation's."""
+        return "checkpoints" if self.generation is None else f"generations/{self.generation}/checkpoints"
+
+    @property
     def unit(self) -> str:
-        """Its folder and manifest unit in the run directory: ``checkpoints/<name>``."""
-        return f"checkpoints/{self.name}"
+        """Its folder and manifest unit in the run directory: ``checkpoints/<name>`` (below
+        ``generations/<g>/`` for an expert added later)."""
+        return f"{self.folder}/{self.name}"
 
 
 def parse_name(name: str) -> tuple[Kind, int | None]:

@@ -56,21 +56,26 @@ class Stage:
     external: tuple[str, ...]       # inputs from outside the run directory, by keyword
     output: str                     # what it writes (README, "Architecture")
     job: str                        # the job that runs it
+    implemented_by: str = ""        # "module:function" where not pipeline/<name>.py's run
+    optional: tuple[str, ...] = ()  # external inputs it may be given (hashed when given)
 
     @property
     def module(self) -> str:
+        if self.implemented_by:
+            return self.implemented_by.split(":")[0]
         return "pipeline." + self.name.split("/", 1)[0]
 
     def function(self) -> Callable[..., StageOutput]:
         """The stage's ``run(cfg, run, upstream, log, **external)``; the training runs have none
         here (``pipeline.checkpoints`` launches them)."""
-        return importlib.import_module(self.module).run
+        name = self.implemented_by.split(":")[1] if self.implemented_by else "run"
+        return getattr(importlib.import_module(self.module), name)
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", (), DATA_FIELDS, (), ("data",),
           "samples/ (key, caption, shard of every good row), skipped/ (key, shard, reason)",
-          "jobs/ingest.py"),
+          "jobs/ingest.py", optional=("key_prefix",)),
     Stage("embeddings", ("ingest",), ("embed.model",),
           ("embed.batch_size", "embed.rows_per_call", "embed.num_actors", "embed.num_gpus_per_actor",
            "embed.num_cpus_per_actor", "embed.cache_size", "embed.rows_per_file"), (),
@@ -98,6 +103,49 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 )}
 
 
+# A generation (data added later, docs/growth.md) is a run directory of its own below
+# ``generations/<g>/``. Its units are named from the root (``generations/<g>/ingest``) so that a
+# manifest's inputs always name units of one directory; ``{gen}`` below is that prefix, and a
+# read without it is a unit of the original run.
+GROW_FIELDS = ("grow.novelty_quantile", "grow.min_rows_per_centre", "grow.min_novel_rows")
+GENERATION_STAGES: dict[str, Stage] = {s.name: s for s in (
+    dataclasses.replace(STAGES["ingest"], external=("data", "key_prefix"), optional=(),
+                        job="jobs/add_experts.py"),
+    dataclasses.replace(STAGES["embeddings"], reads=("{gen}ingest",), job="jobs/add_experts.py"),
+    Stage("novelty", ("{gen}embeddings", "clusters", "embeddings"),
+          ("grow.novelty_quantile", "grow.min_rows_per_centre"), ("cluster.block_rows",), (),
+          "key, nearest frozen fine_id, distance, threshold, novel, expert_id",
+          "jobs/add_experts.py", implemented_by="pipeline.growth:novelty"),
+    Stage("clusters", ("{gen}novelty", "clusters", "assignments"),
+          (*CLUSTER_FIT_FIELDS, "grow.min_novel_rows"), (), ("new_experts",),
+          "fine and coarse centroids of the novel samples, their expert ids",
+          "jobs/add_experts.py", implemented_by="pipeline.growth:new_clusters"),
+    Stage("assignments", ("{gen}embeddings", "{gen}novelty", "{gen}clusters"),
+          ("cluster.balanced", "cluster.capacity_slack", "cluster.block_rows"),
+          ("cluster.rows_per_file",), (), "novel samples: key, fine_id, distance by expert_id",
+          "jobs/add_experts.py", implemented_by="pipeline.growth:new_assignments"),
+    dataclasses.replace(STAGES["training_data"], reads=("{gen}ingest", "{gen}assignments"),
+                        job="jobs/add_experts.py"),
+    dataclasses.replace(STAGES["checkpoints/expert"],
+                        reads=("{gen}training_data", "{gen}clusters", "training_data",
+                               "checkpoints/seed"),
+                        job="jobs/add_experts.py"),
+)}
+
+
+def generation_of(unit: str) -> tuple[str | None, str]:
+    """(generation, unit inside it) of a unit: ``generations/g/ingest`` -> ("g", "ingest")."""
+    if unit.startswith("generations/"):
+        _, g, rest = unit.split("/", 2)
+        return g, rest
+    return None, unit
+
+
+def gen_unit(generation: str, unit: str) -> str:
+    """The root name of a generation's unit."""
+    return f"generations/{generation}/{unit}"
+
+
 class MissingUpstream(FileNotFoundError):
     """A stage needs another stage's output, which is not complete."""
 
@@ -107,13 +155,16 @@ class StaleUpstream(RuntimeError):
 
 
 def stage_of(unit: str) -> Stage:
-    """The stage a unit belongs to: itself, or for ``checkpoints/<run>`` the row of its kind."""
-    if unit.startswith("checkpoints/"):
-        kind, _ = parse_name(unit.split("/", 1)[1])
-        return STAGES[f"checkpoints/{kind}"]
-    if unit not in STAGES:
-        raise ValueError(f"unknown stage {unit!r}; stages: {[s for s in STAGES if '/' not in s]}")
-    return STAGES[unit]
+    """The stage a unit belongs to: itself, or for ``checkpoints/<run>`` the row of its kind;
+    a generation's units (``generations/<g>/...``) belong to ``GENERATION_STAGES``."""
+    generation, local = generation_of(unit)
+    table = STAGES if generation is None else GENERATION_STAGES
+    if local.startswith("checkpoints/"):
+        kind, _ = parse_name(local.split("/", 1)[1])
+        local = f"checkpoints/{kind}"
+    if local not in table:
+        raise ValueError(f"unknown stage {unit!r}; stages: {[s for s in table if '/' not in s]}")
+    return table[local]
 
 
 def view(cfg: Config, unit: str) -> ConfigView:
@@ -124,9 +175,11 @@ def view(cfg: Config, unit: str) -> ConfigView:
 
 def reads(unit: str, runs: Iterable[str] = ()) -> tuple[str, ...]:
     """The units ``unit`` reads; ``runs`` are the training-run units for a ``checkpoints/*`` read."""
+    generation, _ = generation_of(unit)
+    prefix = f"generations/{generation}/" if generation else ""
     out: list[str] = []
     for r in stage_of(unit).reads:
-        out += sorted(runs) if r == ALL_RUNS else [r]
+        out += sorted(runs) if r == ALL_RUNS else [r.format(gen=prefix)]
     return tuple(out)
 
 
@@ -249,17 +302,37 @@ def run_stage(name: str, cfg: Config, run: RunDir, *, force: bool = False, log: 
     missing = set(stage.external) - set(external)
     if missing:
         raise TypeError(f"stage {name} needs {sorted(missing)}")
-    runs = [f"checkpoints/{n}" for n in registry.finished(run)] if ALL_RUNS in stage.reads else []
+    unknown = set(external) - set(stage.external) - set(stage.optional)
+    if unknown:
+        raise TypeError(f"stage {name} takes no {sorted(unknown)}")
+    runs = run_units(run) if ALL_RUNS in stage.reads else []
     sr = StageRun(name, cfg, run, external, runs)
     done = sr.completed()
     if done is not None and not force:
         log(f"[{name}] complete for this config: skipped ({run.stage_uri(name)})")
         return done
     started, t0 = sr.begin(), time.perf_counter()
-    output = stage.function()(sr.cfg, run, sr.upstream, log=log, **external)
+    generation, _ = generation_of(name)
+    where, upstream = run, sr.upstream
+    if generation is not None:      # the stage code works inside the generation's directory
+        where = run.generation(generation)
+        upstream = {relative(u, generation): m for u, m in sr.upstream.items()}
+    output = stage.function()(sr.cfg, where, upstream, log=log, **external)
     manifest = sr.finish(output, started)
     log(summary(name, manifest, time.perf_counter() - t0) + f" -> {run.stage_uri(name)}")
     return manifest
+
+
+def relative(unit: str, generation: str) -> str:
+    """How a generation's stage code names a unit: its own without the prefix, the original
+    run's with ``../`` (``generations/g/ingest`` -> ``ingest``, ``clusters`` -> ``../clusters``)."""
+    g, local = generation_of(unit)
+    return local if g == generation else f"../{unit}"
+
+
+def run_units(run: RunDir) -> list[str]:
+    """The unit of every registered training run (``checkpoints/<run>``, or a generation's)."""
+    return [e.get("unit") or f"checkpoints/{name}" for name, e in registry.finished(run).items()]
 
 
 def _fields_text(fields: Iterable[str]) -> str:

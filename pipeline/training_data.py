@@ -87,12 +87,17 @@ def _run_sizes_frame(batch: pd.DataFrame, num_experts: int, ratio: float, seed: 
 def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> StageOutput:
     """Join the shards' good samples (ingest's verdicts) with their assignment; write them by expert."""
     done_ingest, done_assign = upstream["ingest"], upstream["assignments"]
-    data_uri = done_ingest["inputs"]["external"]["data"]
+    external = done_ingest["inputs"]["external"]
+    data_uri, prefix = external["data"], external.get("key_prefix", "")
     per_expert_rows = done_assign["stats"]["rows_per_expert"]
-    sizes = np.array([per_expert_rows[str(e)] for e in range(len(per_expert_rows))], np.float64)
+    ids = sorted(int(e) for e in per_expert_rows)      # 0..m-1; a generation's new ids after them
+    new_experts = ids != list(range(len(ids)))     # a generation: no random split of its own
+    sizes = np.ones(1) if new_experts else np.array([per_expert_rows[str(e)] for e in ids], np.float64)
     good = int(done_ingest["rows_out"])
-    parts = max(1, int(np.ceil(good / cfg.train.rows_per_file)))
-    samples = ingest.good_rows(ingest.read_samples(data_uri, cfg.data, cfg.storage, decode_images=False))
+    assigned = int(done_assign["rows_out"])     # every good row; a generation's novel rows only
+    parts = max(1, int(np.ceil(assigned / cfg.train.rows_per_file)))
+    samples = ingest.good_rows(ingest.read_samples(data_uri, cfg.data, cfg.storage, decode_images=False,
+                                                   key_prefix=prefix))
     labels = assignments.read(run).select_columns(["key", "fine_id", "expert_id"])
     counter = Tally()
     ratio, seed = cfg.train.ooc_ratio, cfg.train.seed
@@ -103,21 +108,25 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
         .write_parquet(run.stage_path(STAGE), filesystem=pyarrow_filesystem(run.fs),
                        partition_cols=["expert_id"], mode=SaveMode.OVERWRITE)
     rows_out = count_rows(run.fs, run.stage_path(STAGE))
-    if rows_out != good:
-        raise RuntimeError(f"[training_data] the shards at {data_uri} hold {rows_out:,} of ingest's "
-                           f"{good:,} good samples: they changed since ingest ran; rerun "
+    if rows_out != assigned:
+        raise RuntimeError(f"[training_data] the shards at {data_uri} hold {rows_out:,} of the "
+                           f"{assigned:,} assigned samples: they changed since ingest ran; rerun "
                            "jobs/ingest.py (and the stages after it)")
-    per_expert = {str(e): count_rows(run.fs, run.stage_path(STAGE, f"expert_id={e}"))
-                  for e in range(len(sizes))}
+    per_expert = {str(e): count_rows(run.fs, run.stage_path(STAGE, f"expert_id={e}")) for e in ids}
     per_run = counter.totals()
     counter.close()
-    if per_run.pop("rows", 0) != rows_out:     # a retried task counted twice: count the files
+    if new_experts:     # the launcher counts a new expert's rows (its out-of-cluster share too)
+        per_run = {}
+    elif per_run.pop("rows", 0) != rows_out:     # a retried task counted twice: count the files
         per_run = _count_runs(run, len(sizes), ratio, seed)
     stats = {"rows_per_expert": per_expert, "rows_per_run": per_run,
              "ooc": {"ratio": ratio, "seed": seed}, "images_decoded": 0}
     log(f"[training_data] {rows_out:,} samples with images, by expert {per_expert} (no image "
         "decoded: ingest's verdicts)")
-    return StageOutput(int(done_ingest["rows_in"]), rows_out, dict(done_ingest["rows_skipped"]), stats)
+    skipped = dict(done_ingest["rows_skipped"])
+    if good > assigned:     # a generation trains on its novel samples only (docs/growth.md)
+        skipped["familiar"] = good - assigned
+    return StageOutput(int(done_ingest["rows_in"]), rows_out, skipped, stats)
 
 
 def _count_runs(run: RunDir, num_experts: int, ratio: float, seed: int) -> dict[str, int]:
@@ -157,6 +166,8 @@ def rows_for(run: RunDir, job: Job, num_experts: int, ooc_ratio: float, seed: in
     """
     if job.kind in ("seed", "dense"):
         return _read(run, None, columns)
+    if job.generation is not None:
+        return _new_expert_rows(run, job, ooc_ratio, seed, columns)
     if job.kind == "random-split":
         return _read(run, None, columns).map_batches(_random_part, batch_format="pyarrow",
                                                      fn_kwargs={"part": job.index})
@@ -166,6 +177,24 @@ def rows_for(run: RunDir, job: Job, num_experts: int, ooc_ratio: float, seed: in
     ds = _read(run, None, read_columns).map_batches(_expert_filter, batch_format="pyarrow", fn_kwargs={
         "expert": job.index, "ratio": ooc_ratio, "seed": seed})
     return ds if columns is None or "expert_id" in columns else ds.drop_columns(["expert_id"])
+
+
+def _ooc_filter(batch: pa.Table, expert: int, ratio: float, seed: int) -> pa.Table:
+    return batch.filter(pa.array(ooc_mask(batch.column("key").to_numpy(zero_copy_only=False),
+                                          expert, ratio, seed)))
+
+
+def _new_expert_rows(run: RunDir, job: Job, ooc_ratio: float, seed: int,
+                     columns: list[str] | None) -> ray.data.Dataset:
+    """An expert added by a generation (docs/growth.md): its own samples from the generation's
+    ``training_data/``, plus the seeded out-of-cluster share of the original run's samples."""
+    gen = run.generation(job.generation)
+    own = read_by_expert(gen.fs, gen.stage_path(STAGE), gen.scheme, [job.index], columns)
+    if ooc_ratio == 0:
+        return own
+    other = _read(run, None, columns).map_batches(_ooc_filter, batch_format="pyarrow", fn_kwargs={
+        "expert": job.index, "ratio": ooc_ratio, "seed": seed})
+    return own.union(other)
 
 
 def run_rows(manifest: dict[str, Any], job: Job, ooc_ratio: float, seed: int) -> int | None:

@@ -1,5 +1,6 @@
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,32 @@ def tiny_world(tmp_path_factory):
                      eval_per_class=2, seed=3)
     generate(str(out), cfg, StorageConfig(), log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def seeded(ray_local, tiny_world, tmp_path_factory):
+    """A tiny run up to a trained seed: ingest, embed, cluster, assign, training_data, seed."""
+    from jobs import assign, cluster, embed, ingest, train_seed
+    from tests.tiny import TINY
+
+    run_dir = tmp_path_factory.mktemp("run")
+    common = ["--run-dir", str(run_dir), *TINY]
+    assert ingest.main([*common, "--data", str(tiny_world / "train")]) == 0
+    assert embed.main(common) == 0
+    assert cluster.main(common) == 0
+    assert assign.main(common) == 0
+    assert train_seed.main(common) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def trained(seeded, tmp_path_factory):
+    """The seeded run with every expert and both baselines trained (jobs/train_experts.py)."""
+    from jobs import train_experts
+    from tests.tiny import copy_run
+
+    run = copy_run(seeded, tmp_path_factory.mktemp("trained") / "run")
+    # Three at once: dense (the longest) starts first, next to expert-0 and expert-1.
+    assert train_experts.main(["--run-dir", run.uri, "--set", "train.max_concurrent=3",
+                               "--set", "train.cpus_per_worker=0.3"]) == 0
+    return Path(run.uri)

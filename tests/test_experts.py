@@ -9,47 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from jobs import assign as assign_job
-from jobs import cluster as cluster_job
-from jobs import embed as embed_job
-from jobs import ingest as ingest_job
 from jobs import train_experts as experts_job
-from jobs import train_seed as seed_job
 from pipeline import checkpoints, stages, training_data
 from pipeline.config import load_config
 from pipeline.rundir import RunDir
 from pipeline.runs import Job, parse_name, plan
 from pipeline.runs import seed_job as plan_seed
-
-TINY = ["--set", "cluster.fine_k=8", "--set", "cluster.num_experts=2", "--set", "cluster.restarts=1",
-        "--set", "train.batch_size=32", "--set", "train.total_samples=768",
-        "--set", "train.seed_fraction=0.5", "--set", "train.warmup_samples=64",
-        "--set", "train.checkpoint_every_steps=4", "--set", "train.log_every_steps=4",
-        "--set", "train.cpus_per_worker=0.5", "--set", "train.augment=false",
-        "--set", "train.shuffle_buffer=0", "--set", "train.rows_per_file=100",
-        "--set", "cluster.rows_per_file=100"]
-
-
-@pytest.fixture(scope="module")
-def seeded(ray_local, tiny_world, tmp_path_factory):
-    """A tiny run up to a trained seed: ingest, embed, cluster, assign, training_data, seed."""
-    run_dir = tmp_path_factory.mktemp("run")
-    common = ["--run-dir", str(run_dir), *TINY]
-    assert ingest_job.main([*common, "--data", str(tiny_world / "train")]) == 0
-    assert embed_job.main(common) == 0
-    assert cluster_job.main(common) == 0
-    assert assign_job.main(common) == 0
-    assert seed_job.main(common) == 0
-    return run_dir
-
-
-def copy_run(src: Path, dst: Path) -> RunDir:
-    shutil.copytree(src, dst)
-    return RunDir(str(dst), load_config("demo").storage)
-
-
-def registry_of(run_dir: Path) -> dict:
-    return {e["name"]: e for e in json.loads((run_dir / "experts.json").read_text())}
+from tests.tiny import TINY, copy_run, registry_of
 
 
 def test_plan_follows_the_schedule():
@@ -134,16 +100,6 @@ def test_training_data_manifest_counts_what_each_run_reads(seeded):
         training_data.run_rows(manifest, part, cfg.ooc_ratio, cfg.seed)
 
 
-@pytest.fixture(scope="module")
-def trained(seeded, tmp_path_factory):
-    """The seeded run with every expert and both baselines trained (jobs/train_experts.py)."""
-    run = copy_run(seeded, tmp_path_factory.mktemp("trained") / "run")
-    # Three at once: dense (the longest) starts first, next to expert-0 and expert-1.
-    assert experts_job.main(["--run-dir", run.uri, "--set", "train.max_concurrent=3",
-                             "--set", "train.cpus_per_worker=0.3"]) == 0
-    return Path(run.uri)
-
-
 def test_two_experts_train_concurrently_and_each_owns_its_data(trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     reg = registry_of(tmp_path / "run")
@@ -173,10 +129,12 @@ def test_two_experts_train_concurrently_and_each_owns_its_data(trained, tmp_path
 
     # A rerun skips them all: nothing is trained again, the registry is unchanged.
     cfg = load_config("demo", TINY[1::2])
-    before = (tmp_path / "run" / "experts.json").read_text()
+    files = sorted((tmp_path / "run" / "registry").glob("*.json"))
+    before = [f.read_bytes() for f in files]
     done, failed = checkpoints.launch(cfg, run, plan(cfg.train, 2), 2, log=lambda *_: None)
     assert done == [] and failed == {}
-    assert (tmp_path / "run" / "experts.json").read_text() == before
+    assert sorted((tmp_path / "run" / "registry").glob("*.json")) == files
+    assert [f.read_bytes() for f in files] == before
     # A knob (log_every_steps) reruns nothing; a field only the experts declare (ooc_ratio)
     # reruns exactly the experts: the seed and the baselines stay complete.
     assert stages.StageRun("checkpoints/expert-0", cfg, run).completed() is not None

@@ -137,9 +137,10 @@ def test_the_private_api_check_can_fail(tmp_path):
 def _stage_modules() -> dict[str, set[str]]:
     """Stage module -> the stage folders it may read (the union over its rows)."""
     reads: dict[str, set[str]] = {}
-    for stage in stages.STAGES.values():
-        folder = stage.name.split("/", 1)[0]
-        reads.setdefault(folder, set()).update(r.split("/", 1)[0] for r in stage.reads)
+    for stage in [*stages.STAGES.values(), *stages.GENERATION_STAGES.values()]:
+        module = stage.module.split(".", 1)[1]      # growth.py implements generation stages
+        folders = {r.format(gen="").split("/", 1)[0] for r in stage.reads}
+        reads.setdefault(module, set()).update(folders | {stage.name.split("/", 1)[0]})
     return reads
 
 

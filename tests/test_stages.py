@@ -44,9 +44,29 @@ def test_every_stage_has_its_module_folder_job_and_known_fields():
         assert (Path(__file__).resolve().parents[1] / stage.job).is_file(), stage.job
 
 
+def test_generation_stages_read_their_own_units_or_the_runs_and_have_code():
+    names = set(field_names())
+    for name, stage in stages.GENERATION_STAGES.items():
+        if "/" not in name:
+            assert callable(stage.function()), name
+        assert set(stage.fields) <= names and set(stage.knobs) <= names, name
+        for read in stage.reads:
+            local = read.removeprefix("{gen}")
+            table = stages.GENERATION_STAGES if read.startswith("{gen}") else stages.STAGES
+            assert local in table, (name, read)
+    unit = stages.gen_unit("new", "novelty")
+    assert stages.stage_of(unit) is stages.GENERATION_STAGES["novelty"]
+    assert stages.reads(unit) == ("generations/new/embeddings", "clusters", "embeddings")
+    assert stages.stage_of("generations/new/checkpoints/expert-4") is \
+        stages.GENERATION_STAGES["checkpoints/expert"]
+    assert stages.relative("clusters", "new") == "../clusters"
+    assert stages.relative("generations/new/ingest", "new") == "ingest"
+
+
 def test_removed_fields_are_gone_and_every_field_is_read_or_infrastructure():
     """A field no stage declares must be one that only jobs read (where, not what)."""
-    declared = {f for s in stages.STAGES.values() for f in (*s.fields, *s.knobs)}
+    declared = {f for s in [*stages.STAGES.values(), *stages.GENERATION_STAGES.values()]
+                for f in (*s.fields, *s.knobs)}
     jobs_only = {"data.train_uri", "train.max_concurrent", "ray.address", "ray.object_store_memory"}
     unread = set(field_names()) - declared - jobs_only
     assert {f.split(".")[0] for f in unread} <= {"storage", "demo"}, sorted(unread)

@@ -1,0 +1,89 @@
+"""The add_experts step: checks, a generation's stages in order, its new experts' training.
+
+``jobs/add_experts.py`` and the demo call ``add_experts`` (or ``prepare``, then launch the new
+experts with other runs). The stages themselves are declared in
+``pipeline.stages.GENERATION_STAGES`` and the growth-specific ones live in
+``pipeline/growth.py``; docs/growth.md explains the whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline import checkpoints, stages
+from pipeline.config import Config
+from pipeline.rundir import RunDir, check_generation_name, now
+from pipeline.runs import Job
+from pipeline.storage import read_json, write_json_atomic
+
+
+class GrowError(ValueError):
+    """add_experts cannot start: the message names the problem; nothing was written."""
+
+
+MARKER = "generation.json"
+
+
+def check(cfg: Config, run: RunDir, name: str, data: str) -> None:
+    """Everything add_experts needs, checked before it writes anything (``GrowError``)."""
+    try:
+        check_generation_name(name)
+    except ValueError as e:
+        raise GrowError(str(e)) from None
+    embedded = run.manifest("embeddings")
+    if embedded is not None and embedded["stats"]["model"] != cfg.embed.model:
+        raise GrowError(f"new data must be embedded with the run's encoder: {run.uri} was embedded "
+                        f"with {embedded['stats']['model']} ({embedded['stats']['dim']}-d), the "
+                        f"config asks for {cfg.embed.model}; drop --set embed.model")
+    try:
+        seed = stages.StageRun("checkpoints/seed", cfg, run)
+    except (stages.MissingUpstream, stages.StaleUpstream) as e:
+        raise GrowError(f"{run.uri} has no finished seed to grow from: {e}") from None
+    if seed.completed() is None:
+        raise GrowError(f"{run.uri} has no finished seed to grow from: run jobs/train_seed.py first")
+    path = f"{run.generation(name).path}/{MARKER}"
+    if run.fs.exists(path):
+        recorded = read_json(run.fs, path)["data"]
+        if recorded.rstrip("/") != data.rstrip("/"):
+            taken = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in run.fs.ls(f"{run.path}/generations"))
+            raise GrowError(f"generation {name!r} of {run.uri} already holds {recorded}, not {data}: "
+                            f"choose another --name (taken: {', '.join(taken)})")
+
+
+def prepare(cfg: Config, run: RunDir, data: str, name: str, new_experts: int | str = "auto",
+            log=print) -> tuple[dict[str, Any], list[Job]]:
+    """Every stage of generation ``name`` up to its training data; returns what was found
+    (novelty counts, why there are new experts or none) and the training runs to launch."""
+    check(cfg, run, name, data)
+    gen = run.generation(name)
+    marker = f"{gen.path}/{MARKER}"
+    if not run.fs.exists(marker):
+        write_json_atomic(run.fs, marker, {"name": name, "data": data, "started_at": now()})
+    unit = lambda stage: stages.gen_unit(name, stage)  # noqa: E731 - a short local spelling
+    stages.run_stage(unit("ingest"), cfg, run, data=data, key_prefix=f"{name}/", log=log)
+    stages.run_stage(unit("embeddings"), cfg, run, log=log)
+    flagged = stages.run_stage(unit("novelty"), cfg, run, log=log)
+    level = stages.run_stage(unit("clusters"), cfg, run, new_experts=new_experts, log=log)
+    out = {"generation": name, "novel": flagged["stats"]["novel"],
+           "familiar": flagged["stats"]["familiar"],
+           "familiar_by_expert": flagged["stats"]["familiar_by_expert"],
+           "why": level["stats"]["why"], "experts": [], "failed": {}}
+    if not level["stats"]["experts"]:
+        return out, []
+    stages.run_stage(unit("assignments"), cfg, run, log=log)
+    stages.run_stage(unit("training_data"), cfg, run, log=log)
+    t = cfg.train.total_samples
+    jobs = [Job("expert", e["expert_id"], t, t, generation=name) for e in level["stats"]["experts"]]
+    out["experts"] = [job.name for job in jobs]
+    return out, jobs
+
+
+def add_experts(cfg: Config, run: RunDir, data: str, name: str, new_experts: int | str = "auto",
+                log=print) -> dict[str, Any]:
+    """Add the data at ``data`` to ``run`` as generation ``name``, and train an expert for each
+    part of what in it is novel. Idempotent: a rerun skips what is complete and resumes the
+    training runs from their checkpoints. Returns what was done (novelty counts, new experts)."""
+    out, jobs = prepare(cfg, run, data, name, new_experts, log)
+    if jobs:
+        _, out["failed"] = checkpoints.launch(cfg, run, jobs, cfg.train.max_concurrent, log=log)
+    return out

@@ -1,0 +1,278 @@
+"""Growing a trained run (jobs/add_experts.py, docs/growth.md): a new expert for novel data,
+nothing earlier rewritten, novelty that tells known domains from new ones, a registry that
+several jobs write at once, and bad input refused before anything is written."""
+
+import hashlib
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jobs import add_experts as add_job
+from jobs import evaluate as evaluate_job
+from jobs import train_experts as experts_job
+from pipeline import clusters, generations, growth, registry
+from pipeline import eval as evaluation
+from pipeline.config import DemoConfig, StorageConfig, load_config
+from pipeline.demo_world import DOMAIN_SHARES, generate_web
+from pipeline.rundir import RunDir
+from pipeline.runs import run_name
+from tests.tiny import copy_run, registry_of
+
+# The tiny run has 2 experts of about 300 samples; a new one needs at least 50 novel samples.
+GROW = ["--set", "grow.min_novel_rows=50"]
+QUIET = {"log": lambda *_: None}
+
+
+def digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under a run directory, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def web(tmp_path_factory, name: str, domains: dict[str, float], seed: int, samples: int) -> Path:
+    out = tmp_path_factory.mktemp(name)
+    generate_web(str(out), DemoConfig(samples=samples, samples_per_shard=200, image_size=32),
+                 StorageConfig(), domains, seed, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def grown(trained, tiny_world, tmp_path_factory):
+    """The trained tiny run, evaluated, then grown by the held-out domain (arrows) and evaluated
+    again; with the digests of its files before the growth."""
+    run_dir = tmp_path_factory.mktemp("grown") / "run"
+    copy_run(trained, run_dir)
+    tasks = [arg for t in ("shapes", "digits", "arrows") for arg in ("--tasks", str(tiny_world / "eval" / t))]
+    assert evaluate_job.main(["--run-dir", str(run_dir), *tasks]) == 0
+    before = digests(run_dir)
+    report_before = evaluation.load_report(RunDir(str(run_dir), StorageConfig()))
+    assert add_job.main(["--run-dir", str(run_dir), "--data", str(tiny_world / "new_domain"),
+                         "--name", "arrows", *GROW]) == 0
+    assert evaluate_job.main(["--run-dir", str(run_dir), *tasks]) == 0
+    return run_dir, before, report_before
+
+
+def test_adding_an_expert_rewrites_nothing_that_was_there(grown):
+    run_dir, before, _ = grown
+    after = digests(run_dir)
+    changed = sorted(p for p, h in before.items() if after.get(p) != h)
+    # config.yaml and eval/ may be rewritten; every checkpoint, clustering, assignment and
+    # registry file of before is byte for byte the same
+    assert all(p == "config.yaml" or p.startswith("eval/") for p in changed), changed
+    kept = [p for p in before if p.startswith(("checkpoints/", "clusters/", "assignments/", "registry/"))]
+    assert any(p.endswith("checkpoint.pt") for p in kept) and len(kept) > 20
+    added = sorted(set(after) - set(before))
+    assert added and all(p.startswith(("generations/arrows/", "registry/", "eval/")) for p in added)
+
+
+def test_the_new_expert_owns_the_new_fine_centres_and_takes_the_arrows_task(grown):
+    run_dir, _, report_before = grown
+    run = RunDir(str(run_dir), StorageConfig())
+    reg = registry_of(run_dir)
+    new = reg["expert-2"]
+    assert new["generation"] == "arrows" and new["unit"] == "generations/arrows/checkpoints/expert-2"
+    union = clusters.load(run)
+    assert len(union["coarse_centroids"]) == 3 and union["fine_centroids"].shape[0] > 8
+    assert new["fine_clusters"] == list(range(8, len(union["fine_centroids"])))
+    assert (union["fine_to_expert"][8:] == 2).all() and (union["fine_to_expert"][:8] < 2).all()
+    assert new["metrics"]["samples_seen"] == reg["expert-0"]["metrics"]["samples_seen"]
+    assert new["init_checkpoint"] == reg["seed"]["checkpoint"]
+    report = evaluation.load_report(run)
+    assert report["num_experts"] == 3 and report["generations"] == ["arrows"]
+    label = evaluation.DEFAULT_METHOD
+    for task, result in report["zero_shot"].items():
+        w = np.array(result["weights"][label])
+        if task == "arrows":
+            assert w.argmax() == 2, w
+        else:   # an old task keeps its expert, before and after
+            assert w.argmax() == np.argmax(report_before["zero_shot"][task]["weights"][label]), task
+            assert result["growth"][label]["weights_before"] == report_before["zero_shot"][task]["weights"][label]
+    table = (run_dir / "eval" / "report.md").read_text()
+    assert "## Growth: before and after generation `arrows`" in table
+    assert evaluation.growth_table(report).loc["arrows"].notna().all()
+
+
+def test_novelty_is_counted_and_the_manifests_add_up(grown):
+    run_dir, _, _ = grown
+    run = RunDir(str(run_dir), StorageConfig())
+    novelty = run.manifest("generations/arrows/novelty")
+    data = run.manifest("generations/arrows/training_data")
+    ingest = run.manifest("generations/arrows/ingest")
+    for m in (novelty, data, ingest):
+        assert m["rows_in"] == m["rows_out"] + sum(m["rows_skipped"].values())
+    assert novelty["stats"]["novel"] + novelty["stats"]["familiar"] == novelty["rows_out"]
+    assert data["rows_out"] == novelty["stats"]["novel"] and novelty["stats"]["novel"] >= 50
+    keys = pd.read_parquet(run_dir / "generations" / "arrows" / "training_data").key
+    assert keys.str.startswith("arrows/").all() and keys.is_unique
+
+
+def test_rerunning_add_experts_changes_nothing(grown, tiny_world, capsys):
+    run_dir, _, _ = grown
+    before = digests(run_dir)
+    assert add_job.main(["--run-dir", str(run_dir), "--data", str(tiny_world / "new_domain"),
+                         "--name", "arrows", *GROW]) == 0
+    assert digests(run_dir) == before
+    out = capsys.readouterr().out
+    assert "[generations/arrows/ingest] complete for this config: skipped" in out
+    assert "[expert-2] complete for this config: skipped" in out
+
+
+def test_more_data_from_the_known_domains_makes_no_expert(trained, tmp_path_factory, tmp_path, capsys):
+    known = web(tmp_path_factory, "known", DOMAIN_SHARES, seed=11, samples=400)
+    run = copy_run(trained, tmp_path / "run")
+    assert add_job.main(["--run-dir", run.uri, "--data", str(known), "--name", "more", *GROW]) == 0
+    out = capsys.readouterr().out
+    assert "fewer than grow.min_novel_rows=50: no new expert" in out
+    assert sorted(registry_of(tmp_path / "run")) == sorted(registry_of(trained))
+    assert clusters.grown(run) == [] and not (tmp_path / "run" / "generations" / "more" / "checkpoints").exists()
+
+
+def test_a_mixed_set_flags_the_new_domain_and_its_expert_holds_it(trained, tmp_path_factory, tmp_path):
+    mixed = web(tmp_path_factory, "mixed", {**{d: s / 2 for d, s in DOMAIN_SHARES.items()}, "arrows": 0.5},
+                seed=12, samples=400)
+    run = copy_run(trained, tmp_path / "run")
+    cfg = load_config("demo", [*[a for a in registry_args()], "grow.min_novel_rows=50"])
+    out = generations.add_experts(cfg, run, str(mixed), "mixed", **QUIET)
+    assert out["experts"] == ["expert-2"] and out["failed"] == {}
+    truth = pd.read_parquet(mixed / "truth.parquet")
+    truth["key"] = "mixed/" + truth["key"]
+    flags = growth.read_novelty(run.generation("mixed")).merge(truth, on="key")
+    arrows = flags.caption_domain == "arrows"
+    precision = (flags.novel & arrows).sum() / flags.novel.sum()
+    recall = (flags.novel & arrows).sum() / arrows.sum()
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall)
+    trained_on = pd.read_parquet(tmp_path / "run" / "generations" / "mixed" / "training_data",
+                                 columns=["key"]).merge(truth, on="key")
+    assert (trained_on.caption_domain == "arrows").mean() >= 0.9
+
+
+def registry_args() -> list[str]:
+    """The tiny run's config as overrides (the trained run's config.yaml holds them too)."""
+    from tests.tiny import TINY
+    return TINY[1::2]
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_is_refused_before_anything_is_written(trained, seeded, tiny_world, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    before = digests(tmp_path / "run")
+    new = str(tiny_world / "new_domain")
+    cases = [
+        (["--set", "embed.model=open_clip:mode-tiny"], "must be embedded with the run's encoder"),
+        (["--name", "bad name"], "generation name 'bad name'"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            add_job.main(["--run-dir", run.uri, "--data", new, *extra])
+        assert digests(tmp_path / "run") == before
+    # a name already holding other data
+    (tmp_path / "run" / "generations" / "taken").mkdir(parents=True)
+    (tmp_path / "run" / "generations" / "taken" / "generation.json").write_text(
+        '{"name": "taken", "data": "/elsewhere"}')
+    before = digests(tmp_path / "run")
+    with pytest.raises(SystemExit, match="already holds /elsewhere.*choose another --name"):
+        add_job.main(["--run-dir", run.uri, "--data", new, "--name", "taken"])
+    assert digests(tmp_path / "run") == before
+    # a run whose seed has not finished
+    unseeded = copy_run(seeded, tmp_path / "unseeded")
+    (tmp_path / "unseeded" / "checkpoints" / "seed" / "_manifest.json").unlink()
+    before = digests(tmp_path / "unseeded")
+    with pytest.raises(SystemExit, match="no finished seed to grow from"):
+        add_job.main(["--run-dir", unseeded.uri, "--data", new])
+    assert digests(tmp_path / "unseeded") == before
+
+
+def test_novelty_refuses_embeddings_of_another_dimension(grown):
+    run_dir, _, _ = grown
+    run = RunDir(str(run_dir), StorageConfig())
+    cfg = load_config("demo", registry_args()).view(("grow.novelty_quantile", "grow.min_rows_per_centre"),
+                                                    ("cluster.block_rows",))
+    upstream = {"embeddings": {"stats": {"dim": 7}, "rows_out": 1}}
+    with pytest.raises(ValueError, match="embeddings are 7-d but the run's fine centres are 384-d"):
+        growth.novelty(cfg, run.generation("arrows"), upstream, **QUIET)
+
+
+# ----------------------------------------------------------------------------- concurrency
+def _register(uri: str, endpoint: str | None, writer: int, n: int) -> None:
+    import os
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    run = RunDir(uri, StorageConfig(s3_endpoint_url=endpoint))
+    for i in range(n):
+        registry.put(run, {"name": run_name("expert", 100 * writer + i), "kind": "expert",
+                           "finished_at": f"{i:04d}"})
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_processes_registering_at_once_lose_nothing(where, tmp_path, request):
+    if where == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        uri = f"s3://mode/registry-race-{tmp_path.name}"
+    else:
+        endpoint, uri = None, str(tmp_path / "run")
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=_register, args=(uri, endpoint, w, 15)) for w in (1, 2)]
+    for p in writers:
+        p.start()
+    for p in writers:
+        p.join(120)
+        assert p.exitcode == 0
+    names = set(registry.finished(RunDir(uri, StorageConfig(s3_endpoint_url=endpoint))))
+    assert names == {run_name("expert", 100 * w + i) for w in (1, 2) for i in range(15)}
+
+
+@pytest.mark.slow
+def test_add_experts_while_train_experts_runs(seeded, tiny_world, tmp_path):
+    run = copy_run(seeded, tmp_path / "run")
+    result = {}
+
+    def train() -> None:
+        result["train"] = experts_job.main(["--run-dir", run.uri, "--no-baselines",
+                                            "--set", "train.cpus_per_worker=0.3"])
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    try:
+        code = add_job.main(["--run-dir", run.uri, "--data", str(tiny_world / "new_domain"),
+                             "--name", "arrows", *GROW, "--set", "train.cpus_per_worker=0.3"])
+    finally:
+        thread.join(900)
+    assert code == 0 and result["train"] == 0
+    assert sorted(registry_of(tmp_path / "run")) == ["expert-0", "expert-1", "expert-2", "seed"]
+
+
+@pytest.mark.slow
+def test_a_killed_add_experts_reruns_to_the_end_without_duplicates(trained, tiny_world, tmp_path):
+    """SIGKILL the job (its own local Ray too) once the new expert has a checkpoint, rerun it:
+    the generation completes, its expert resumes and ends at the planned step, nothing twice."""
+    run = copy_run(trained, tmp_path / "run")
+    gen = tmp_path / "run" / "generations" / "arrows"
+    job = subprocess.Popen([sys.executable, "jobs/add_experts.py", "--run-dir", run.uri, "--data",
+                            str(tiny_world / "new_domain"), "--name", "arrows", *GROW],
+                           cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 480
+        while not list(gen.glob("checkpoints/expert-2/*/checkpoint.pt")) and job.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint of the new expert in 8 minutes"
+            time.sleep(0.5)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(60)
+    assert not (gen / "checkpoints" / "expert-2" / "_manifest.json").exists(), "killed too late"
+    assert add_job.main(["--run-dir", run.uri, "--data", str(tiny_world / "new_domain"),
+                         "--name", "arrows", *GROW]) == 0
+    entry = registry_of(tmp_path / "run")["expert-2"]
+    assert entry["metrics"]["start_step"] > 12          # resumed past the seed's last step
+    assert entry["metrics"]["samples_seen"] == 768 and entry["metrics"]["step"] == 24
+    keys = pd.read_parquet(gen / "training_data", columns=["key"]).key
+    novelty = RunDir(run.uri, StorageConfig()).manifest("generations/arrows/novelty")
+    assert keys.is_unique and len(keys) == novelty["stats"]["novel"]

@@ -1,0 +1,26 @@
+"""The tiny run the training tests share (fixtures ``seeded`` and ``trained`` in conftest.py)."""
+
+import shutil
+from pathlib import Path
+
+from pipeline import registry
+from pipeline.config import load_config
+from pipeline.rundir import RunDir
+
+TINY = ["--set", "cluster.fine_k=8", "--set", "cluster.num_experts=2", "--set", "cluster.restarts=1",
+        "--set", "train.batch_size=32", "--set", "train.total_samples=768",
+        "--set", "train.seed_fraction=0.5", "--set", "train.warmup_samples=64",
+        "--set", "train.checkpoint_every_steps=4", "--set", "train.log_every_steps=4",
+        "--set", "train.cpus_per_worker=0.5", "--set", "train.augment=false",
+        "--set", "train.shuffle_buffer=0", "--set", "train.rows_per_file=100",
+        "--set", "cluster.rows_per_file=100"]
+
+
+def copy_run(src: Path, dst: Path) -> RunDir:
+    shutil.copytree(src, dst)
+    return RunDir(str(dst), load_config("demo").storage)
+
+
+def registry_of(run_dir: Path) -> dict:
+    """The registry of a local run directory, by run name."""
+    return registry.finished(RunDir(str(run_dir), load_config("demo").storage))
