@@ -96,6 +96,7 @@ def grown(run: RunDir) -> list[str]:
     """The generations that added experts, in the order they did (by their first expert id)."""
     found = []
     folder = join(run.path, "generations")
+    run.fs.invalidate_cache(folder)     # s3fs caches listings; another job may have added one
     if run.fs.exists(folder):
         for path in run.fs.ls(folder, detail=False):
             g = path.rstrip("/").rsplit("/", 1)[-1]

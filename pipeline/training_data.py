@@ -187,14 +187,34 @@ def _ooc_filter(batch: pa.Table, expert: int, ratio: float, seed: int) -> pa.Tab
 def _new_expert_rows(run: RunDir, job: Job, ooc_ratio: float, seed: int,
                      columns: list[str] | None) -> ray.data.Dataset:
     """An expert added by a generation (docs/growth.md): its own samples from the generation's
-    ``training_data/``, plus the seeded out-of-cluster share of the original run's samples."""
+    ``training_data/``, plus the seeded out-of-cluster share of the original run's samples and
+    of the earlier generations' (those whose experts have lower ids)."""
     gen = run.generation(job.generation)
     own = read_by_expert(gen.fs, gen.stage_path(STAGE), gen.scheme, [job.index], columns)
     if ooc_ratio == 0:
         return own
-    other = _read(run, None, columns).map_batches(_ooc_filter, batch_format="pyarrow", fn_kwargs={
-        "expert": job.index, "ratio": ooc_ratio, "seed": seed})
-    return own.union(other)
+    others = [_read(run, None, columns)]
+    for g in earlier_generations(run, job):
+        part = run.generation(g)
+        others.append(read_by_expert(part.fs, part.stage_path(STAGE), part.scheme, None, columns))
+    kwargs = {"expert": job.index, "ratio": ooc_ratio, "seed": seed}
+    return own.union(*(ds.map_batches(_ooc_filter, batch_format="pyarrow", fn_kwargs=kwargs)
+                       for ds in others))
+
+
+def earlier_generations(run: RunDir, job: Job) -> list[str]:
+    """The generations whose training data an added expert draws its out-of-cluster share
+    from: those that added experts before it (lower first expert id)."""
+    folder = f"{run.path}/generations"
+    run.fs.invalidate_cache(folder)     # s3fs caches listings
+    found = []
+    for path in run.fs.ls(folder, detail=False) if run.fs.exists(folder) else []:
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        m = run.generation(name).manifest(STAGE)
+        if name != job.generation and m is not None and m["stats"]["rows_per_expert"] and \
+                max(int(e) for e in m["stats"]["rows_per_expert"]) < job.index:
+            found.append(name)
+    return sorted(found)
 
 
 def run_rows(manifest: dict[str, Any], job: Job, ooc_ratio: float, seed: int) -> int | None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -140,9 +141,11 @@ def test_a_mixed_set_flags_the_new_domain_and_its_expert_holds_it(trained, tmp_p
     mixed = web(tmp_path_factory, "mixed", {**{d: s / 2 for d, s in DOMAIN_SHARES.items()}, "arrows": 0.5},
                 seed=12, samples=400)
     run = copy_run(trained, tmp_path / "run")
-    cfg = load_config("demo", [*[a for a in registry_args()], "grow.min_novel_rows=50"])
-    out = generations.add_experts(cfg, run, str(mixed), "mixed", **QUIET)
-    assert out["experts"] == ["expert-2"] and out["failed"] == {}
+    cfg = load_config("demo", [*registry_args(), "grow.min_novel_rows=50"])
+    # every stage up to the new expert's training data (its training is the same as any expert's)
+    out, jobs = generations.prepare(cfg, run, str(mixed), "mixed", **QUIET)
+    assert out["experts"] == ["expert-2"] and [j.unit for j in jobs] == \
+        ["generations/mixed/checkpoints/expert-2"]
     truth = pd.read_parquet(mixed / "truth.parquet")
     truth["key"] = "mixed/" + truth["key"]
     flags = growth.read_novelty(run.generation("mixed")).merge(truth, on="key")
@@ -235,7 +238,7 @@ def test_add_experts_while_train_experts_runs(seeded, tiny_world, tmp_path):
     result = {}
 
     def train() -> None:
-        result["train"] = experts_job.main(["--run-dir", run.uri, "--no-baselines",
+        result["train"] = experts_job.main(["--run-dir", run.uri, "--experts", "0",
                                             "--set", "train.cpus_per_worker=0.3"])
 
     thread = threading.Thread(target=train)
@@ -246,7 +249,11 @@ def test_add_experts_while_train_experts_runs(seeded, tiny_world, tmp_path):
     finally:
         thread.join(900)
     assert code == 0 and result["train"] == 0
-    assert sorted(registry_of(tmp_path / "run")) == ["expert-0", "expert-1", "expert-2", "seed"]
+    reg = registry_of(tmp_path / "run")
+    assert sorted(reg) == ["expert-0", "expert-2", "seed"]
+    # they ran at once: the add_experts job began before expert-0 finished training
+    began = datetime.fromisoformat(run.manifest("generations/arrows/ingest")["started_at"]).timestamp()
+    assert began < reg["expert-0"]["wall"]["end"] and reg["expert-0"]["wall"]["start"] < reg["expert-2"]["wall"]["end"]
 
 
 @pytest.mark.slow
