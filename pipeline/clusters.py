@@ -31,7 +31,7 @@ from pipeline import kmeans, kmeans_ray
 from pipeline.config import ConfigView
 from pipeline.keys import key_rank
 from pipeline.rundir import RunDir, StageOutput
-from pipeline.storage import join, pyarrow_filesystem, write_bytes_atomic
+from pipeline.storage import pyarrow_filesystem, write_bytes_atomic
 
 STAGE = "clusters"
 FILES = ("fine_centroids", "coarse_centroids", "fine_to_expert", "fine_sizes")
@@ -78,7 +78,8 @@ def load(run: RunDir, generations: Sequence[str] | None = None) -> dict[str, np.
     if run.manifest(STAGE) is None:
         raise FileNotFoundError(f"{run.stage_uri(STAGE)} has no manifest: run jobs/cluster.py first")
     arrays = {name: [load_level(run, name)] for name in FILES}
-    for g in (grown(run) if generations is None else generations):
+    generations = grown(run) if generations is None else list(generations)
+    for g in generations:
         part = run.generation(g)
         if part.manifest(STAGE) is None:
             raise FileNotFoundError(f"{part.stage_uri(STAGE)} is not complete: rerun "
@@ -87,7 +88,7 @@ def load(run: RunDir, generations: Sequence[str] | None = None) -> dict[str, np.
             arrays[name].append(load_level(part, name))
     out = {name: np.concatenate(parts) for name, parts in arrays.items()}
     if not np.array_equal(np.unique(out["fine_to_expert"]), np.arange(len(out["coarse_centroids"]))):
-        raise ValueError(f"{run.uri}: expert ids of the generations {list(generations or [])} do "
+        raise ValueError(f"{run.uri}: expert ids of the generations {generations} do "
                          "not follow each other (two add_experts jobs at once?)")
     return out
 
@@ -95,14 +96,10 @@ def load(run: RunDir, generations: Sequence[str] | None = None) -> dict[str, np.
 def grown(run: RunDir) -> list[str]:
     """The generations that added experts, in the order they did (by their first expert id)."""
     found = []
-    folder = join(run.path, "generations")
-    run.fs.invalidate_cache(folder)     # s3fs caches listings; another job may have added one
-    if run.fs.exists(folder):
-        for path in run.fs.ls(folder, detail=False):
-            g = path.rstrip("/").rsplit("/", 1)[-1]
-            m = run.generation(g).manifest(STAGE)
-            if m is not None and m["stats"]["experts"]:
-                found.append((m["stats"]["experts"][0]["expert_id"], g))
+    for g in run.generation_names():
+        m = run.generation(g).manifest(STAGE)
+        if m is not None and m["stats"]["experts"]:
+            found.append((m["stats"]["experts"][0]["expert_id"], g))
     return [g for _, g in sorted(found)]
 
 

@@ -398,12 +398,10 @@ def generate(out: str, cfg: DemoConfig, storage: StorageConfig, log=print) -> di
         if n == 0:
             continue
         pairs = web_pairs(cfg.seed, split, n, cfg.image_size, domains, cfg.samples_per_shard)
-        shards = [pairs[i:i + cfg.samples_per_shard] for i in range(0, n, cfg.samples_per_shard)]
-        for s, shard in enumerate(shards):
-            fs.pipe_file(join(root, split, f"{s:05d}.tar"), tar_bytes(_web_members(shard)))
-        log(f"  {split}: {n} pairs in {len(shards)} shards")
+        shards = _write_shards(fs, join(root, split), pairs, cfg.samples_per_shard)
+        log(f"  {split}: {n} pairs in {shards} shards")
         truth += _truth(pairs, split)
-        counts[split] = {"pairs": n, "shards": len(shards),
+        counts[split] = {"pairs": n, "shards": shards,
                          "noise": {k: sum(p.noise == k for p in pairs) for k in ["clean", *NOISE_SHARES]}}
     tasks = {}
     for domain in (*TRAIN_DOMAINS, NEW_DOMAIN):
@@ -440,6 +438,14 @@ def generate(out: str, cfg: DemoConfig, storage: StorageConfig, log=print) -> di
 TRUTH_COLUMNS = ["key", "split", "domain", "label", "noise", "caption_domain"]
 
 
+def _write_shards(fs, folder: str, pairs: list[Pair], per_shard: int) -> int:
+    """Web pairs as webdataset tars ``folder/00000.tar``...; returns the number of shards."""
+    shards = [pairs[i:i + per_shard] for i in range(0, len(pairs), per_shard)]
+    for s, shard in enumerate(shards):
+        fs.pipe_file(join(folder, f"{s:05d}.tar"), tar_bytes(_web_members(shard)))
+    return len(shards)
+
+
 def _truth(pairs: list[Pair], split: str) -> list[dict]:
     return [{"key": p.key, "split": split, "domain": p.domain, "label": p.label, "noise": p.noise,
              "caption_domain": p.caption_domain} for p in pairs]
@@ -462,8 +468,7 @@ def generate_web(out: str, cfg: DemoConfig, storage: StorageConfig, domains: dic
     fs, root = filesystem(out, storage)
     fs.makedirs(root, exist_ok=True)
     pairs = web_pairs(seed, "web", cfg.samples, cfg.image_size, domains, cfg.samples_per_shard)
-    for s, i in enumerate(range(0, len(pairs), cfg.samples_per_shard)):
-        fs.pipe_file(join(root, f"{s:05d}.tar"), tar_bytes(_web_members(pairs[i:i + cfg.samples_per_shard])))
+    _write_shards(fs, root, pairs, cfg.samples_per_shard)
     _write_truth(fs, root, _truth(pairs, "web"))
     log(f"  {len(pairs)} pairs over {domains} (seed {seed}) at {out}")
     return len(pairs)

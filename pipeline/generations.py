@@ -45,9 +45,8 @@ def check(cfg: Config, run: RunDir, name: str, data: str) -> None:
     if run.fs.exists(path):
         recorded = read_json(run.fs, path)["data"]
         if recorded.rstrip("/") != data.rstrip("/"):
-            taken = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in run.fs.ls(f"{run.path}/generations"))
             raise GrowError(f"generation {name!r} of {run.uri} already holds {recorded}, not {data}: "
-                            f"choose another --name (taken: {', '.join(taken)})")
+                            f"choose another --name (taken: {', '.join(run.generation_names())})")
 
 
 def prepare(cfg: Config, run: RunDir, data: str, name: str, new_experts: int | str = "auto",

@@ -48,10 +48,15 @@ def _quantile(group: pd.DataFrame, q: float) -> pd.DataFrame:
                          "threshold": [float(np.quantile(group["distance"], q))]})
 
 
-def _nearest(batch: pa.Table, fine: np.ndarray) -> pd.DataFrame:
+def nearest(batch: pa.Table, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest fine centre (int32) and its L2 distance (float32): no capacities."""
     labels, d2 = kmeans.assign_block(embedding_matrix(batch), fine, False, 0)
-    return pd.DataFrame({"fine_id": labels.astype(np.int32),
-                         "distance": np.sqrt(np.maximum(d2, 0)).astype(np.float32)})
+    return labels.astype(np.int32), np.sqrt(np.maximum(d2, 0)).astype(np.float32)
+
+
+def _nearest(batch: pa.Table, fine: np.ndarray) -> pd.DataFrame:
+    labels, distance = nearest(batch, fine)
+    return pd.DataFrame({"fine_id": labels, "distance": distance})
 
 
 def thresholds(training: list[ray.data.Dataset], fine: np.ndarray, q: float, min_rows: int,
@@ -89,11 +94,10 @@ def thresholds(training: list[ray.data.Dataset], fine: np.ndarray, q: float, min
 
 def _flag(batch: pa.Table, fine: np.ndarray, fine_to_expert: np.ndarray,
           limit: np.ndarray) -> pa.Table:
-    labels, d2 = kmeans.assign_block(embedding_matrix(batch), fine, False, 0)
-    distance = np.sqrt(np.maximum(d2, 0)).astype(np.float32)
+    labels, distance = nearest(batch, fine)
     threshold = limit[labels].astype(np.float32)
     return pa.table({"key": batch.column("key"), "embedding": batch.column("embedding"),
-                     "fine_id": pa.array(labels.astype(np.int32)), "distance": pa.array(distance),
+                     "fine_id": pa.array(labels), "distance": pa.array(distance),
                      "threshold": pa.array(threshold), "novel": pa.array(distance > threshold),
                      "expert_id": pa.array(fine_to_expert[labels].astype(np.int32))})
 
@@ -138,7 +142,7 @@ def novelty(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -
         run.stage_path(NOVEL), filesystem=fs, mode=SaveMode.OVERWRITE)
     tally = flagged.select_columns(["expert_id", "novel"]).map_batches(_tally, batch_format="pandas") \
         .to_pandas().groupby(["expert_id", "novel"])["size"].sum()
-    novel = int(tally.xs(True, level="novel").sum()) if True in tally.index.get_level_values(1) else 0
+    novel = int(sum(n for (_, is_novel), n in tally.items() if is_novel))
     familiar = {str(e): int(n) for (e, is_novel), n in tally.items() if not is_novel}
     rows = int(tally.sum())
     stats = {"novel": novel, "familiar": sum(familiar.values()), "familiar_by_expert": familiar,

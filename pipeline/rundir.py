@@ -109,6 +109,14 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({self.uri!r})"
 
+    def generation_names(self) -> list[str]:
+        """The names of the generations below ``generations/`` (sorted; none when empty)."""
+        folder = join(self.path, "generations")
+        self.fs.invalidate_cache(folder)    # s3fs caches listings; another job may add one
+        if not self.fs.exists(folder):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
+
     def stage_path(self, unit: str, *parts: str) -> str:
         """Path inside the filesystem (no scheme), for ``self.fs``. ``unit`` is a folder of the
         layout (``"assignments"``) or below one (``"checkpoints/expert-0"``)."""

@@ -57,7 +57,6 @@ class Stage:
     output: str                     # what it writes (README, "Architecture")
     job: str                        # the job that runs it
     implemented_by: str = ""        # "module:function" where not pipeline/<name>.py's run
-    optional: tuple[str, ...] = ()  # external inputs it may be given (hashed when given)
 
     @property
     def module(self) -> str:
@@ -75,7 +74,7 @@ class Stage:
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", (), DATA_FIELDS, (), ("data",),
           "samples/ (key, caption, shard of every good row), skipped/ (key, shard, reason)",
-          "jobs/ingest.py", optional=("key_prefix",)),
+          "jobs/ingest.py"),
     Stage("embeddings", ("ingest",), ("embed.model",),
           ("embed.batch_size", "embed.rows_per_call", "embed.num_actors", "embed.num_gpus_per_actor",
            "embed.num_cpus_per_actor", "embed.cache_size", "embed.rows_per_file"), (),
@@ -109,8 +108,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 # read without it is a unit of the original run.
 GROW_FIELDS = ("grow.novelty_quantile", "grow.min_rows_per_centre", "grow.min_novel_rows")
 GENERATION_STAGES: dict[str, Stage] = {s.name: s for s in (
-    dataclasses.replace(STAGES["ingest"], external=("data", "key_prefix"), optional=(),
-                        job="jobs/add_experts.py"),
+    dataclasses.replace(STAGES["ingest"], external=("data", "key_prefix"), job="jobs/add_experts.py"),
     dataclasses.replace(STAGES["embeddings"], reads=("{gen}ingest",), job="jobs/add_experts.py"),
     Stage("novelty", ("{gen}embeddings", "clusters", "embeddings"),
           ("grow.novelty_quantile", "grow.min_rows_per_centre"), ("cluster.block_rows",), (),
@@ -299,12 +297,8 @@ def run_stage(name: str, cfg: Config, run: RunDir, *, force: bool = False, log: 
     stage = stage_of(name)
     if name.startswith("checkpoints"):
         raise ValueError("training runs are launched by pipeline.checkpoints, not run_stage")
-    missing = set(stage.external) - set(external)
-    if missing:
-        raise TypeError(f"stage {name} needs {sorted(missing)}")
-    unknown = set(external) - set(stage.external) - set(stage.optional)
-    if unknown:
-        raise TypeError(f"stage {name} takes no {sorted(unknown)}")
+    if set(external) != set(stage.external):
+        raise TypeError(f"stage {name} takes {sorted(stage.external)}, got {sorted(external)}")
     runs = run_units(run) if ALL_RUNS in stage.reads else []
     sr = StageRun(name, cfg, run, external, runs)
     done = sr.completed()

@@ -58,13 +58,15 @@ def ooc_mask(keys: Any, expert: int, ratio: float, seed: int) -> np.ndarray:
 
 
 def _label(batch: pd.DataFrame, fractions: np.ndarray, seed: int, ratio: float,
-           counter: Tally) -> pd.DataFrame:
-    """The written columns of a joined batch; its per-run counts go to ``counter``."""
+           counter: Tally, count_runs: bool = True) -> pd.DataFrame:
+    """The written columns of a joined batch; its rows (and, unless ``count_runs`` is False,
+    its per-run counts) go to ``counter``."""
     out = batch.copy()
     out["random_id"] = random_parts(out["key"].to_numpy(), fractions, seed)
     out["fine_id"] = out["fine_id"].astype(np.int32)
     out["expert_id"] = out["expert_id"].astype(np.int32)
-    counter.add({"rows": len(out), **_run_sizes(out, len(fractions), ratio, seed)})
+    runs = _run_sizes(out, len(fractions), ratio, seed) if count_runs else {}
+    counter.add({"rows": len(out), **runs})
     return out[[*COLUMNS, "expert_id"]]
 
 
@@ -91,7 +93,7 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
     data_uri, prefix = external["data"], external.get("key_prefix", "")
     per_expert_rows = done_assign["stats"]["rows_per_expert"]
     ids = sorted(int(e) for e in per_expert_rows)      # 0..m-1; a generation's new ids after them
-    new_experts = ids != list(range(len(ids)))     # a generation: no random split of its own
+    new_experts = run.generation_name is not None  # a generation: no random split of its own
     sizes = np.ones(1) if new_experts else np.array([per_expert_rows[str(e)] for e in ids], np.float64)
     good = int(done_ingest["rows_out"])
     assigned = int(done_assign["rows_out"])     # every good row; a generation's novel rows only
@@ -104,7 +106,8 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
     samples.select_columns(["key", "caption", "image"]) \
         .join(labels, join_type="inner", num_partitions=parts, on=("key",)) \
         .map_batches(_label, batch_format="pandas", fn_kwargs={
-            "fractions": sizes, "seed": seed, "ratio": ratio, "counter": counter}) \
+            "fractions": sizes, "seed": seed, "ratio": ratio, "counter": counter,
+            "count_runs": not new_experts}) \
         .write_parquet(run.stage_path(STAGE), filesystem=pyarrow_filesystem(run.fs),
                        partition_cols=["expert_id"], mode=SaveMode.OVERWRITE)
     rows_out = count_rows(run.fs, run.stage_path(STAGE))
@@ -205,16 +208,13 @@ def _new_expert_rows(run: RunDir, job: Job, ooc_ratio: float, seed: int,
 def earlier_generations(run: RunDir, job: Job) -> list[str]:
     """The generations whose training data an added expert draws its out-of-cluster share
     from: those that added experts before it (lower first expert id)."""
-    folder = f"{run.path}/generations"
-    run.fs.invalidate_cache(folder)     # s3fs caches listings
     found = []
-    for path in run.fs.ls(folder, detail=False) if run.fs.exists(folder) else []:
-        name = path.rstrip("/").rsplit("/", 1)[-1]
+    for name in run.generation_names():
         m = run.generation(name).manifest(STAGE)
         if name != job.generation and m is not None and m["stats"]["rows_per_expert"] and \
                 max(int(e) for e in m["stats"]["rows_per_expert"]) < job.index:
             found.append(name)
-    return sorted(found)
+    return found
 
 
 def run_rows(manifest: dict[str, Any], job: Job, ooc_ratio: float, seed: int) -> int | None:

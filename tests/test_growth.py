@@ -26,7 +26,7 @@ from pipeline.config import DemoConfig, StorageConfig, load_config
 from pipeline.demo_world import DOMAIN_SHARES, generate_web
 from pipeline.rundir import RunDir
 from pipeline.runs import run_name
-from tests.tiny import copy_run, registry_of
+from tests.tiny import TINY, copy_run, registry_of
 
 # The tiny run has 2 experts of about 300 samples; a new one needs at least 50 novel samples.
 GROW = ["--set", "grow.min_novel_rows=50"]
@@ -141,7 +141,7 @@ def test_a_mixed_set_flags_the_new_domain_and_its_expert_holds_it(trained, tmp_p
     mixed = web(tmp_path_factory, "mixed", {**{d: s / 2 for d, s in DOMAIN_SHARES.items()}, "arrows": 0.5},
                 seed=12, samples=400)
     run = copy_run(trained, tmp_path / "run")
-    cfg = load_config("demo", [*registry_args(), "grow.min_novel_rows=50"])
+    cfg = load_config("demo", [*TINY[1::2], "grow.min_novel_rows=50"])
     # every stage up to the new expert's training data (its training is the same as any expert's)
     out, jobs = generations.prepare(cfg, run, str(mixed), "mixed", **QUIET)
     assert out["experts"] == ["expert-2"] and [j.unit for j in jobs] == \
@@ -156,12 +156,6 @@ def test_a_mixed_set_flags_the_new_domain_and_its_expert_holds_it(trained, tmp_p
     trained_on = pd.read_parquet(tmp_path / "run" / "generations" / "mixed" / "training_data",
                                  columns=["key"]).merge(truth, on="key")
     assert (trained_on.caption_domain == "arrows").mean() >= 0.9
-
-
-def registry_args() -> list[str]:
-    """The tiny run's config as overrides (the trained run's config.yaml holds them too)."""
-    from tests.tiny import TINY
-    return TINY[1::2]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -197,7 +191,7 @@ def test_bad_input_is_refused_before_anything_is_written(trained, seeded, tiny_w
 def test_novelty_refuses_embeddings_of_another_dimension(grown):
     run_dir, _, _ = grown
     run = RunDir(str(run_dir), StorageConfig())
-    cfg = load_config("demo", registry_args()).view(("grow.novelty_quantile", "grow.min_rows_per_centre"),
+    cfg = load_config("demo", TINY[1::2]).view(("grow.novelty_quantile", "grow.min_rows_per_centre"),
                                                     ("cluster.block_rows",))
     upstream = {"embeddings": {"stats": {"dim": 7}, "rows_out": 1}}
     with pytest.raises(ValueError, match="embeddings are 7-d but the run's fine centres are 384-d"):
