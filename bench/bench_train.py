@@ -83,9 +83,9 @@ def bare_run(cfg, rows: dict[str, np.ndarray], tensors: dict[str, np.ndarray] | 
     import torch
     from open_clip.loss import ClipLoss
 
+    from pipeline.inputs import Preprocess
     from pipeline.model import create
     from pipeline.schedule import lr_at
-    from pipeline.train import Preprocess
     from pipeline.train_loop import _autocast, make_optimizer
 
     torch.set_num_threads(cfg.threads_per_worker)
@@ -204,7 +204,7 @@ def ray_run(cfg, dataset: ray.data.Dataset, run_root: str, name: str):
 def main() -> int:
     import torch
 
-    from pipeline.train import Preprocess
+    from pipeline.inputs import Preprocess
 
     wall = time.perf_counter()
     load_before = os.getloadavg()

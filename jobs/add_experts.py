@@ -14,14 +14,14 @@ decide), which train from the seed's checkpoint on the original schedule and joi
 fewer, and the job says so and adds no expert. Nothing the run held before is rewritten; the
 seed, the existing experts and other jobs training on the same run are not touched, so this
 can run while jobs/train_experts.py still trains. Rerunning with the same --data and --name
-skips what is complete and resumes interrupted training. Then rerun jobs/evaluate.py: its report
+skips what is complete and resumes interrupted training; --force reruns the generation's
+stages and retrains its experts (nothing outside generations/NAME/ is touched). Then rerun jobs/evaluate.py: its report
 compares the ensemble before and after. See docs/growth.md.
 """
 
 import sys
 
 from pipeline import cli, generations, registry
-from pipeline.raycluster import init_ray
 
 
 def _count(text: str) -> int | str:
@@ -51,9 +51,8 @@ def main(argv=None) -> int:
         generations.check(cfg, run, name, args.data)
     except generations.GrowError as e:
         raise SystemExit(f"add_experts: {e}") from None
-    run.write_config(cfg)
-    print(init_ray(cfg.ray))
-    out = generations.add_experts(cfg, run, args.data, name, args.new_experts)
+    print(cli.start(cfg, run, args.data))
+    out = generations.add_experts(cfg, run, args.data, name, args.new_experts, force=args.force)
     print(f"[add_experts] generation {name}: {out['novel']:,} novel and {out['familiar']:,} "
           f"familiar samples; {out['why']}")
     if out["familiar"]:

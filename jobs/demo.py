@@ -20,7 +20,6 @@ import pandas as pd
 from pipeline import assignments, checkpoints, cli, demo_world, generations, registry, stages
 from pipeline import eval as evaluation
 from pipeline.console import format_seconds
-from pipeline.raycluster import init_ray
 from pipeline.rundir import FOLDERS
 from pipeline.runs import plan
 from pipeline.storage import filesystem, join
@@ -52,16 +51,16 @@ def main(argv=None) -> int:
                    help="stop after the clustering stages (no seed, experts or baselines)")
     args = p.parse_args(argv)
     args.run_dir = join(args.out, "run")
-    cfg, run = cli.load(args)
+    cfg, run = cli.load(args, write_config=False)
     clock = Clock()
     data = join(args.out, "data")
+    print(cli.start(cfg, run, data))
     fs, path = filesystem(data, cfg.storage)
     if fs.exists(join(path, "world.json")):
         print(f"[data] demo world already at {data}: reused")
     else:
         print(f"[data] generating the demo world at {data}")
         demo_world.generate(data, cfg.demo, cfg.storage)
-    print(init_ray(cfg.ray))
     clock.lap("world and ray")
     for stage, extra in (("ingest", {"data": join(data, "train")}), ("embeddings", {}),
                          ("clusters", {}), ("assignments", {})):

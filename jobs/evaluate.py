@@ -16,7 +16,6 @@ import sys
 
 from pipeline import cli, stages
 from pipeline import eval as evaluation
-from pipeline.raycluster import init_ray
 
 
 def main(argv=None) -> int:
@@ -27,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--demo-data", metavar="URI",
                    help="demo world to take tasks from (default: <run-dir>/../data if present)")
     args = p.parse_args(argv)
-    cfg, run = cli.load(args)
+    cfg, run = cli.load(args, write_config=False)
     tasks, retrieval, truth = list(args.tasks), args.retrieval, None
     demo = args.demo_data or run.uri.rstrip("/").rsplit("/", 1)[0] + "/data"
     found = evaluation.demo_inputs(demo, cfg.storage) if (args.demo_data or not tasks) else None
@@ -37,7 +36,7 @@ def main(argv=None) -> int:
     if not tasks and not retrieval:
         p.error("nothing to evaluate: pass --tasks URI (or --retrieval URI), or run next to a "
                 "demo world")
-    print(init_ray(cfg.ray))
+    print(cli.start(cfg, run, *tasks, retrieval))
     stages.run_stage("eval", cfg, run, force=args.force, tasks=tasks, retrieval=retrieval,
                      truth=truth)
     print()

@@ -12,8 +12,7 @@ the rest finish.
 
 import sys
 
-from pipeline import checkpoints, cli
-from pipeline.raycluster import init_ray
+from pipeline import checkpoints, cli, registry
 from pipeline.runs import plan
 
 
@@ -31,13 +30,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="skip the random-split and dense baselines")
     args = p.parse_args(argv)
-    cfg, run = cli.load(args)
+    cfg, run = cli.load(args, write_config=False)
     baselines = args.baselines and args.experts is None
     jobs = plan(cfg.train, checkpoints.num_experts(run), args.experts, baselines=baselines)
-    print(init_ray(cfg.ray))
+    print(cli.start(cfg, run))
     done, failed = checkpoints.launch(cfg, run, jobs, cfg.train.max_concurrent, force=args.force)
     print(f"finished now: {[e['name'] for e in done]}; failed: {sorted(failed) or 'none'}; "
-          f"registry: {run.uri}/experts.json")
+          f"registry: {registry.uri(run)}")
     return 1 if failed else 0
 
 

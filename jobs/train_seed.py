@@ -11,16 +11,15 @@ from the latest checkpoint; a complete seed (its manifest matches the config) is
 import sys
 
 from pipeline import checkpoints, cli, stages
-from pipeline.raycluster import init_ray
 
 
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
     cli.add_ingested_data_flag(p)
     args = p.parse_args(argv)
-    cfg, run = cli.load(args)
+    cfg, run = cli.load(args, write_config=False)
     cli.check_ingested_data(p, args, run)
-    print(init_ray(cfg.ray))
+    print(cli.start(cfg, run))
     stages.run_stage("training_data", cfg, run, force=args.force)
     checkpoints.train_seed(cfg, run, force=args.force)
     return 0

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import ray
 
 from pipeline import clusters, console, registry, train, training_data
@@ -66,18 +65,20 @@ def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
     experts = len(upstream["training_data"]["stats"]["rows_per_expert"])
     ooc = cfg.train.ooc_ratio if job.kind == "expert" else 0.0
     if samples is None:     # a manifest without this count: two small columns are enough
-        samples = training_data.rows_for(run, job, experts, ooc, cfg.train.seed,
+        samples = training_data.rows_for(run, job, experts, ooc, cfg.train.seed, cpus=cfg.train.data_cpus,
                                          columns=["key", "random_id"]).count()
     init = upstream["checkpoints/seed"]["stats"]["entry"]["checkpoint"] if job.kind != "seed" else None
-    result = train.train(job.name, training_data.rows_for(run, job, experts, ooc, cfg.train.seed),
+    rows = training_data.rows_for(run, job, experts, ooc, cfg.train.seed, cpus=cfg.train.data_cpus)
+    result = train.train(job.name, rows,
                          cfg.train, run.stage_uri(job.folder), job.end_samples,
                          schedule_total=job.schedule_total, threads=threads,
                          init_checkpoint=init, storage=cfg.storage)
     fine = None
     if job.kind == "expert":
-        f2e = clusters.load(run)["fine_to_expert"]
-        fine = np.flatnonzero(f2e == job.index).tolist()
+        fine = clusters.owned(run, job.index, job.generation)
     losses = [h["loss"] for h in result.history]
+    wall = time.time() - wall0
+    t = cfg.train
     return {
         "name": job.name, "kind": job.kind, "unit": job.unit, "generation": job.generation,
         "expert_id": job.index if job.kind == "expert" else None,
@@ -90,7 +91,12 @@ def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
                     "final_loss": losses[-1] if losses else None,
                     "first_loss": losses[0] if losses else None},
         "started_at": started, "finished_at": now(),
-        "wall": {"start": wall0, "end": time.time(), "seconds": round(time.time() - wall0, 2)},
+        "wall": {"start": wall0, "end": wall0 + wall, "seconds": round(wall, 2)},
+        # What this attempt reserved: its workers' CPU and GPU units times its wall time, Ray
+        # Train's start-up included (a run resumed after a failure counts its last attempt).
+        "cost": {"cpu_seconds": round(t.num_workers * t.cpus_per_worker * wall, 1),
+                 "gpu_seconds": round(t.num_workers * (1 if t.use_gpu else 0) * wall, 1),
+                 "samples": result.samples_seen - result.start_samples},
     }
 
 
@@ -142,11 +148,12 @@ def launch(cfg: Config, run: RunDir, jobs: Sequence[Job], max_concurrent: int, *
     t = cfg.train
     need = max_concurrent * t.num_workers * t.cpus_per_worker
     total = ray.cluster_resources().get("CPU", 0.0)
-    if len(queue) > 1 and total - need < 1:
+    if len(queue) > 1 and total - need < t.data_cpus:
         log(f"[launch] warning: {max_concurrent} runs x {t.num_workers} worker(s) x "
             f"{t.cpus_per_worker:g} CPU reserve {need:g} of the cluster's {total:g} CPUs, leaving "
-            "less than 1 for Ray Data's read and decode tasks: runs can stall waiting for data. "
-            "Lower train.max_concurrent or train.cpus_per_worker (or add CPUs).")
+            f"less than one Ray Data read task's train.data_cpus={t.data_cpus:g}: runs can stall "
+            "waiting for data. Lower train.max_concurrent, train.cpus_per_worker or "
+            "train.data_cpus (or add CPUs).")
     running: dict[ray.ObjectRef, tuple[Job, StageRun, str, int | None]] = {}
     finished, failed = [], {}
     with console.relay(log):

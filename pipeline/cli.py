@@ -10,7 +10,7 @@ import yaml
 
 from pipeline import console, stages
 from pipeline.config import PRESETS, Config, ConfigError, load_config
-from pipeline.raycluster import init_ray
+from pipeline.raycluster import init_ray, require_shared_storage
 from pipeline.rundir import RunDir
 
 
@@ -52,6 +52,20 @@ def load(args: argparse.Namespace, write_config: bool = True) -> tuple[Config, R
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     return cfg, run
+
+
+def start(cfg: Config, run: RunDir | None, *uris: str | None) -> str:
+    """What a job does before its work: start or join Ray; on a cluster of several nodes, refuse
+    a local run directory or data (``uris``, and the shards ingest read) that not every node can
+    reach (``raycluster.require_shared_storage``); then write the run directory's config.yaml.
+    Returns what ``init_ray`` did, for the job to print."""
+    what = init_ray(cfg.ray)
+    ingested = run.manifest("ingest") if run is not None else None
+    shards = ingested["inputs"]["external"].get("data") if ingested else None
+    require_shared_storage([run.uri if run is not None else None, *uris, shards], cfg.storage)
+    if run is not None:
+        run.write_config(cfg)
+    return what
 
 
 def add_data_flag(p: argparse.ArgumentParser) -> None:
@@ -103,12 +117,12 @@ def stage_job(description: str, stage: str, argv: Sequence[str] | None,
     elif data == "ingested":
         add_ingested_data_flag(p)
     args = p.parse_args(argv)
-    cfg, run = load(args)
+    cfg, run = load(args, write_config=False)
     external = {}
     if data == "shards":
         external["data"] = data_uri(p, args, cfg)
     elif data == "ingested":
         check_ingested_data(p, args, run)
-    print(init_ray(cfg.ray))
+    print(start(cfg, run, external.get("data")))
     stages.run_stage(stage, cfg, run, force=args.force, **external)
     return 0

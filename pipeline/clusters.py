@@ -27,7 +27,7 @@ import pyarrow as pa
 import ray.data
 from ray.data import DataContext
 
-from pipeline import kmeans, kmeans_ray
+from pipeline import kmeans, kmeans_ray, levels
 from pipeline.config import ConfigView
 from pipeline.keys import key_rank
 from pipeline.rundir import RunDir, StageOutput
@@ -94,13 +94,28 @@ def load(run: RunDir, generations: Sequence[str] | None = None) -> dict[str, np.
 
 
 def grown(run: RunDir) -> list[str]:
-    """The generations that added experts, in the order they did (by their first expert id)."""
+    """The generations that added experts, in the order they claimed their ids
+    (``pipeline/levels.py``), up to the first whose level is not written yet (a job still at it,
+    or killed: its rerun finishes it), so that the ids of the union follow each other."""
+    claimed = levels.claims(run)
+    if not claimed:     # generations made before claims (stop 19): by their first expert id
+        made = [(run.generation(g).manifest(STAGE), g) for g in run.generation_names()]
+        return [g for m, g in sorted(((m["stats"]["experts"][0]["expert_id"], g) for m, g in made
+                                      if m is not None and m["stats"]["experts"]))]
     found = []
-    for g in run.generation_names():
-        m = run.generation(g).manifest(STAGE)
-        if m is not None and m["stats"]["experts"]:
-            found.append((m["stats"]["experts"][0]["expert_id"], g))
-    return [g for _, g in sorted(found)]
+    for c in claimed:
+        if run.generation(c["generation"]).manifest(STAGE) is None:
+            break
+        found.append(c["generation"])
+    return found
+
+
+def owned(run: RunDir, expert_id: int, generation: str | None = None) -> list[int]:
+    """The fine ids of the union that expert ``expert_id`` of ``generation`` (None: of the
+    original clustering) owns, read from that level alone."""
+    level = run if generation is None else run.generation(generation)
+    first = 0 if generation is None else level.manifest(STAGE)["stats"]["first_fine_id"]
+    return (first + np.flatnonzero(load_level(level, "fine_to_expert") == expert_id)).tolist()
 
 
 def load_level(run: RunDir, name: str) -> np.ndarray:
@@ -139,10 +154,19 @@ def save(run: RunDir, level: Level) -> None:
         _save(run, name, getattr(level, name))
 
 
+def numbered(level: Level, first_expert: int) -> Level:
+    """``level`` (numbered from 0, as ``fit_level`` does) with its experts numbered from
+    ``first_expert``: a generation's, once claimed."""
+    stats = {**level.stats, "experts": [{**e, "expert_id": e["expert_id"] + first_expert}
+                                        for e in level.stats["experts"]]}
+    return dataclasses.replace(level, stats=stats,
+                               fine_to_expert=(level.fine_to_expert + first_expert).astype(np.int32))
+
+
 def fit_level(ds: ray.data.Dataset, n: int, c: Any, fine_k: int, num_experts: int,
-              log=print, first_expert: int = 0) -> Level:
+              log=print) -> Level:
     """Balanced fine k-means on the rows of ``ds`` (``key``, ``embedding``; ``n`` of them), then
-    ``num_experts`` coarse clusters over the fine centres, numbered from ``first_expert``.
+    ``num_experts`` coarse clusters over the fine centres, numbered from 0 (``numbered``).
 
     ``c`` holds the fit's settings (``cluster.*``: sample_per_centre, seed, fit_block_rows,
     restarts, iterations, balanced, capacity_slack, balanced_coarse); ``fine_k`` and
@@ -198,11 +222,11 @@ def fit_level(ds: ray.data.Dataset, n: int, c: Any, fine_k: int, num_experts: in
         "coarse_objective": coarse_objective,
         "fine_sizes": {"min": int(sizes.min()), "max": int(sizes.max()),
                        "mean": float(sizes.mean()), "empty": int((sizes == 0).sum())},
-        "experts": [{"expert_id": first_expert + e, "fine_clusters": int((fine_to_expert == e).sum()),
+        "experts": [{"expert_id": e, "fine_clusters": int((fine_to_expert == e).sum()),
                      "fit_rows": int(expert_rows[e])} for e in range(num_experts)],
         "seconds": {"sample": round(t_load, 2), "total": round(time.perf_counter() - t0, 2)},
     }
-    return Level(fine, coarse, (fine_to_expert + first_expert).astype(np.int32),
+    return Level(fine, coarse, fine_to_expert.astype(np.int32),
                  sizes.astype(np.int64), stats)
 
 

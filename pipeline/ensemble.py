@@ -156,11 +156,13 @@ class MoDEEnsemble:
         self.cfg, self.device = cfg, torch.device(device)
         self.run = RunDir(run_uri, cfg.storage)
         self.registry = registry.finished(self.run)
-        if generations is None:     # the generations whose experts have all finished training
-            generations = [g for g in clusters.grown(self.run)
-                           if all(run_name("expert", e) in self.registry
-                                  for e in np.unique(clusters.load_level(self.run.generation(g),
-                                                                         "fine_to_expert")))]
+        if generations is None:     # the generations whose experts have all finished training,
+            generations = []        # up to the first that has not (the ids must follow each other)
+            for g in clusters.grown(self.run):
+                ids = np.unique(clusters.load_level(self.run.generation(g), "fine_to_expert"))
+                if not all(run_name("expert", e) in self.registry for e in ids):
+                    break
+                generations.append(g)
         self.generations = list(generations)
         arrays = clusters.load(self.run, self.generations)
         self.fine_centroids = arrays["fine_centroids"]

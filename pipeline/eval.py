@@ -245,7 +245,7 @@ def _markdown(df: pd.DataFrame, digits: int = 1) -> str:
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join([df.index.name or "", *cols]) + " |",
              "|" + "---|" * (len(cols) + 1)]
-    for idx, row in df.iterrows():
+    for idx, row in df.astype(object).iterrows():   # object: an int column stays int
         lines.append("| " + " | ".join([str(idx), *(f"{v:.{digits}f}" if isinstance(v, float)
                                                       else str(v) for v in row)]) + " |")
     return "\n".join(lines)
@@ -268,6 +268,12 @@ def markdown(report: dict[str, Any]) -> str:
         r = pd.DataFrame(report["retrieval"]).T.drop(columns=["expert"], errors="ignore")
         out += [f"## Retrieval on {report['retrieval_pairs']} held-out pairs (recall, %)", "",
                 _markdown((100 * r.astype(float)).round(1).rename_axis("method")), ""]
+    if report.get("cost"):
+        c = pd.DataFrame.from_dict(report["cost"], orient="index").astype({"samples": int})
+        out += ["## Training cost", "", "CPU and GPU units each run's workers reserved, times its "
+                "wall time (Ray Train's start-up included), in hours; samples trained on. MoDE's "
+                "experts train independently, so they can run at once on separate nodes.", "",
+                _markdown(c.rename_axis("run"), digits=3), ""]
     if report.get("confusion"):
         c = pd.DataFrame(report["confusion"]).fillna(0).astype(int)
         out += ["## Clustering: assigned training samples, expert x true domain", "",
@@ -276,6 +282,31 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 GROWTH_METHODS = (DEFAULT_METHOD, "routed (T=1)")
+
+
+def cost_table(runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """What each training run reserved (registry ``cost``: CPU and GPU units held by its
+    workers times wall time, in hours) and the samples it trained on; then MoDE's total (the
+    seed and every expert) against dense, and the random split's (seed and parts), the
+    comparison the paper makes at equal cost. Runs registered before costs were recorded are
+    left out."""
+    rows = {}
+    for name, e in runs.items():
+        if "cost" in e:
+            rows[name] = {"cpu_hours": e["cost"]["cpu_seconds"] / 3600,
+                          "gpu_hours": e["cost"]["gpu_seconds"] / 3600,
+                          "samples": e["cost"]["samples"]}
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=["cpu_hours", "gpu_hours", "samples"])
+    kinds = {name: runs[name]["kind"] for name in table.index}
+    totals = {"MoDE (seed + experts)": ("seed", "expert"),
+              "random split (seed + parts)": ("seed", "random-split"),
+              "dense (seed + dense)": ("seed", "dense")}
+    for label, wanted in totals.items():
+        part = table.loc[[n for n, k in kinds.items() if k in wanted]]
+        if len(part) and set(wanted) <= {kinds[n] for n in part.index}:
+            table.loc[label] = part.sum()
+    order = sorted(table.index, key=lambda n: (n in totals, n != "seed", n))
+    return table.loc[order].astype({"samples": int})
 
 
 def growth_table(report: dict[str, Any]) -> pd.DataFrame:
@@ -387,6 +418,7 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[s
         images += len(pairs.captions)
         log(f"[eval] retrieval: {len(pairs.captions)} pairs")
         report["retrieval"] = _retrieval(ens, pairs)
+    report["cost"] = cost_table(ens.registry).to_dict(orient="index")
     if truth:
         report["confusion"] = {str(k): {str(e): int(v) for e, v in col.items()}
                                for k, col in confusion(run, truth, cfg.storage).items()}

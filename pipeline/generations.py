@@ -50,27 +50,28 @@ def check(cfg: Config, run: RunDir, name: str, data: str) -> None:
 
 
 def prepare(cfg: Config, run: RunDir, data: str, name: str, new_experts: int | str = "auto",
-            log=print) -> tuple[dict[str, Any], list[Job]]:
-    """Every stage of generation ``name`` up to its training data; returns what was found
-    (novelty counts, why there are new experts or none) and the training runs to launch."""
+            force: bool = False, log=print) -> tuple[dict[str, Any], list[Job]]:
+    """Every stage of generation ``name`` up to its training data (``force``: rerun each even
+    when complete); returns what was found (novelty counts, why there are new experts or none)
+    and the training runs to launch."""
     check(cfg, run, name, data)
     gen = run.generation(name)
     marker = f"{gen.path}/{MARKER}"
     if not run.fs.exists(marker):
         write_json_atomic(run.fs, marker, {"name": name, "data": data, "started_at": now()})
     unit = lambda stage: stages.gen_unit(name, stage)  # noqa: E731 - a short local spelling
-    stages.run_stage(unit("ingest"), cfg, run, data=data, key_prefix=f"{name}/", log=log)
-    stages.run_stage(unit("embeddings"), cfg, run, log=log)
-    flagged = stages.run_stage(unit("novelty"), cfg, run, log=log)
-    level = stages.run_stage(unit("clusters"), cfg, run, new_experts=new_experts, log=log)
+    stages.run_stage(unit("ingest"), cfg, run, force=force, data=data, key_prefix=f"{name}/", log=log)
+    stages.run_stage(unit("embeddings"), cfg, run, force=force, log=log)
+    flagged = stages.run_stage(unit("novelty"), cfg, run, force=force, log=log)
+    level = stages.run_stage(unit("clusters"), cfg, run, force=force, new_experts=new_experts, log=log)
     out = {"generation": name, "novel": flagged["stats"]["novel"],
            "familiar": flagged["stats"]["familiar"],
            "familiar_by_expert": flagged["stats"]["familiar_by_expert"],
            "why": level["stats"]["why"], "experts": [], "failed": {}}
     if not level["stats"]["experts"]:
         return out, []
-    stages.run_stage(unit("assignments"), cfg, run, log=log)
-    stages.run_stage(unit("training_data"), cfg, run, log=log)
+    stages.run_stage(unit("assignments"), cfg, run, force=force, log=log)
+    stages.run_stage(unit("training_data"), cfg, run, force=force, log=log)
     t = cfg.train.total_samples
     jobs = [Job("expert", e["expert_id"], t, t, generation=name) for e in level["stats"]["experts"]]
     out["experts"] = [job.name for job in jobs]
@@ -78,11 +79,13 @@ def prepare(cfg: Config, run: RunDir, data: str, name: str, new_experts: int | s
 
 
 def add_experts(cfg: Config, run: RunDir, data: str, name: str, new_experts: int | str = "auto",
-                log=print) -> dict[str, Any]:
+                force: bool = False, log=print) -> dict[str, Any]:
     """Add the data at ``data`` to ``run`` as generation ``name``, and train an expert for each
     part of what in it is novel. Idempotent: a rerun skips what is complete and resumes the
-    training runs from their checkpoints. Returns what was done (novelty counts, new experts)."""
-    out, jobs = prepare(cfg, run, data, name, new_experts, log)
+    training runs from their checkpoints; ``force`` reruns the generation's stages and retrains
+    its experts. Returns what was done (novelty counts, new experts)."""
+    out, jobs = prepare(cfg, run, data, name, new_experts, force, log)
     if jobs:
-        _, out["failed"] = checkpoints.launch(cfg, run, jobs, cfg.train.max_concurrent, log=log)
+        _, out["failed"] = checkpoints.launch(cfg, run, jobs, cfg.train.max_concurrent,
+                                              force=force, log=log)
     return out

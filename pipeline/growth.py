@@ -33,7 +33,7 @@ import pyarrow as pa
 import ray.data
 from ray.data import SaveMode
 
-from pipeline import assignments, clusters, kmeans
+from pipeline import assignments, clusters, kmeans, levels
 from pipeline.config import ConfigView
 from pipeline.rundir import RunDir, StageOutput
 from pipeline.storage import pyarrow_filesystem
@@ -174,23 +174,26 @@ def new_clusters(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=pri
                "no new expert")
         log(f"[clusters] {why}")
         return StageOutput(novel, 0, {"too_few_novel_rows": novel}, {"experts": [], "why": why})
-    before = clusters.load(root, earlier(run))
     base = upstream["../assignments"]
     base_rows, base_fine = int(base["rows_out"]), len(base["stats"]["rows_per_fine_cluster"])
     base_experts = len(base["stats"]["rows_per_expert"])
     n, k = plan_level(novel, base_rows, base_fine, base_experts, new_experts)
-    first = len(before["coarse_centroids"])
     how = f"auto: about {base_rows // base_experts:,} rows per expert" if new_experts == "auto" \
         else "as asked"
+    ds = ray.data.read_parquet(run.stage_uri(NOVEL), filesystem=pyarrow_filesystem(run.fs))
+    level = clusters.fit_level(ds, novel, cfg.cluster, k, n, log)
+    # The ids come last, claimed once per generation: another add_experts may be numbering its
+    # own level at the same moment (pipeline/levels.py, docs/growth.md "Numbering").
+    first, first_fine = levels.claim(root, run.generation_name, n, k,
+                                     len(clusters.load_level(root, "coarse_centroids")),
+                                     len(clusters.load_level(root, "fine_centroids")))
+    level = clusters.numbered(level, first)
     why = (f"{novel:,} novel samples -> {k} fine centres (about {base_rows // base_fine:,} rows "
            f"each, as the original level) -> {n} new expert(s) ({how}), ids "
            f"{list(range(first, first + n))}")
     log(f"[clusters] {why}")
-    ds = ray.data.read_parquet(run.stage_uri(NOVEL), filesystem=pyarrow_filesystem(run.fs))
-    level = clusters.fit_level(ds, novel, cfg.cluster, k, n, log, first_expert=first)
     clusters.save(run, level)
-    stats = {**level.stats, "why": why, "first_fine_id": len(before["fine_centroids"]),
-             "first_expert_id": first}
+    stats = {**level.stats, "why": why, "first_fine_id": first_fine, "first_expert_id": first}
     return StageOutput(novel, level.stats["fit_rows"],
                        {"not_in_fit_sample": novel - level.stats["fit_rows"]}, stats)
 

@@ -8,7 +8,8 @@ import os
 import ray
 
 from pipeline import console
-from pipeline.config import RayConfig
+from pipeline.config import RayConfig, StorageConfig
+from pipeline.storage import is_s3
 
 # Ray Data's parquet reader (datasource V2) starts a pool of 32 footer-reading actors for every
 # read, a size meant for clusters. On a laptop each one is a fresh Python process: a demo expert
@@ -56,3 +57,31 @@ def init_ray(cfg: RayConfig, num_cpus: int | None = None) -> str:
         return what
     console.attach_ray_logs(os.path.join(session, "logs"))
     return what + ("" if verbose else f"; Ray's logs: {session}/logs")
+
+
+# ----------------------------------------------------------------------------- shared storage
+def unshared_paths(uris, nodes: int, cpus: float, shared_mount: str | None) -> list[str]:
+    """The URIs among ``uris`` that a cluster of ``nodes`` alive nodes (``cpus`` CPUs in all)
+    cannot share: local paths outside ``shared_mount``, when the work may run on more than one
+    machine. That is more than one node, or a head alone that runs no task (its work goes to
+    worker nodes the autoscaler has not started yet). One node with CPUs: every path is fine
+    (it is the same machine)."""
+    if nodes <= 1 and cpus > 0:
+        return []
+    mount = os.path.abspath(shared_mount) if shared_mount else None
+    return [u for u in uris if u and not is_s3(u)
+            and not (mount and os.path.commonpath([mount, os.path.abspath(u)]) == mount)]
+
+
+def require_shared_storage(uris, storage: StorageConfig) -> None:
+    """Refuse (``SystemExit``, before any work) the local paths a multi-node Ray cluster would
+    scatter: each node would read and write its own disk under the same name."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    bad = unshared_paths(uris, len(alive), cpus, storage.shared_mount)
+    if bad:
+        where = (f"{len(alive)} nodes" if len(alive) > 1 else "a head node that runs no task "
+                 "(its work goes to worker nodes)")
+        raise SystemExit(f"local paths on a Ray cluster of {where}: {', '.join(bad)}. Every node "
+                         "must reach the run directory and the data: use s3://bucket/prefix, or a "
+                         "path mounted on every node, declared with --set storage.shared_mount=PATH")

@@ -13,6 +13,7 @@ Layout (README, "Run directory"; local path or ``s3://bucket/prefix``)::
     eval/                     reports and plots + _manifest.json
     generations/<name>/       data added later and the experts trained on it
                               (jobs/add_experts.py, docs/growth.md): the same folders again
+    generations/_levels/      the ids each generation's experts took (pipeline/levels.py)
 
 A unit of work (a stage, or one training run ``checkpoints/<run>``) writes its
 ``_manifest.json`` last, atomically: a unit without one is incomplete. The stage graph and the
@@ -115,7 +116,8 @@ class RunDir:
         self.fs.invalidate_cache(folder)    # s3fs caches listings; another job may add one
         if not self.fs.exists(folder):
             return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
+        return sorted(n for n in names if not n.startswith("_"))  # _levels: pipeline/levels.py
 
     def stage_path(self, unit: str, *parts: str) -> str:
         """Path inside the filesystem (no scheme), for ``self.fs``. ``unit`` is a folder of the

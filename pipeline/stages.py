@@ -39,7 +39,8 @@ TRAIN_FIELDS = ("train.model", "train.batch_size", "train.lr", "train.total_samp
 # How a run uses the cluster: neither changes the model it trains beyond float rounding.
 TRAIN_KNOBS = ("train.checkpoint_every_steps", "train.keep_checkpoints", "train.log_every_steps",
                "train.num_workers", "train.use_gpu", "train.cpus_per_worker",
-               "train.threads_per_worker", "train.max_failures")
+               "train.threads_per_worker", "train.max_failures", "train.decode_in_worker",
+               "train.data_cpus")
 CLUSTER_FIT_FIELDS = ("cluster.fine_k", "cluster.num_experts", "cluster.balanced",
                       "cluster.capacity_slack", "cluster.iterations", "cluster.sample_per_centre",
                       "cluster.seed", "cluster.restarts", "cluster.fit_block_rows",

@@ -79,6 +79,37 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         fs.pipe_file(path, data)
 
 
+def create_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> bool:
+    """Write ``path`` only if nothing is there: True if this call created it, False if it
+    existed. Readers see the whole file or none; of several writers racing for one path
+    exactly one wins.
+
+    Locally: a complete temporary file, then ``os.link`` (fails when the name exists). On S3:
+    one PUT with ``If-None-Match: *`` (S3's conditional write; s3fs raises FileExistsError
+    when the key exists). No lock is taken, so a killed writer leaves nothing that blocks.
+    """
+    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+    if "file" in fs.protocol:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
 def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
     write_bytes_atomic(fs, path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 

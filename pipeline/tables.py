@@ -54,11 +54,13 @@ def parquet_schema(fs: fsspec.AbstractFileSystem, path: str) -> pa.Schema:
 
 
 def read_by_expert(fs: fsspec.AbstractFileSystem, path: str, scheme: str,
-                   experts: list[int] | None = None,
-                   columns: list[str] | None = None) -> ray.data.Dataset:
+                   experts: list[int] | None = None, columns: list[str] | None = None,
+                   cpus: float | None = None) -> ray.data.Dataset:
     """A folder written with ``partition_cols=["expert_id"]`` as a Ray Dataset with an int
-    ``expert_id`` column (optionally only some experts' partitions, some columns)."""
+    ``expert_id`` column (optionally only some experts' partitions, some columns; ``cpus``: what
+    each read task reserves, Ray Data's 1 CPU when None)."""
     hive = Partitioning("hive", base_dir=path, field_types={"expert_id": int})
     paths = scheme + path if experts is None else [f"{scheme}{path}/expert_id={e}" for e in experts]
     return ray.data.read_parquet(paths, filesystem=pyarrow_filesystem(fs), partitioning=hive,
-                                 columns=columns)
+                                 columns=columns,
+                                 ray_remote_args={} if cpus is None else {"num_cpus": cpus})

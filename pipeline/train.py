@@ -9,9 +9,10 @@ optimizer), continuing its ``samples_seen`` and so the learning-rate schedule wh
 stopped (``pipeline.schedule``: warmup, then a cosine to zero over ``schedule_total`` samples).
 
 Data: rows ``{caption: str, image: encoded bytes}`` (ingest's row schema; other columns are
-ignored) are decoded, transformed and tokenized in Ray Data ``map_batches`` tasks with
-open_clip's own image transform and tokenizer, then streamed to the workers by
-``get_dataset_shard("train").iter_torch_batches``, once per epoch. With
+ignored) are decoded, transformed and tokenized with open_clip's own image transform and
+tokenizer (``pipeline.inputs``), in Ray Data ``map_batches`` tasks or, with
+``TrainConfig.decode_in_worker``, in the Ray Train worker as the rows arrive, and streamed to the
+workers by ``get_dataset_shard("train")``, once per epoch. With
 ``TrainConfig.cache_inputs`` only the first epoch streams: each worker keeps the tensors of its
 shard in memory and later epochs draw seeded permutations of them, which removes the per-epoch
 start of a Ray Data execution and every decode after the first (for data that fits in the
@@ -22,16 +23,13 @@ samples_seen continue from the checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import io
 import time
 from typing import Any
 
-import numpy as np
 import ray.data
-from PIL import Image
 
 from pipeline.config import StorageConfig, TrainConfig
+from pipeline.inputs import preprocess_batch
 from pipeline.storage import filesystem, is_s3, pyarrow_filesystem, scheme
 
 # No torch, open_clip or ray.train.torch at import: every process that unpickles this module's
@@ -40,57 +38,13 @@ from pipeline.storage import filesystem, is_s3, pyarrow_filesystem, scheme
 
 
 # ----------------------------------------------------------------------------- data
-class Preprocess:
-    """Rows ``{caption, image bytes}`` to model inputs with open_clip's transform and tokenizer.
-
-    Returns ``{"image": float32 (N, 3, H, W), "text": int64 (N, context_length)}``. A row whose
-    image does not decode or whose caption is missing raises: training data must come from
-    ingest's good rows.
-    """
-
-    def __init__(self, model_name: str, augment: bool = False) -> None:
-        from pipeline.model import tools  # late import: open_clip, only in the decoding tasks
-
-        preprocess_train, preprocess_val, self.tokenizer = tools(model_name)
-        self.transform = preprocess_train if augment else preprocess_val
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys = batch["key"] if "key" in batch else np.arange(len(batch["caption"]))
-        for column in ("caption", "image"):
-            missing = [i for i, v in enumerate(batch[column]) if v is None or len(v) == 0]
-            if missing:
-                raise ValueError(f"{len(missing)} rows without {column} (keys "
-                                 f"{keys[missing[:5]].tolist()}): train on ingest's good rows")
-        images = np.stack([self._image(b, k) for b, k in zip(batch["image"], keys.tolist(), strict=True)])
-        return {"image": images, "text": self.tokenizer(list(batch["caption"])).numpy()}
-
-    def _image(self, data: bytes, key: Any) -> np.ndarray:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                return self.transform(im.convert("RGB")).numpy()
-        except OSError as e:  # PIL's UnidentifiedImageError and truncated files
-            raise ValueError(f"image of key {key!r} does not decode ({e}): train on ingest's "
-                             f"good rows") from e
-
-
-@functools.cache
-def _preprocessor(model_name: str, augment: bool) -> Preprocess:
-    return Preprocess(model_name, augment)
-
-
-def preprocess_batch(batch: dict[str, np.ndarray], model_name: str,
-                     augment: bool) -> dict[str, np.ndarray]:
-    """``Preprocess`` as a Ray Data task function: one ``Preprocess`` per worker process, built
-    on first use. Tasks (not an actor pool) so the step fuses with the read and scales with
-    whatever CPUs the Train workers leave free."""
-    return _preprocessor(model_name, augment)(batch)
-
-
 def model_inputs(ds: ray.data.Dataset, model_name: str, augment: bool,
-                 rows_per_batch: int = 256) -> ray.data.Dataset:
-    """The model inputs of ``ds``'s rows, decoded and tokenized lazily in ``map_batches``."""
+                 rows_per_batch: int = 256, cpus: float | None = None) -> ray.data.Dataset:
+    """The model inputs of ``ds``'s rows, decoded and tokenized lazily in ``map_batches``
+    (``cpus``: what each task reserves, Ray Data's 1 CPU when None)."""
     return ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=rows_per_batch,
-                          fn_kwargs={"model_name": model_name, "augment": augment})
+                          fn_kwargs={"model_name": model_name, "augment": augment},
+                          **({} if cpus is None else {"num_cpus": cpus}))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -155,7 +109,9 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
 
     started = time.perf_counter()
     storage = storage or StorageConfig()
-    inputs = model_inputs(dataset, cfg.model, cfg.augment)
+    # decode_in_worker: the raw rows go to the worker, which decodes them (pipeline.inputs)
+    inputs = dataset if cfg.decode_in_worker else model_inputs(dataset, cfg.model, cfg.augment,
+                                                                cpus=cfg.data_cpus)
     loop_config = {
         "name": name, "train": cfg, "end_samples": end_samples, "schedule_total": schedule_total,
         "threads": cfg.threads_per_worker if threads is None else threads,

@@ -28,6 +28,7 @@ from pipeline import console
 from pipeline.checkpoint_io import CHECKPOINT_FILE, LOG_FILE, read_checkpoint, step_dir_name
 from pipeline.config import StorageConfig, TrainConfig
 from pipeline.console import format_seconds
+from pipeline.inputs import preprocessor
 from pipeline.model import create
 from pipeline.schedule import lr_at
 
@@ -67,12 +68,17 @@ def _checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 def _streamed_batches(shard, cfg: TrainConfig, local_batch: int, device: torch.device,
                       step: int):
     """One pass over this worker's Ray Data shard. With ``cache_inputs`` the last partial
-    batch comes too (it is cached; the loop does not train on it)."""
-    return iter(shard.iter_torch_batches(
-        batch_size=local_batch, drop_last=not cfg.cache_inputs, device=device,
-        dtypes={"image": torch.float32, "text": torch.long},
-        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-        local_shuffle_seed=(cfg.seed * 1_000_003 + step) if cfg.shuffle_buffer else None))
+    batch comes too (it is cached; the loop does not train on it). With ``decode_in_worker``
+    the shard holds raw rows, decoded here (``pipeline.inputs``)."""
+    order = {"batch_size": local_batch, "drop_last": not cfg.cache_inputs,
+             "local_shuffle_buffer_size": cfg.shuffle_buffer or None,
+             "local_shuffle_seed": (cfg.seed * 1_000_003 + step) if cfg.shuffle_buffer else None}
+    if not cfg.decode_in_worker:
+        return iter(shard.iter_torch_batches(device=device, **order,
+                                             dtypes={"image": torch.float32, "text": torch.long}))
+    preprocess = preprocessor(cfg.model, cfg.augment)
+    return ({k: torch.from_numpy(v).to(device) for k, v in preprocess(rows).items()}
+            for rows in shard.iter_batches(batch_format="numpy", **order))
 
 
 def _cached_batches(cache: dict[str, torch.Tensor], local_batch: int, device: torch.device,

@@ -141,9 +141,9 @@ def _count_runs(run: RunDir, num_experts: int, ratio: float, seed: int) -> dict[
 
 
 # ----------------------------------------------------------------------------- readers
-def _read(run: RunDir, experts: list[int] | None = None,
-          columns: list[str] | None = None) -> ray.data.Dataset:
-    return read_by_expert(run.fs, run.stage_path(STAGE), run.scheme, experts, columns)
+def _read(run: RunDir, experts: list[int] | None = None, columns: list[str] | None = None,
+          cpus: float | None = None) -> ray.data.Dataset:
+    return read_by_expert(run.fs, run.stage_path(STAGE), run.scheme, experts, columns, cpus)
 
 
 def _expert_filter(batch: pa.Table, expert: int, ratio: float, seed: int) -> pa.Table:
@@ -157,7 +157,7 @@ def _random_part(batch: pa.Table, part: int) -> pa.Table:
 
 
 def rows_for(run: RunDir, job: Job, num_experts: int, ooc_ratio: float, seed: int,
-             columns: list[str] | None = None) -> ray.data.Dataset:
+             columns: list[str] | None = None, cpus: float | None = None) -> ray.data.Dataset:
     """The rows a training run reads (a lazy Ray Dataset; ``columns`` must include ``key`` for an
     expert and ``random_id`` for a random part):
 
@@ -166,19 +166,22 @@ def rows_for(run: RunDir, job: Job, num_experts: int, ooc_ratio: float, seed: in
       expert's, in one read of every partition and a filter (each read costs Ray Data a listing
       pass of its own, so not two reads and a union);
     - ``random-split-<e>``: part e of the random split.
+
+    ``cpus``: what each of its read and filter tasks reserves (``train.data_cpus``).
     """
+    task = {} if cpus is None else {"num_cpus": cpus}
     if job.kind in ("seed", "dense"):
-        return _read(run, None, columns)
+        return _read(run, None, columns, cpus)
     if job.generation is not None:
-        return _new_expert_rows(run, job, ooc_ratio, seed, columns)
+        return _new_expert_rows(run, job, ooc_ratio, seed, columns, cpus)
     if job.kind == "random-split":
-        return _read(run, None, columns).map_batches(_random_part, batch_format="pyarrow",
-                                                     fn_kwargs={"part": job.index})
+        return _read(run, None, columns, cpus).map_batches(
+            _random_part, batch_format="pyarrow", fn_kwargs={"part": job.index}, **task)
     if num_experts == 1 or ooc_ratio == 0:
-        return _read(run, [job.index], columns)
+        return _read(run, [job.index], columns, cpus)
     read_columns = None if columns is None else list(dict.fromkeys([*columns, "expert_id"]))
-    ds = _read(run, None, read_columns).map_batches(_expert_filter, batch_format="pyarrow", fn_kwargs={
-        "expert": job.index, "ratio": ooc_ratio, "seed": seed})
+    ds = _read(run, None, read_columns, cpus).map_batches(_expert_filter, batch_format="pyarrow", fn_kwargs={
+        "expert": job.index, "ratio": ooc_ratio, "seed": seed}, **task)
     return ds if columns is None or "expert_id" in columns else ds.drop_columns(["expert_id"])
 
 
@@ -188,20 +191,22 @@ def _ooc_filter(batch: pa.Table, expert: int, ratio: float, seed: int) -> pa.Tab
 
 
 def _new_expert_rows(run: RunDir, job: Job, ooc_ratio: float, seed: int,
-                     columns: list[str] | None) -> ray.data.Dataset:
+                     columns: list[str] | None, cpus: float | None = None) -> ray.data.Dataset:
     """An expert added by a generation (docs/growth.md): its own samples from the generation's
     ``training_data/``, plus the seeded out-of-cluster share of the original run's samples and
     of the earlier generations' (those whose experts have lower ids)."""
     gen = run.generation(job.generation)
-    own = read_by_expert(gen.fs, gen.stage_path(STAGE), gen.scheme, [job.index], columns)
+    own = read_by_expert(gen.fs, gen.stage_path(STAGE), gen.scheme, [job.index], columns, cpus)
     if ooc_ratio == 0:
         return own
-    others = [_read(run, None, columns)]
+    others = [_read(run, None, columns, cpus)]
     for g in earlier_generations(run, job):
         part = run.generation(g)
-        others.append(read_by_expert(part.fs, part.stage_path(STAGE), part.scheme, None, columns))
+        others.append(read_by_expert(part.fs, part.stage_path(STAGE), part.scheme, None, columns,
+                                     cpus))
     kwargs = {"expert": job.index, "ratio": ooc_ratio, "seed": seed}
-    return own.union(*(ds.map_batches(_ooc_filter, batch_format="pyarrow", fn_kwargs=kwargs)
+    task = {} if cpus is None else {"num_cpus": cpus}
+    return own.union(*(ds.map_batches(_ooc_filter, batch_format="pyarrow", fn_kwargs=kwargs, **task)
                        for ds in others))
 
 

@@ -15,7 +15,7 @@ from pipeline.config import load_config
 from pipeline.rundir import RunDir
 from pipeline.runs import Job, parse_name, plan
 from pipeline.runs import seed_job as plan_seed
-from tests.tiny import TINY, copy_run, registry_of
+from tests.tiny import EXPERTS, TINY, copy_run, registry_of
 
 
 def test_plan_follows_the_schedule():
@@ -87,12 +87,12 @@ def test_training_data_manifest_counts_what_each_run_reads(seeded):
     run = RunDir(str(seeded), load_config("demo").storage)
     manifest = run.manifest("training_data")
     for job in [plan_seed(cfg), *plan(cfg, 2)]:
-        counted = training_data.rows_for(run, job, 2, cfg.ooc_ratio, cfg.seed,
+        counted = training_data.rows_for(run, job, EXPERTS, cfg.ooc_ratio, cfg.seed,
                                          columns=["key", "random_id"]).count()
         assert training_data.run_rows(manifest, job, cfg.ooc_ratio, cfg.seed) == counted, job.name
     # Counted while writing; the fallback that counts the written files (a retried write task
     # would have counted twice) gives the same numbers.
-    assert training_data._count_runs(run, 2, cfg.ooc_ratio, cfg.seed) == manifest["stats"]["rows_per_run"]
+    assert training_data._count_runs(run, EXPERTS, cfg.ooc_ratio, cfg.seed) == manifest["stats"]["rows_per_run"]
     # Another out-of-cluster draw than the manifest's: no number, the launcher counts instead.
     expert, part = Job("expert", 0, 1, 1), Job("random-split", 0, 1, 1)
     assert training_data.run_rows(manifest, expert, 0.1, cfg.seed) is None
@@ -100,30 +100,33 @@ def test_training_data_manifest_counts_what_each_run_reads(seeded):
         training_data.run_rows(manifest, part, cfg.ooc_ratio, cfg.seed)
 
 
-def test_two_experts_train_concurrently_and_each_owns_its_data(trained, tmp_path):
+def test_experts_train_concurrently_and_each_owns_its_data(trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     reg = registry_of(tmp_path / "run")
-    assert sorted(reg) == ["dense", "expert-0", "expert-1", "random-split-0", "random-split-1", "seed"]
-    # Baselines: dense saw what the two experts saw together; random parts have the experts' sizes.
-    assert reg["dense"]["metrics"]["samples_seen"] == 384 + 2 * (768 - 384)
+    ids = range(EXPERTS)
+    assert sorted(reg) == sorted(["dense", "seed", *(f"expert-{e}" for e in ids),
+                                  *(f"random-split-{e}" for e in ids)])
+    # Baselines: dense saw what the experts saw together; random parts have the experts' sizes.
+    assert reg["dense"]["metrics"]["samples_seen"] == 384 + EXPERTS * (768 - 384)
     assert reg["dense"]["init_checkpoint"] == reg["seed"]["checkpoint"]
     sizes = pd.read_parquet(tmp_path / "run" / "training_data").groupby("expert_id").size()
     n = int(sizes.sum())
-    for e in (0, 1):   # a seeded uniform split with the experts' shares: sizes within 4 sigma
+    for e in ids:   # a seeded uniform split with the experts' shares: sizes within 4 sigma
         p = sizes[e] / n
         assert abs(reg[f"random-split-{e}"]["samples"] - sizes[e]) <= 4 * (n * p * (1 - p)) ** 0.5
-    assert sum(reg[f"random-split-{e}"]["samples"] for e in (0, 1)) == n
+    assert sum(reg[f"random-split-{e}"]["samples"] for e in ids) == n
     e0, e1 = reg["expert-0"], reg["expert-1"]
     # Both ran at the same time on the 2-CPU machine, and never more than 3 runs at once.
     assert e0["wall"]["start"] < e1["wall"]["end"] and e1["wall"]["start"] < e0["wall"]["end"]
     spans = [(e["wall"]["start"], e["wall"]["end"]) for n, e in reg.items() if n != "seed"]
     assert max(sum(s <= t < end for s, end in spans) for t, _ in spans) <= 3
-    for e in (e0, e1):
+    experts = {e: reg[f"expert-{e}"] for e in ids}
+    for e in experts.values():
         assert e["init_checkpoint"] == reg["seed"]["checkpoint"]
         assert e["metrics"]["start_step"] == 12 and e["metrics"]["step"] == 24
-    assert sorted(e0["fine_clusters"] + e1["fine_clusters"]) == list(range(8))
+    assert sorted(f for e in experts.values() for f in e["fine_clusters"]) == list(range(8))
     rows = pd.read_parquet(tmp_path / "run" / "assignments")
-    for e, entry in ((0, e0), (1, e1)):
+    for e, entry in experts.items():
         own = int((rows.expert_id == e).sum())
         assert own <= entry["samples"] <= own + 0.1 * (len(rows) - own)   # plus ~2% others
 
@@ -131,7 +134,7 @@ def test_two_experts_train_concurrently_and_each_owns_its_data(trained, tmp_path
     cfg = load_config("demo", TINY[1::2])
     files = sorted((tmp_path / "run" / "registry").glob("*.json"))
     before = [f.read_bytes() for f in files]
-    done, failed = checkpoints.launch(cfg, run, plan(cfg.train, 2), 2, log=lambda *_: None)
+    done, failed = checkpoints.launch(cfg, run, plan(cfg.train, EXPERTS), 2, log=lambda *_: None)
     assert done == [] and failed == {}
     assert sorted((tmp_path / "run" / "registry").glob("*.json")) == files
     assert [f.read_bytes() for f in files] == before
@@ -139,9 +142,9 @@ def test_two_experts_train_concurrently_and_each_owns_its_data(trained, tmp_path
     # reruns exactly the experts: the seed and the baselines stay complete.
     assert stages.StageRun("checkpoints/expert-0", cfg, run).completed() is not None
     ooc = load_config("demo", [*TINY[1::2], "train.ooc_ratio=0.1", "train.log_every_steps=2"])
-    complete = {job.name for job in [plan_seed(ooc.train), *plan(ooc.train, 2)]
+    complete = {job.name for job in [plan_seed(ooc.train), *plan(ooc.train, EXPERTS)]
                 if stages.StageRun(job.unit, ooc, run).completed() is not None}
-    assert complete == {"seed", "dense", "random-split-0", "random-split-1"}
+    assert complete == {"seed", "dense", *(f"random-split-{e}" for e in ids)}
 
 
 def test_experts_flag_trains_only_that_expert(seeded, tmp_path, capsys):
@@ -160,7 +163,7 @@ def test_a_failing_expert_leaves_the_others_done(seeded, tmp_path):
     for f in (tmp_path / "run" / "training_data" / "expert_id=0").glob("*.parquet"):
         f.write_bytes(b"not parquet")
     # No out-of-cluster share: expert 1 reads only its own partition.
-    assert experts_job.main(["--run-dir", run.uri, "--no-baselines", "--set", "train.ooc_ratio=0"]) == 1
+    assert experts_job.main(["--run-dir", run.uri, "--experts", "0,1", "--set", "train.ooc_ratio=0"]) == 1
     reg = registry_of(tmp_path / "run")
     assert "expert-1" in reg and "expert-0" not in reg
 
@@ -170,14 +173,14 @@ def test_experts_need_a_seed(seeded, tmp_path):
     (tmp_path / "run" / "checkpoints" / "seed" / "_manifest.json").unlink()
     cfg = load_config("demo", TINY[1::2])
     with pytest.raises(stages.MissingUpstream, match="run jobs/train_seed.py first"):
-        checkpoints.launch(cfg, run, plan(cfg.train, 2), 1, log=lambda *_: None)
+        checkpoints.launch(cfg, run, plan(cfg.train, EXPERTS), 1, log=lambda *_: None)
     # a seed trained with another learning rate is not what the experts start from
     (tmp_path / "run" / "checkpoints" / "seed").mkdir(exist_ok=True)
     shutil.copy(seeded / "checkpoints" / "seed" / "_manifest.json",
                 tmp_path / "run" / "checkpoints" / "seed" / "_manifest.json")
     lr = load_config("demo", [*TINY[1::2], "train.lr=0.01"])
     with pytest.raises(stages.StaleUpstream, match=r"train\.lr=0\.003 \(the config now has 0\.01\)"):
-        checkpoints.launch(lr, run, plan(lr.train, 2), 1, log=lambda *_: None)
+        checkpoints.launch(lr, run, plan(lr.train, EXPERTS), 1, log=lambda *_: None)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -192,7 +195,7 @@ def test_evaluate_writes_the_report_with_every_row(trained, tiny_world, tmp_path
                               "--demo-data", str(tiny_world)]) == 0
     out = tmp_path / "run" / "eval"
     report = json.loads((out / "report.json").read_text())
-    methods = {"expert-0", "expert-1", "oracle", "uniform", "routed (T=8)", "routed (T=1)",
+    methods = {*(f"expert-{e}" for e in range(EXPERTS)), "oracle", "uniform", "routed (T=8)", "routed (T=1)",
                "routed top-1", "random-split", "dense", "seed"}
     assert set(METHODS) == {"uniform", "routed (T=8)", "routed (T=1)", "routed top-1"}
     for task, n_classes in (("shapes", 8), ("digits", 10)):
@@ -200,12 +203,21 @@ def test_evaluate_writes_the_report_with_every_row(trained, tiny_world, tmp_path
         assert set(r["accuracy"]) == methods and r["classes"] == n_classes
         assert r["images"] == 2 * n_classes          # tiny world: 2 images per class
         assert all(0 <= a <= 1 for a in r["accuracy"].values())
-        assert r["accuracy"]["oracle"] == max(r["accuracy"]["expert-0"], r["accuracy"]["expert-1"])
+        assert r["accuracy"]["oracle"] == max(r["accuracy"][f"expert-{e}"] for e in range(EXPERTS))
         assert set(r["weights"]) == {"routed (T=8)", "routed (T=1)", "routed top-1"}
         for w in r["weights"].values():
-            assert len(w) == 2 and abs(sum(w) - 1) < 1e-9
+            assert len(w) == EXPERTS and abs(sum(w) - 1) < 1e-9
         assert max(r["weights"]["routed (T=1)"]) >= max(r["weights"]["routed (T=8)"])  # sharper
         assert sorted(r["weights"]["routed top-1"]) == [0.0, 1.0]
+    # the cost table: what each run reserved, and MoDE's total against dense's
+    cost = report["cost"]
+    experts = [f"expert-{e}" for e in range(EXPERTS)]
+    assert {"seed", "dense", *experts, "MoDE (seed + experts)", "dense (seed + dense)"} <= set(cost)
+    mode = cost["MoDE (seed + experts)"]
+    assert mode["cpu_hours"] == pytest.approx(sum(cost[n]["cpu_hours"] for n in ["seed", *experts]))
+    assert mode["samples"] == cost["dense (seed + dense)"]["samples"] == 384 + EXPERTS * 384
+    assert all(c["cpu_hours"] > 0 and c["gpu_hours"] == 0 for c in cost.values())
+    assert "## Training cost" in (out / "report.md").read_text()
     retrieval = report["retrieval"]
     assert methods <= set(retrieval)
     assert all(0 <= v <= 1 for m in retrieval.values() for k, v in m.items() if k != "expert")
@@ -243,7 +255,7 @@ def test_predict_prints_labels_and_weights(trained, tmp_path, capsys):
     assert abs(sum(probs) - 100) < 0.5 and probs == sorted(probs, reverse=True)
     assert {line.split()[-1] for line in lines[:3]} == {"circle", "star", "square"}
     weights = [float(x.split()[-1]) for x in lines[-1].removeprefix("expert weights: ").split(",")]
-    assert sorted(weights) == [0.0, 1.0]                 # top-1: one expert ran
+    assert sorted(weights) == [0.0] * (EXPERTS - 1) + [1.0]   # top-1: one expert ran
     with pytest.raises(SystemExit):
         predict_job.main(["--run-dir", str(trained), "--image", str(tmp_path / "none.jpg"),
                           "--labels", "a,b"])

@@ -20,16 +20,17 @@ import pytest
 from jobs import add_experts as add_job
 from jobs import evaluate as evaluate_job
 from jobs import train_experts as experts_job
-from pipeline import clusters, generations, growth, registry
+from pipeline import clusters, generations, growth, levels, registry
 from pipeline import eval as evaluation
 from pipeline.config import DemoConfig, StorageConfig, load_config
 from pipeline.demo_world import DOMAIN_SHARES, generate_web
 from pipeline.rundir import RunDir
 from pipeline.runs import run_name
-from tests.tiny import TINY, copy_run, registry_of
+from tests.tiny import EXPERTS, TINY, copy_run, registry_of
 
-# The tiny run has 2 experts of about 300 samples; a new one needs at least 50 novel samples.
+# The tiny run has 4 experts of about 125 samples; a new one needs at least 50 novel samples.
 GROW = ["--set", "grow.min_novel_rows=50"]
+NEW = f"expert-{EXPERTS}"   # the first added expert's name
 QUIET = {"log": lambda *_: None}
 
 
@@ -72,34 +73,56 @@ def test_adding_an_expert_rewrites_nothing_that_was_there(grown):
     kept = [p for p in before if p.startswith(("checkpoints/", "clusters/", "assignments/", "registry/"))]
     assert any(p.endswith("checkpoint.pt") for p in kept) and len(kept) > 20
     added = sorted(set(after) - set(before))
-    assert added and all(p.startswith(("generations/arrows/", "registry/", "eval/")) for p in added)
+    assert added and all(p.startswith(("generations/arrows/", "registry/", "eval/")) for p in added
+                         if p != "generations/_levels/000001.json")
+    # the generation's ids, claimed once (pipeline/levels.py)
+    claim = levels.claims(RunDir(str(run_dir), StorageConfig()))
+    assert [(c["generation"], c["experts"]) for c in claim] == [("arrows", 1)]
 
 
 def test_the_new_expert_owns_the_new_fine_centres_and_takes_the_arrows_task(grown):
     run_dir, _, report_before = grown
     run = RunDir(str(run_dir), StorageConfig())
     reg = registry_of(run_dir)
-    new = reg["expert-2"]
-    assert new["generation"] == "arrows" and new["unit"] == "generations/arrows/checkpoints/expert-2"
+    new = reg[NEW]
+    assert new["generation"] == "arrows" and new["unit"] == f"generations/arrows/checkpoints/{NEW}"
     union = clusters.load(run)
-    assert len(union["coarse_centroids"]) == 3 and union["fine_centroids"].shape[0] > 8
+    assert len(union["coarse_centroids"]) == EXPERTS + 1 and union["fine_centroids"].shape[0] > 8
     assert new["fine_clusters"] == list(range(8, len(union["fine_centroids"])))
-    assert (union["fine_to_expert"][8:] == 2).all() and (union["fine_to_expert"][:8] < 2).all()
+    assert (union["fine_to_expert"][8:] == EXPERTS).all() and (union["fine_to_expert"][:8] < EXPERTS).all()
     assert new["metrics"]["samples_seen"] == reg["expert-0"]["metrics"]["samples_seen"]
     assert new["init_checkpoint"] == reg["seed"]["checkpoint"]
     report = evaluation.load_report(run)
-    assert report["num_experts"] == 3 and report["generations"] == ["arrows"]
+    assert report["num_experts"] == EXPERTS + 1 and report["generations"] == ["arrows"]
     label = evaluation.DEFAULT_METHOD
     for task, result in report["zero_shot"].items():
         w = np.array(result["weights"][label])
         if task == "arrows":
-            assert w.argmax() == 2, w
+            assert w.argmax() == EXPERTS, w
         else:   # an old task keeps its expert, before and after
             assert w.argmax() == np.argmax(report_before["zero_shot"][task]["weights"][label]), task
             assert result["growth"][label]["weights_before"] == report_before["zero_shot"][task]["weights"][label]
     table = (run_dir / "eval" / "report.md").read_text()
     assert "## Growth: before and after generation `arrows`" in table
     assert evaluation.growth_table(report).loc["arrows"].notna().all()
+
+
+def test_the_ensemble_leaves_out_a_generation_still_training(grown):
+    """An expert not registered yet (its generation still training) is left out of the
+    ensemble with its generation, rather than failing it; so are later generations."""
+    from pipeline.ensemble import MoDEEnsemble
+
+    run_dir, _, _ = grown
+    entry = run_dir / "registry" / f"{NEW}.json"
+    kept = entry.read_bytes()
+    entry.unlink()
+    try:
+        ens = MoDEEnsemble(str(run_dir))
+        assert ens.generations == [] and ens.num_experts == EXPERTS and len(ens.fine_centroids) == 8
+    finally:
+        entry.write_bytes(kept)
+    ens = MoDEEnsemble(str(run_dir))
+    assert ens.generations == ["arrows"] and ens.num_experts == EXPERTS + 1
 
 
 def test_novelty_is_counted_and_the_manifests_add_up(grown):
@@ -124,7 +147,7 @@ def test_rerunning_add_experts_changes_nothing(grown, tiny_world, capsys):
     assert digests(run_dir) == before
     out = capsys.readouterr().out
     assert "[generations/arrows/ingest] complete for this config: skipped" in out
-    assert "[expert-2] complete for this config: skipped" in out
+    assert f"[{NEW}] complete for this config: skipped" in out
 
 
 def test_more_data_from_the_known_domains_makes_no_expert(trained, tmp_path_factory, tmp_path, capsys):
@@ -139,13 +162,12 @@ def test_more_data_from_the_known_domains_makes_no_expert(trained, tmp_path_fact
 
 def test_a_mixed_set_flags_the_new_domain_and_its_expert_holds_it(trained, tmp_path_factory, tmp_path):
     mixed = web(tmp_path_factory, "mixed", {**{d: s / 2 for d, s in DOMAIN_SHARES.items()}, "arrows": 0.5},
-                seed=12, samples=400)
+                seed=12, samples=320)
     run = copy_run(trained, tmp_path / "run")
     cfg = load_config("demo", [*TINY[1::2], "grow.min_novel_rows=50"])
     # every stage up to the new expert's training data (its training is the same as any expert's)
     out, jobs = generations.prepare(cfg, run, str(mixed), "mixed", **QUIET)
-    assert out["experts"] == ["expert-2"] and [j.unit for j in jobs] == \
-        ["generations/mixed/checkpoints/expert-2"]
+    assert out["experts"] == [NEW] and [j.unit for j in jobs] == [f"generations/mixed/checkpoints/{NEW}"]
     truth = pd.read_parquet(mixed / "truth.parquet")
     truth["key"] = "mixed/" + truth["key"]
     flags = growth.read_novelty(run.generation("mixed")).merge(truth, on="key")
@@ -226,6 +248,47 @@ def test_two_processes_registering_at_once_lose_nothing(where, tmp_path, request
     assert names == {run_name("expert", 100 * w + i) for w in (1, 2) for i in range(15)}
 
 
+def _claim(uri: str, endpoint: str | None, writer: int, n: int) -> None:
+    import os
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    run = RunDir(uri, StorageConfig(s3_endpoint_url=endpoint))
+    for i in range(n):      # sizes differ per claim, so a misnumbered one would overlap another
+        levels.claim(run, f"w{writer}-{i}", 1 + (writer + i) % 3, 5 + i, 4, 64)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_processes_numbering_generations_at_once_get_disjoint_ids(where, tmp_path, request):
+    """Two add_experts jobs may number their new levels at the same moment (pipeline/levels.py):
+    each generation gets its own expert and fine ids, following each other with no gap."""
+    if where == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        uri = f"s3://mode/levels-race-{tmp_path.name}"
+    else:
+        endpoint, uri = None, str(tmp_path / "run")
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=_claim, args=(uri, endpoint, w, 8)) for w in (1, 2)]
+    for p in writers:
+        p.start()
+    for p in writers:
+        p.join(120)
+        assert p.exitcode == 0
+    run = RunDir(uri, StorageConfig(s3_endpoint_url=endpoint))
+    found = levels.claims(run)
+    assert [c["number"] for c in found] == list(range(1, 17))
+    assert sorted(c["generation"] for c in found) == sorted(f"w{w}-{i}" for w in (1, 2) for i in range(8))
+    ids = levels.offsets(found, 4, 64)
+    spans = sorted((ids[c["generation"]], c["experts"], c["fine_centres"]) for c in found)
+    expert_ids = [e for (first, _), n, _ in spans for e in range(first, first + n)]
+    fine_ids = [f for (_, first), _, k in spans for f in range(first, first + k)]
+    assert expert_ids == list(range(4, 4 + sum(c["experts"] for c in found)))
+    assert fine_ids == list(range(64, 64 + sum(c["fine_centres"] for c in found)))
+    # a rerun finds its own claim; another size for a claimed generation is refused
+    assert levels.claim(run, "w2-3", 1 + (2 + 3) % 3, 8, 4, 64) == ids["w2-3"]
+    with pytest.raises(levels.LevelClash, match="'w2-3' claimed"):
+        levels.claim(run, "w2-3", 3, 8, 4, 64)
+    assert len(levels.claims(run)) == 16
+
+
 @pytest.mark.slow
 def test_add_experts_while_train_experts_runs(seeded, tiny_world, tmp_path):
     run = copy_run(seeded, tmp_path / "run")
@@ -244,10 +307,10 @@ def test_add_experts_while_train_experts_runs(seeded, tiny_world, tmp_path):
         thread.join(900)
     assert code == 0 and result["train"] == 0
     reg = registry_of(tmp_path / "run")
-    assert sorted(reg) == ["expert-0", "expert-2", "seed"]
+    assert sorted(reg) == ["expert-0", NEW, "seed"]
     # they ran at once: the add_experts job began before expert-0 finished training
     began = datetime.fromisoformat(run.manifest("generations/arrows/ingest")["started_at"]).timestamp()
-    assert began < reg["expert-0"]["wall"]["end"] and reg["expert-0"]["wall"]["start"] < reg["expert-2"]["wall"]["end"]
+    assert began < reg["expert-0"]["wall"]["end"] and reg["expert-0"]["wall"]["start"] < reg[NEW]["wall"]["end"]
 
 
 @pytest.mark.slow
@@ -262,16 +325,16 @@ def test_a_killed_add_experts_reruns_to_the_end_without_duplicates(trained, tiny
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 480
-        while not list(gen.glob("checkpoints/expert-2/*/checkpoint.pt")) and job.poll() is None:
+        while not list(gen.glob(f"checkpoints/{NEW}/*/checkpoint.pt")) and job.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint of the new expert in 8 minutes"
             time.sleep(0.5)
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait(60)
-    assert not (gen / "checkpoints" / "expert-2" / "_manifest.json").exists(), "killed too late"
+    assert not (gen / "checkpoints" / NEW / "_manifest.json").exists(), "killed too late"
     assert add_job.main(["--run-dir", run.uri, "--data", str(tiny_world / "new_domain"),
                          "--name", "arrows", *GROW]) == 0
-    entry = registry_of(tmp_path / "run")["expert-2"]
+    entry = registry_of(tmp_path / "run")[NEW]
     assert entry["metrics"]["start_step"] > 12          # resumed past the seed's last step
     assert entry["metrics"]["samples_seen"] == 768 and entry["metrics"]["step"] == 24
     keys = pd.read_parquet(gen / "training_data", columns=["key"]).key

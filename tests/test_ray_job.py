@@ -90,3 +90,35 @@ def test_ray_job_submit_round_trip(ray_head, tiny_world, tmp_path):
     manifest = json.loads((run_dir / "ingest" / "_manifest.json").read_text())
     assert manifest["rows_in"] == 600
     assert manifest["rows_in"] == manifest["rows_out"] + sum(manifest["rows_skipped"].values())
+
+
+@pytest.mark.slow
+def test_credentials_appear_in_no_artifact_or_log(ray_head, tiny_world, s3_endpoint, tmp_path):
+    """Distinctive random S3 keys, given to a job the way a cluster gives them (its environment),
+    appear in none of what it writes: manifests, config.yaml, the job's log."""
+    import boto3
+
+    address, env = ray_head
+    key_id, secret = f"AKIA{secrets.token_hex(8).upper()}", secrets.token_urlsafe(30)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for shard in sorted((tiny_world / "train").glob("*.tar")):
+        s3.upload_file(str(shard), "mode", f"creds/data/{shard.name}")
+    runtime_env = {"env_vars": {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
+                                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}}
+    workdir = tmp_path / "wd"
+    for part in ("pipeline", "jobs"):
+        shutil.copytree(REPO / part, workdir / part, ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(workdir),
+         "--runtime-env-json", json.dumps(runtime_env), "--",
+         "python", "jobs/ingest.py", "--run-dir", "s3://mode/creds/run", "--data", "s3://mode/creds/data",
+         "--set", f"storage.s3_endpoint_url={s3_endpoint}", "--verbose"],
+        env=env, capture_output=True, text=True, timeout=300)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log
+    written = {o["Key"]: s3.get_object(Bucket="mode", Key=o["Key"])["Body"].read()
+               for o in s3.list_objects_v2(Bucket="mode", Prefix="creds/run/")["Contents"]}
+    assert "creds/run/config.yaml" in written and "creds/run/ingest/_manifest.json" in written
+    assert json.loads(written["creds/run/ingest/_manifest.json"])["rows_in"] == 600
+    for text in (log.encode(), *written.values()):
+        assert key_id.encode() not in text and secret.encode() not in text

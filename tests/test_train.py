@@ -7,8 +7,8 @@ import torch
 
 from pipeline.checkpoint_io import list_checkpoints, load_model, read_checkpoint
 from pipeline.config import DataConfig, StorageConfig, TrainConfig
+from pipeline.inputs import Preprocess
 from pipeline.schedule import lr_at
-from pipeline.train import Preprocess
 from pipeline.train_loop import param_groups
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -144,6 +144,27 @@ def runs(ray_local, tiny_world, tmp_path_factory, s3_endpoint):
     out["expert"] = train("expert", rows, CFG, out["run_s3"].stage_uri("checkpoints"), EXPERT_END,
                           init_checkpoint=out["resumed"].checkpoint, storage=out["s3"])
     return out
+
+
+def test_decoding_in_the_worker_gives_the_tasks_inputs(ray_local, tiny_world):
+    """train.decode_in_worker moves the decode from Ray Data tasks into the Train worker: the
+    same rows in the same order give the same tensors."""
+    from pipeline.ingest import good_rows, read_samples
+    from pipeline.train import model_inputs
+    from pipeline.train_loop import _streamed_batches
+
+    rows = good_rows(read_samples(str(tiny_world / "train"), DataConfig(), StorageConfig(),
+                                  decode_images=False)).limit(100).materialize()
+    cfg = dataclasses.replace(CFG, shuffle_buffer=0)
+    both = []
+    for in_worker in (False, True):
+        shard = rows if in_worker else model_inputs(rows, cfg.model, cfg.augment)
+        batches = list(_streamed_batches(shard, dataclasses.replace(cfg, decode_in_worker=in_worker),
+                                         BATCH, torch.device("cpu"), 0))
+        both.append({k: torch.cat([b[k] for b in batches]) for k in ("image", "text")})
+    assert len(both[0]["text"]) == 100     # cache_inputs: the partial last batch comes too
+    for k in ("image", "text"):
+        assert both[0][k].dtype == both[1][k].dtype and torch.equal(both[0][k], both[1][k])
 
 
 def _kept(run, name):

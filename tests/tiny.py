@@ -7,7 +7,9 @@ from pipeline import registry
 from pipeline.config import load_config
 from pipeline.rundir import RunDir
 
-TINY = ["--set", "cluster.fine_k=8", "--set", "cluster.num_experts=2", "--set", "cluster.restarts=1",
+# Four experts, as the demo: the world's four known domains (about 125 samples each).
+EXPERTS = 4
+TINY = ["--set", "cluster.fine_k=8", "--set", f"cluster.num_experts={EXPERTS}", "--set", "cluster.restarts=1",
         "--set", "train.batch_size=32", "--set", "train.total_samples=768",
         "--set", "train.seed_fraction=0.5", "--set", "train.warmup_samples=64",
         "--set", "train.checkpoint_every_steps=4", "--set", "train.log_every_steps=4",

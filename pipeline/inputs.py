@@ -1,0 +1,65 @@
+"""Model inputs from training rows: open_clip's image transform and tokenizer.
+
+``Preprocess`` turns rows ``{caption, image bytes}`` into the tensors a CLIP trains on. It runs
+where ``train.decode_in_worker`` says: in Ray Data ``map_batches`` tasks (``preprocess_batch``,
+the default: decoding scales with the cluster's CPUs, apart from the GPUs that train), or in the
+Ray Train worker itself (``pipeline.train_loop``: no extra processes, each of which would import
+torch and open_clip, the better choice on a small CPU machine such as the demo's). Leaf module:
+torch and open_clip are imported by ``pipeline.model.tools`` when a ``Preprocess`` is built.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+class Preprocess:
+    """Rows ``{caption, image bytes}`` to model inputs with open_clip's transform and tokenizer.
+
+    Returns ``{"image": float32 (N, 3, H, W), "text": int64 (N, context_length)}``. A row whose
+    image does not decode or whose caption is missing raises: training data must come from
+    ingest's good rows.
+    """
+
+    def __init__(self, model_name: str, augment: bool = False) -> None:
+        from pipeline.model import tools  # late import: open_clip, only in the decoding tasks
+
+        preprocess_train, preprocess_val, self.tokenizer = tools(model_name)
+        self.transform = preprocess_train if augment else preprocess_val
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = batch["key"] if "key" in batch else np.arange(len(batch["caption"]))
+        for column in ("caption", "image"):
+            missing = [i for i, v in enumerate(batch[column]) if v is None or len(v) == 0]
+            if missing:
+                raise ValueError(f"{len(missing)} rows without {column} (keys "
+                                 f"{keys[missing[:5]].tolist()}): train on ingest's good rows")
+        images = np.stack([self._image(b, k) for b, k in zip(batch["image"], keys.tolist(), strict=True)])
+        return {"image": images, "text": self.tokenizer(list(batch["caption"])).numpy()}
+
+    def _image(self, data: bytes, key: Any) -> np.ndarray:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return self.transform(im.convert("RGB")).numpy()
+        except OSError as e:  # PIL's UnidentifiedImageError and truncated files
+            raise ValueError(f"image of key {key!r} does not decode ({e}): train on ingest's "
+                             f"good rows") from e
+
+
+@functools.cache
+def preprocessor(model_name: str, augment: bool) -> Preprocess:
+    """One ``Preprocess`` per process and model, built on first use."""
+    return Preprocess(model_name, augment)
+
+
+def preprocess_batch(batch: dict[str, np.ndarray], model_name: str,
+                     augment: bool) -> dict[str, np.ndarray]:
+    """``Preprocess`` as a Ray Data task function: one ``Preprocess`` per worker process, built
+    on first use. Tasks (not an actor pool) so the step fuses with the read and scales with
+    whatever CPUs the Train workers leave free."""
+    return preprocessor(model_name, augment)(batch)
