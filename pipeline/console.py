@@ -50,6 +50,9 @@ def is_verbose() -> bool:
     return os.environ.get(LEVEL_ENV, "").upper() == "DEBUG"
 
 
+CREDENTIAL_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "urllib3")
+
+
 def setup(verbose: bool = False) -> None:
     """A job's process: our modules log at INFO (DEBUG when verbose), others at WARNING; the
     lines Ray's driver prints on behalf of the raylet go to Ray's session logs unless verbose."""
@@ -59,6 +62,10 @@ def setup(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     logging.getLogger("pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Never at DEBUG, even verbose: botocore's and aiobotocore's debug lines print each request's
+    # headers, whose Authorization names the access key (tests/test_ray_job.py checks a job's log).
+    for name in CREDENTIAL_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
     if not sys.stdout.isatty():
         # Ray colours the prefixes of forwarded lines: no escape codes in a log file.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")

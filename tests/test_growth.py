@@ -285,7 +285,7 @@ def test_two_processes_numbering_generations_at_once_get_disjoint_ids(where, tmp
     # a rerun finds its own claim; another size for a claimed generation is refused
     assert levels.claim(run, "w2-3", 1 + (2 + 3) % 3, 8, 4, 64) == ids["w2-3"]
     with pytest.raises(levels.LevelClash, match="'w2-3' claimed"):
-        levels.claim(run, "w2-3", 3, 8, 4, 64)
+        levels.claim(run, "w2-3", 9, 99, 4, 64)
     assert len(levels.claims(run)) == 16
 
 

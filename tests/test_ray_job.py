@@ -29,11 +29,16 @@ def _free_ports(n):
     return ports
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A head node we own: its own ports, temp dir, token; stopped by killing its process group."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A head node we own: its own ports, temp dir, token; stopped by killing its process group.
+    Its environment holds distinctive random S3 keys, as a node's instance role would provide
+    credentials: every job on it inherits them (moto accepts any key)."""
+    tmp_path = tmp_path_factory.mktemp("head")
     gcs, dash, client, agent = _free_ports(4)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",
+           "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30), "AWS_EC2_METADATA_DISABLED": "true",
            # the job's `python` must be this environment's, as on a cluster built from our image
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     temp = Path("/tmp") / f"mode-ray-{secrets.token_hex(3)}"  # unix socket paths must stay short
@@ -94,23 +99,21 @@ def test_ray_job_submit_round_trip(ray_head, tiny_world, tmp_path):
 
 @pytest.mark.slow
 def test_credentials_appear_in_no_artifact_or_log(ray_head, tiny_world, s3_endpoint, tmp_path):
-    """Distinctive random S3 keys, given to a job the way a cluster gives them (its environment),
-    appear in none of what it writes: manifests, config.yaml, the job's log."""
+    """Distinctive random S3 keys in the cluster's environment (the head's, as an instance role
+    gives them) appear in none of what a job on S3 writes: manifests, config.yaml, the job's log."""
     import boto3
 
     address, env = ray_head
-    key_id, secret = f"AKIA{secrets.token_hex(8).upper()}", secrets.token_urlsafe(30)
+    key_id, secret = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     for shard in sorted((tiny_world / "train").glob("*.tar")):
         s3.upload_file(str(shard), "mode", f"creds/data/{shard.name}")
-    runtime_env = {"env_vars": {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
-                                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}}
     workdir = tmp_path / "wd"
     for part in ("pipeline", "jobs"):
         shutil.copytree(REPO / part, workdir / part, ignore=shutil.ignore_patterns("__pycache__"))
     out = subprocess.run(
         [RAY, "job", "submit", "--address", address, "--working-dir", str(workdir),
-         "--runtime-env-json", json.dumps(runtime_env), "--",
+         "--",
          "python", "jobs/ingest.py", "--run-dir", "s3://mode/creds/run", "--data", "s3://mode/creds/data",
          "--set", f"storage.s3_endpoint_url={s3_endpoint}", "--verbose"],
         env=env, capture_output=True, text=True, timeout=300)
@@ -121,4 +124,6 @@ def test_credentials_appear_in_no_artifact_or_log(ray_head, tiny_world, s3_endpo
     assert "creds/run/config.yaml" in written and "creds/run/ingest/_manifest.json" in written
     assert json.loads(written["creds/run/ingest/_manifest.json"])["rows_in"] == 600
     for text in (log.encode(), *written.values()):
-        assert key_id.encode() not in text and secret.encode() not in text
+        for value in (key_id.encode(), secret.encode()):
+            at = text.find(value)
+            assert at < 0, text[max(0, at - 300):at + 60]
