@@ -29,7 +29,7 @@ venv: $(STAMP)
 demo: venv  ## the whole pipeline on a generated world, local Ray, CPU, offline
 	$(BIN)/python jobs/demo.py --out $(DEMO_OUT)
 
-test: venv  ## the test suite (a few minutes on 2 cores)
+test: venv  ## the test suite (about 25 min on 2 cores; `pytest -m "not slow"` for a quicker pass)
 	$(BIN)/python -m pytest tests
 
 lint: venv
