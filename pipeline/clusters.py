@@ -99,9 +99,10 @@ def grown(run: RunDir) -> list[str]:
     or killed: its rerun finishes it), so that the ids of the union follow each other."""
     claimed = levels.claims(run)
     if not claimed:     # generations made before claims (stop 19): by their first expert id
-        made = [(run.generation(g).manifest(STAGE), g) for g in run.generation_names()]
-        return [g for m, g in sorted(((m["stats"]["experts"][0]["expert_id"], g) for m, g in made
-                                      if m is not None and m["stats"]["experts"]))]
+        made = {g: run.generation(g).manifest(STAGE) for g in run.generation_names()}
+        made = {g: m["stats"]["experts"][0]["expert_id"] for g, m in made.items()
+                if m is not None and m["stats"]["experts"]}
+        return sorted(made, key=made.get)
     found = []
     for c in claimed:
         if run.generation(c["generation"]).manifest(STAGE) is None:

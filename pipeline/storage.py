@@ -68,15 +68,20 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     per object, so it is written in one request.
     """
     if "file" in fs.protocol:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_local_temp(path, data), path)
     else:
         fs.pipe_file(path, data)
+
+
+def _local_temp(path: str, data: bytes) -> str:
+    """``data`` written and synced under a unique temporary name next to ``path``."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
 
 
 def create_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> bool:
@@ -90,12 +95,7 @@ def create_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> bool:
     """
     data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
     if "file" in fs.protocol:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _local_temp(path, data)
         try:
             os.link(tmp, path)
         except FileExistsError:

@@ -230,22 +230,28 @@ def _register(uri: str, endpoint: str | None, writer: int, n: int) -> None:
                            "finished_at": f"{i:04d}"})
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_two_processes_registering_at_once_lose_nothing(where, tmp_path, request):
+def _race(target, where: str, name: str, tmp_path, request, n: int) -> RunDir:
+    """Two spawned processes running ``target(uri, endpoint, writer, n)`` at once on one run
+    directory, local or on the moto S3 server; the run directory after both finished."""
     if where == "s3":
         endpoint = request.getfixturevalue("s3_endpoint")
-        uri = f"s3://mode/registry-race-{tmp_path.name}"
+        uri = f"s3://mode/{name}-{tmp_path.name}"
     else:
         endpoint, uri = None, str(tmp_path / "run")
     ctx = multiprocessing.get_context("spawn")
-    writers = [ctx.Process(target=_register, args=(uri, endpoint, w, 15)) for w in (1, 2)]
+    writers = [ctx.Process(target=target, args=(uri, endpoint, w, n)) for w in (1, 2)]
     for p in writers:
         p.start()
     for p in writers:
         p.join(120)
         assert p.exitcode == 0
-    names = set(registry.finished(RunDir(uri, StorageConfig(s3_endpoint_url=endpoint))))
-    assert names == {run_name("expert", 100 * w + i) for w in (1, 2) for i in range(15)}
+    return RunDir(uri, StorageConfig(s3_endpoint_url=endpoint))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_processes_registering_at_once_lose_nothing(where, tmp_path, request):
+    run = _race(_register, where, "registry-race", tmp_path, request, 15)
+    assert set(registry.finished(run)) == {run_name("expert", 100 * w + i) for w in (1, 2) for i in range(15)}
 
 
 def _claim(uri: str, endpoint: str | None, writer: int, n: int) -> None:
@@ -260,19 +266,7 @@ def _claim(uri: str, endpoint: str | None, writer: int, n: int) -> None:
 def test_two_processes_numbering_generations_at_once_get_disjoint_ids(where, tmp_path, request):
     """Two add_experts jobs may number their new levels at the same moment (pipeline/levels.py):
     each generation gets its own expert and fine ids, following each other with no gap."""
-    if where == "s3":
-        endpoint = request.getfixturevalue("s3_endpoint")
-        uri = f"s3://mode/levels-race-{tmp_path.name}"
-    else:
-        endpoint, uri = None, str(tmp_path / "run")
-    ctx = multiprocessing.get_context("spawn")
-    writers = [ctx.Process(target=_claim, args=(uri, endpoint, w, 8)) for w in (1, 2)]
-    for p in writers:
-        p.start()
-    for p in writers:
-        p.join(120)
-        assert p.exitcode == 0
-    run = RunDir(uri, StorageConfig(s3_endpoint_url=endpoint))
+    run = _race(_claim, where, "levels-race", tmp_path, request, 8)
     found = levels.claims(run)
     assert [c["number"] for c in found] == list(range(1, 17))
     assert sorted(c["generation"] for c in found) == sorted(f"w{w}-{i}" for w in (1, 2) for i in range(8))
