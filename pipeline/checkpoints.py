@@ -15,13 +15,14 @@ zero-CPU Ray task that calls Ray Train's ``fit``; a failed run does not stop the
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
 
-from pipeline import clusters, console, registry, train, training_data
+from pipeline import clusters, console, raycluster, registry, resources, train, training_data
 from pipeline.checkpoint_io import sha256
 from pipeline.config import Config, ConfigView, TrainConfig
 from pipeline.rundir import RunDir, StageOutput, now
@@ -90,6 +91,9 @@ def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
                     "steps_run": result.steps_run, "start_step": result.start_step,
                     "final_loss": losses[-1] if losses else None,
                     "first_loss": losses[0] if losses else None},
+        # Worker-group restarts within this attempt (a lost node; train.max_failures) and where
+        # each start ran: node id, the step it started from, where `pipeline` was imported.
+        "restarts": result.restarts, "starts": list(result.starts),
         "started_at": started, "finished_at": now(),
         "wall": {"start": wall0, "end": wall0 + wall, "seconds": round(wall, 2)},
         # What this attempt reserved: its workers' CPU and GPU units times its wall time, Ray
@@ -120,6 +124,67 @@ def _fresh_start(run: RunDir, job: Job, config_hash: str, force: bool, log: Log)
 
 
 # ----------------------------------------------------------------------------- the launcher
+WATCH_EVERY_S = 10.0
+
+
+class ResourcePlanError(SystemExit):
+    """Concurrent runs that cannot all make progress on the cluster's nodes (refused before
+    anything starts; the message says what to change)."""
+
+
+def resource_plan(t: TrainConfig, runs: int) -> str:
+    """Check that ``runs`` concurrent runs' workers and a Ray Data task beside them fit on the
+    nodes as they are, or as the autoscaler can add them (``pipeline.resources``); returns what
+    fits, raises ``ResourcePlanError`` otherwise."""
+    worker = train.worker_resources(t)
+    nodes = raycluster.node_resources()
+    plan = resources.check(nodes, worker, t.num_workers, runs, t.data_cpus)
+    if plan.fits:
+        return plan.reason
+    extra = raycluster.autoscaler_nodes(limit=runs * t.num_workers + 1)
+    if extra:
+        grown = resources.check(nodes + extra, worker, t.num_workers, runs, t.data_cpus)
+        if grown.fits:
+            return f"{grown.reason}, once the autoscaler adds nodes"
+    raise ResourcePlanError(f"[launch] refused: {plan.reason}")
+
+
+class Watchdog:
+    """Says in the job log when a run's step has not moved for ``limit_s`` seconds (and again
+    every ``limit_s`` while it stays stuck), with what the cluster is waiting to schedule."""
+
+    def __init__(self, limit_s: float, log: Log) -> None:
+        self.limit, self.log = limit_s, log
+        self.step: dict[str, int | None] = {}      # run -> the last step seen
+        self.moved: dict[str, float] = {}          # run -> when that step was first seen
+        self.warned: dict[str, float] = {}
+
+    def started(self, name: str) -> None:
+        self.step[name], self.moved[name] = None, time.monotonic()
+
+    def check(self, names: Sequence[str]) -> list[str]:
+        """The runs found stalled now (each warned about in the log)."""
+        if self.limit <= 0:
+            return []
+        try:
+            beats = console.beats()
+        except Exception as e:  # noqa: BLE001 - the watchdog must never fail the job
+            self.log(f"[launch] watchdog: cannot read the runs' steps ({type(e).__name__})")
+            return []
+        now, stalled = time.monotonic(), []
+        for name in names:
+            step = beats.get(name, (None, 0.0))[0]
+            if step != self.step.get(name) or name not in self.moved:
+                self.step[name], self.moved[name] = step, now
+            idle = now - self.moved[name]
+            if idle >= self.limit and now - self.warned.get(name, -math.inf) >= self.limit:
+                self.warned[name] = now
+                stalled.append(name)
+                where = f"at step {step}" if step is not None else "before its first step"
+                self.log(f"[{name}] no progress for {idle:.0f} s ({where}); {raycluster.pending()}")
+        return stalled
+
+
 def launch(cfg: Config, run: RunDir, jobs: Sequence[Job], max_concurrent: int, *,
            threads: int | None = None, force: bool = False,
            log: Log = print) -> tuple[list[dict[str, Any]], dict[str, str]]:
@@ -145,16 +210,11 @@ def launch(cfg: Config, run: RunDir, jobs: Sequence[Job], max_concurrent: int, *
         else:
             queue.append((job, sr))
             log(f"[{job.name}] queued")
-    t = cfg.train
-    need = max_concurrent * t.num_workers * t.cpus_per_worker
-    total = ray.cluster_resources().get("CPU", 0.0)
-    if len(queue) > 1 and total - need < t.data_cpus:
-        log(f"[launch] warning: {max_concurrent} runs x {t.num_workers} worker(s) x "
-            f"{t.cpus_per_worker:g} CPU reserve {need:g} of the cluster's {total:g} CPUs, leaving "
-            f"less than one Ray Data read task's train.data_cpus={t.data_cpus:g}: runs can stall "
-            "waiting for data. Lower train.max_concurrent, train.cpus_per_worker or "
-            "train.data_cpus (or add CPUs).")
+    if queue:
+        fit = resource_plan(cfg.train, min(max_concurrent, len(queue)))
+        log(f"[launch] {fit}")
     running: dict[ray.ObjectRef, tuple[Job, StageRun, str, int | None]] = {}
+    watch = Watchdog(cfg.train.stall_warning_s, log)
     finished, failed = [], {}
     with console.relay(log):
         while queue or running:
@@ -166,10 +226,17 @@ def launch(cfg: Config, run: RunDir, jobs: Sequence[Job], max_concurrent: int, *
                 ooc = sr.cfg.train.ooc_ratio if job.kind == "expert" else 0.0
                 samples = training_data.run_rows(sr.upstream["training_data"], job, ooc,
                                                  sr.cfg.train.seed)
-                ref = _train_remote.remote(sr.cfg, run.uri, job, sr.upstream, samples, threads)
+                # Launcher task and Ray Train controller on the driver's node (the head), not
+                # on a worker node that may be lost (README, "Losing nodes").
+                ref = _train_remote.options(scheduling_strategy=console.on_this_node()).remote(
+                    sr.cfg, run.uri, job, sr.upstream, samples, threads)
                 running[ref] = (job, sr, started, samples)
+                watch.started(job.name)
                 log(f"[{job.name}] running")
-            ready, _ = ray.wait(list(running), num_returns=1)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=WATCH_EVERY_S)
+            if not ready:
+                watch.check([j.name for j, *_ in running.values()])
+                continue
             job, sr, started, _ = running.pop(ready[0])
             try:
                 entry = ray.get(ready[0])

@@ -95,6 +95,9 @@ class EmbedConfig:
     num_gpus_per_actor: float = 0.0
     # CPUs per encoder actor; keep below the node's CPUs so read tasks still get scheduled.
     num_cpus_per_actor: float = 1.0
+    # Other Ray resources each encoder actor requests, "name=amount" pairs joined by commas
+    # (a custom resource a node type declares, e.g. "embed_node=1"); "" requests none.
+    actor_resources: str = ""
     # Distinct captions each encoder actor remembers, so repeated captions are embedded once
     # (about 1.5 KB each at d=384); 0 de-duplicates within a batch only.
     cache_size: int = 200_000
@@ -186,16 +189,26 @@ class TrainConfig:
     log_every_steps: int = 50
     # Ray Train workers per run; each takes batch_size / num_workers samples per step.
     num_workers: int = 1
-    # One GPU per worker.
+    # One GPU per worker (CUDA and the precision above on the worker; Ray Data tasks stay on
+    # CPUs).
     use_gpu: bool = False
-    # CPUs reserved per worker. Below 1 on small machines, so Ray Data's read and decode
-    # tasks (1 CPU each) still get scheduled next to the trainers: max_concurrent *
-    # num_workers * cpus_per_worker must leave at least 1 CPU free, or runs wait for data.
+    # Other Ray resources each worker requests, "name=amount" pairs joined by commas: a custom
+    # resource that only some node types declare (e.g. "gpu_node=1") pins workers to them, one
+    # run per node when each node has one. "" requests none.
+    worker_resources: str = ""
+    # CPUs reserved per worker. Below 1 on small machines, so Ray Data's tasks still get
+    # scheduled next to the trainers: the launcher refuses runs that leave no node with a whole
+    # CPU for Ray Data's file listing (pipeline/resources.py). 0 reserves none, as Ray Train's
+    # GPU workers do by default: the node's CPUs then go to the data tasks.
     cpus_per_worker: float = 1.0
     # torch threads per worker; 0 keeps Ray's default (the worker's whole CPUs, at least 1).
     threads_per_worker: int = 0
-    # Worker-group failures retried from the latest checkpoint within one run.
+    # Worker-group failures retried from the latest checkpoint within one run (a lost node,
+    # a preempted spot instance); the registry counts the restarts a run took.
     max_failures: int = 0
+    # A run whose step has not moved for this many seconds says so in the job log, with what
+    # the cluster has pending (e.g. data tasks waiting for a CPU); 0 turns the watchdog off.
+    stall_warning_s: float = 300.0
     # Expert (and baseline) runs trained at once by jobs/train_experts.py; the rest queue,
     # longest first. The seed, which trains alone, gets the torch threads of this many.
     max_concurrent: int = 2
@@ -483,6 +496,26 @@ def _build(cls: type, path: str, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+def parse_resources(path: str, text: str) -> dict[str, float]:
+    """``"name=amount,name=amount"`` as a dict (``""``: empty); CPU and GPU have fields of their
+    own and are refused here."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, amount = part.partition("=")
+        name = name.strip()
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not eq or not name or value <= 0:
+            raise ConfigError(f"{path}: {part!r} is not name=amount with an amount > 0 "
+                              "(e.g. \"gpu_node=1\")")
+        if name in ("CPU", "GPU"):
+            raise ConfigError(f"{path}: {name} has a field of its own (cpus/gpus per worker or actor)")
+        out[name] = value
+    return out
+
+
 def _check_ranges(cfg: Config) -> None:
     positive = {
         "demo.samples": cfg.demo.samples, "demo.samples_per_shard": cfg.demo.samples_per_shard,
@@ -496,7 +529,7 @@ def _check_ranges(cfg: Config) -> None:
         "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "train.log_every_steps": cfg.train.log_every_steps,
-        "train.num_workers": cfg.train.num_workers, "train.cpus_per_worker": cfg.train.cpus_per_worker,
+        "train.num_workers": cfg.train.num_workers,
         "embed.rows_per_file": cfg.embed.rows_per_file, "cluster.restarts": cfg.cluster.restarts,
         "cluster.rows_per_file": cfg.cluster.rows_per_file, "train.rows_per_file": cfg.train.rows_per_file,
         "cluster.block_rows": cfg.cluster.block_rows,
@@ -504,6 +537,8 @@ def _check_ranges(cfg: Config) -> None:
         "train.max_concurrent": cfg.train.max_concurrent, "train.data_cpus": cfg.train.data_cpus,
         "grow.min_novel_rows": cfg.grow.min_novel_rows,
     }
+    parse_resources("train.worker_resources", cfg.train.worker_resources)
+    parse_resources("embed.actor_resources", cfg.embed.actor_resources)
     if not 0 < cfg.grow.novelty_quantile < 1:
         raise ConfigError(f"grow.novelty_quantile: must be between 0 and 1 (exclusive), got "
                           f"{cfg.grow.novelty_quantile!r}")
@@ -519,6 +554,8 @@ def _check_ranges(cfg: Config) -> None:
         "train.shuffle_buffer": cfg.train.shuffle_buffer,
         "train.threads_per_worker": cfg.train.threads_per_worker,
         "train.max_failures": cfg.train.max_failures,
+        "train.cpus_per_worker": cfg.train.cpus_per_worker,
+        "train.stall_warning_s": cfg.train.stall_warning_s,
         "embed.cache_size": cfg.embed.cache_size,
     }
     for name, value in non_negative.items():

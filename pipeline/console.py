@@ -29,6 +29,7 @@ from typing import TextIO
 
 import ray
 from ray.data import DataContext
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def setup(verbose: bool = False) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     logging.getLogger("pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
     # Never at DEBUG, even verbose: botocore's and aiobotocore's debug lines print each request's
-    # headers, whose Authorization names the access key (tests/test_ray_job.py checks a job's log).
+    # headers, whose Authorization names the access key (tests/test_multinode.py checks job logs).
     for name in CREDENTIAL_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO)
     if not sys.stdout.isatty():
@@ -160,6 +161,7 @@ class _Console:
     def __init__(self) -> None:
         self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self.lines: list[str] = []
+        self.steps: dict[str, tuple[int, float]] = {}
 
     def add(self, scope: str, counts: dict[str, int]) -> None:
         self.counts[scope].update({k: int(v) for k, v in counts.items()})
@@ -177,16 +179,34 @@ class _Console:
         out, self.lines = self.lines, []
         return out
 
+    def beat(self, name: str, step: int) -> None:
+        self.steps[name] = (step, time.time())
+
+    def beats(self) -> dict[str, tuple[int, float]]:
+        now = time.time()   # ages on this actor's clock: the driver's may differ on a cluster
+        return {name: (step, now - t) for name, (step, t) in self.steps.items()}
+
 
 # The handle stays referenced for the whole job: a named actor that loses its last reference is
 # destroyed, and one created again under the same name meanwhile would be the dying one.
 _handles: dict[str, ray.actor.ActorHandle] = {}
 
 
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    """Schedule on the caller's node, and nowhere else. For what must outlive the worker nodes
+    of a cluster whose workers come and go (spot): the job's console actor and the training
+    runs' launcher tasks, whose Ray Train controllers Ray attaches to their node. Under ``ray
+    job submit`` that is the driver's node, the head."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def _actor() -> ray.actor.ActorHandle:
     job = ray.get_runtime_context().get_job_id()
     if job not in _handles:
-        _handles[job] = _Console.options(name=ACTOR_NAME, get_if_exists=True).remote()
+        # On the driver's node (the head under `ray job submit`): a lost worker node must not
+        # take the job's console with it.
+        _handles[job] = _Console.options(name=ACTOR_NAME, get_if_exists=True,
+                                         scheduling_strategy=on_this_node()).remote()
     return _handles[job]
 
 
@@ -283,6 +303,27 @@ def relay(say: Callable[[str], None] = print, every: float = 1.0) -> Iterator[No
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+class Heartbeat:
+    """From a training worker: its step, sent to the job's console actor without waiting, so
+    the launcher can tell a run that trains from one that waits (``beats``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        try:
+            self.actor = ray.get_actor(ACTOR_NAME)
+        except ValueError:      # not under a job's launcher (a direct call of train.train)
+            self.actor = None
+
+    def __call__(self, step: int) -> None:
+        if self.actor is not None:
+            self.actor.beat.remote(self.name, step)
+
+
+def beats() -> dict[str, tuple[int, float]]:
+    """In the driver: each run's last step and how many seconds ago it was taken."""
+    return ray.get(_actor().beats.remote())
 
 
 def say(line: str) -> None:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import ray.data
 from ray.data import ActorPoolStrategy, SaveMode
 
-from pipeline.config import ConfigView, EmbedConfig
+from pipeline.config import ConfigView, EmbedConfig, parse_resources
 from pipeline.console import Progress, Tally
 from pipeline.encoders import CaptionEncoder
 from pipeline.rundir import RunDir, StageOutput
@@ -47,7 +47,8 @@ def embed_dataset(ds: ray.data.Dataset, cfg: EmbedConfig,
     """Map rows with ``key`` and ``caption`` to rows with ``key`` and ``embedding``.
 
     The encoder runs in an actor pool of up to ``cfg.num_actors`` actors, each with
-    ``cfg.num_cpus_per_actor`` CPUs and ``cfg.num_gpus_per_actor`` GPUs; each call gets
+    ``cfg.num_cpus_per_actor`` CPUs, ``cfg.num_gpus_per_actor`` GPUs and
+    ``cfg.actor_resources``; each call gets
     ``cfg.rows_per_call`` rows, encoded ``cfg.batch_size`` captions at a time.
     """
     return ds.map_batches(
@@ -56,6 +57,7 @@ def embed_dataset(ds: ray.data.Dataset, cfg: EmbedConfig,
                                "cache_size": cfg.cache_size, "counter": counter},
         compute=ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
+        resources=parse_resources("embed.actor_resources", cfg.actor_resources) or None,
         batch_size=cfg.rows_per_call, batch_format="numpy")
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 
 import ray
+from ray.autoscaler.v2.sdk import get_cluster_status
 
 from pipeline import console
 from pipeline.config import RayConfig, StorageConfig
@@ -85,3 +86,53 @@ def require_shared_storage(uris, storage: StorageConfig) -> None:
         raise SystemExit(f"local paths on a Ray cluster of {where}: {', '.join(bad)}. Every node "
                          "must reach the run directory and the data: use s3://bucket/prefix, or a "
                          "path mounted on every node, declared with --set storage.shared_mount=PATH")
+
+
+# ----------------------------------------------------------------------------- resources
+def _schedulable(resources: dict[str, float]) -> dict[str, float]:
+    """What tasks and actors can ask for: CPU, GPU and custom resources (not memory, the object
+    store or Ray's own ``node:<ip>`` and accelerator markers)."""
+    return {k: float(v) for k, v in resources.items()
+            if k not in ("memory", "object_store_memory") and not k.startswith(("node:", "accelerator_type:"))}
+
+
+def node_resources() -> list[dict[str, float]]:
+    """Total schedulable resources of each alive node."""
+    return [_schedulable(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def autoscaler_nodes(limit: int) -> list[dict[str, float]]:
+    """Nodes the cluster's autoscaler may add, from the node types it reported to Ray (at most
+    ``limit`` of each type, or its max count); empty without an autoscaler."""
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler config is not an error
+        return []
+    if config is None:
+        return []
+    out = []
+    for group in config.node_group_configs:
+        count = limit if group.max_count < 0 else min(group.max_count, limit)
+        out += [_schedulable(dict(group.resources))] * count
+    return out
+
+
+def pending() -> str:
+    """What the cluster is waiting to schedule, in a line (for a stalled run's message)."""
+    try:
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    except Exception as e:  # noqa: BLE001 - a diagnosis must not fail the job
+        return f"(cluster status unavailable: {type(e).__name__})"
+    demands = status.resource_demands
+
+    def text(bundle: dict) -> str:
+        return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(bundle.items())) + "}"
+
+    parts = [f"{r.count} task(s)/actor(s) needing {text(r.bundle)}"
+             for d in demands.ray_task_actor_demand for r in d.bundles_by_count]
+    parts += [f"a placement group ({d.strategy}) needing " + " + ".join(
+              f"{r.count} x {text(r.bundle)}" for r in d.bundles_by_count)
+              for d in demands.placement_group_demand]
+    free = [text(_schedulable(n.available_resources())) for n in status.active_nodes]
+    return (("waiting: " + "; ".join(parts)) if parts else "nothing waits for resources") + \
+        f"; free per node: {', '.join(free) or 'no node'}"

@@ -84,9 +84,13 @@ def seed_job(cfg: TrainConfig) -> Job:
     return Job("seed", None, seed_end(cfg), cfg.total_samples)
 
 
+BASELINES: tuple[Kind, ...] = ("random-split", "dense")
+
+
 def plan(cfg: TrainConfig, num_experts: int, experts: Sequence[int] | None = None,
-         baselines: bool = True) -> list[Job]:
-    """The runs after the seed: the chosen experts, then (optionally) the baselines."""
+         baselines: bool | Sequence[Kind] = True) -> list[Job]:
+    """The runs after the seed: the chosen experts, then the baselines (True: both kinds of
+    ``BASELINES``; False: none; or the kinds to plan)."""
     chosen = range(num_experts) if experts is None else experts
     for e in chosen:
         if not 0 <= e < num_experts:
@@ -94,8 +98,13 @@ def plan(cfg: TrainConfig, num_experts: int, experts: Sequence[int] | None = Non
                              f"(0..{num_experts - 1})")
     t = cfg.total_samples
     jobs = [Job("expert", e, t, t) for e in chosen]
-    if baselines:
+    kinds = BASELINES if baselines is True else (baselines or ())
+    unknown = set(kinds) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"not a baseline: {sorted(unknown)}; baselines: {list(BASELINES)}")
+    if "random-split" in kinds:
         jobs += [Job("random-split", e, t, t) for e in range(num_experts)]
+    if "dense" in kinds:
         dense = dense_end(cfg, num_experts)
         jobs.append(Job("dense", None, dense, dense))
     return jobs

@@ -40,7 +40,7 @@ TRAIN_FIELDS = ("train.model", "train.batch_size", "train.lr", "train.total_samp
 TRAIN_KNOBS = ("train.checkpoint_every_steps", "train.keep_checkpoints", "train.log_every_steps",
                "train.num_workers", "train.use_gpu", "train.cpus_per_worker",
                "train.threads_per_worker", "train.max_failures", "train.decode_in_worker",
-               "train.data_cpus")
+               "train.data_cpus", "train.worker_resources", "train.stall_warning_s")
 CLUSTER_FIT_FIELDS = ("cluster.fine_k", "cluster.num_experts", "cluster.balanced",
                       "cluster.capacity_slack", "cluster.iterations", "cluster.sample_per_centre",
                       "cluster.seed", "cluster.restarts", "cluster.fit_block_rows",
@@ -78,7 +78,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "jobs/ingest.py"),
     Stage("embeddings", ("ingest",), ("embed.model",),
           ("embed.batch_size", "embed.rows_per_call", "embed.num_actors", "embed.num_gpus_per_actor",
-           "embed.num_cpus_per_actor", "embed.cache_size", "embed.rows_per_file"), (),
+           "embed.num_cpus_per_actor", "embed.actor_resources", "embed.cache_size",
+           "embed.rows_per_file"), (),
           "key, unit-norm caption embedding", "jobs/embed.py"),
     Stage("clusters", ("embeddings",), CLUSTER_FIT_FIELDS, (), (),
           "fine and coarse centroids, fine-to-expert map", "jobs/cluster.py"),

@@ -23,18 +23,23 @@ samples_seen continue from the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+import uuid
 from typing import Any
 
 import ray.data
 
-from pipeline.config import StorageConfig, TrainConfig
+from pipeline.config import StorageConfig, TrainConfig, parse_resources
 from pipeline.inputs import preprocess_batch
 from pipeline.storage import filesystem, is_s3, pyarrow_filesystem, scheme
 
 # No torch, open_clip or ray.train.torch at import: every process that unpickles this module's
 # functions (Ray Train's controller, Ray Data's coordinator, each launcher task) would pay ~8 s
 # of CPU for them (README, "Demo timings"). The worker loop is ``pipeline.train_loop``.
+
+
+STARTS = "_starts"
 
 
 # ----------------------------------------------------------------------------- data
@@ -45,6 +50,13 @@ def model_inputs(ds: ray.data.Dataset, model_name: str, augment: bool,
     return ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=rows_per_batch,
                           fn_kwargs={"model_name": model_name, "augment": augment},
                           **({} if cpus is None else {"num_cpus": cpus}))
+
+
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What each Ray Train worker of a run reserves: its CPUs, one GPU with ``use_gpu``, and
+    ``worker_resources`` (custom resources that pin it to some node types)."""
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if cfg.use_gpu else {}),
+            **parse_resources("train.worker_resources", cfg.worker_resources)}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -70,6 +82,13 @@ class TrainResult:
                                # spent waiting for input)
     wall_s: float              # wall time of this call, Ray Train start-up included
     cached_rows: int = 0       # rows rank 0 held in memory for later epochs (cache_inputs)
+    starts: tuple[dict, ...] = ()   # each start of the worker group in this call, oldest
+                               # first: node_id, step, time, pipeline (where it was imported)
+
+    @property
+    def restarts(self) -> int:
+        """Worker-group restarts this call took (``train.max_failures`` allows them)."""
+        return max(len(self.starts) - 1, 0)
 
 
 def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: str,
@@ -97,7 +116,8 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         threads: torch threads per worker (default ``cfg.threads_per_worker``).
         init_checkpoint: checkpoint to start from when the run has none of its own.
         storage: S3 endpoint and region for ``storage_path`` and ``init_checkpoint``.
-        crash_at_step: tests only: raise after this step, like a node lost mid-run.
+        crash_at_step: tests only: raise after this step in a worker group that did not resume
+            from a checkpoint of the run's own, like a node lost mid-run.
     """
     schedule_total = schedule_total or cfg.total_samples
     if end_samples > schedule_total:
@@ -120,11 +140,14 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
     }
     s3 = is_s3(storage_path)
     fs, path = filesystem(storage_path, storage)
+    # Each start of the worker group leaves a file here (train_loop._record_start).
+    starts_uri = f"{storage_path.rstrip('/')}/{name}/{STARTS}/{uuid.uuid4().hex[:12]}"
+    loop_config["starts_uri"] = starts_uri
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(
             name=name,
             storage_path=path if s3 else storage_path,
@@ -143,4 +166,12 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         step=int(result.metrics["step"]), samples_seen=int(result.metrics["samples_seen"]),
         start_step=done["start_step"], start_samples=done["start_samples"],
         steps_run=done["steps_run"], history=done["history"],
-        wall_s=time.perf_counter() - started, cached_rows=done["cached_rows"])
+        wall_s=time.perf_counter() - started, cached_rows=done["cached_rows"],
+        starts=tuple(_starts(starts_uri, storage)))
+
+
+def _starts(uri: str, storage: StorageConfig) -> list[dict]:
+    fs, path = filesystem(uri, storage)
+    if not fs.exists(path):
+        return []
+    return [json.loads(fs.cat_file(p)) for p in sorted(fs.ls(path, detail=False))]

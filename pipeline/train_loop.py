@@ -31,6 +31,7 @@ from pipeline.console import format_seconds
 from pipeline.inputs import preprocessor
 from pipeline.model import create
 from pipeline.schedule import lr_at
+from pipeline.storage import filesystem
 
 # CLIP (Radford et al. 2021) and open_clip's ViT recipe: beta2 0.98 and eps 1e-6 keep the
 # contrastive loss stable at large batch.
@@ -98,6 +99,18 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def _record_start(uri: str, storage: dict[str, Any], step: int) -> None:
+    """One small file per start of the worker group (``pipeline.train.train`` counts them):
+    the node rank 0 started on, from which step, and where it imported ``pipeline`` from (a
+    job's working directory on a cluster, README "Running on a cluster")."""
+    fs, path = filesystem(uri, StorageConfig(**storage))
+    node = ray.get_runtime_context().get_node_id()
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/{time.time_ns()}-{node[:12]}.json", "w") as f:
+        json.dump({"node_id": node, "step": step, "time": time.time(),
+                   "pipeline": os.path.dirname(console.__file__)}, f)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker function. ``config`` (built by ``pipeline.train.train``): ``name``,
     ``train`` (the TrainConfig, or a stage's view of it), ``end_samples``, ``schedule_total``,
@@ -158,6 +171,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             console.say(f"[{name}] {text}")
 
+    beat = console.Heartbeat(name) if rank == 0 else (lambda _step: None)
+    if rank == 0 and config.get("starts_uri"):
+        _record_start(config["starts_uri"], config["storage"], step)
+
     def save() -> None:
         metrics = {"step": step, "samples_seen": samples_seen,
                    "loss": history[-1]["loss"] if history else float("nan")}
@@ -212,6 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             with torch.no_grad():
                 core.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             step += 1
+            beat(step)
             epoch_steps += 1
             samples_seen += cfg.batch_size
             window_samples += cfg.batch_size
@@ -236,7 +254,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 save()
                 # Checkpoint time is not training time: keep it out of samples/s.
                 window_start += time.perf_counter() - saving
-            if step == config["crash_at_step"]:
+            if step == config["crash_at_step"] and checkpoint is None:
                 raise RuntimeError(f"{name}: crash_at_step={step} (simulated failure)")
             if done:
                 break

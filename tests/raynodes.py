@@ -1,0 +1,169 @@
+"""Ray clusters of several nodes on this machine, for the tests that submit jobs to them.
+
+Every node is a `ray start --block` in a process group of its own, started by the test; stopping
+a node (or the cluster) kills that group only, never `ray stop`, which would kill every Ray
+process on the machine (README, "Testing"). Nodes start one at a time: two `ray start` at once
+timed out on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 8) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session``), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def processes_naming(*texts: str) -> list[int]:
+    """Ids of this machine's processes (other than this one) whose command line or environment
+    contains one of ``texts``: a cluster's own temp dir names its raylets and agents on their
+    command lines, and its token (``RAY_AUTH_TOKEN``) is in the environment of every process
+    the cluster started, Ray's workers included (their command lines are just ``ray::...``)."""
+    wanted = [t.encode() for t in texts]
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        for part in ("cmdline", "environ"):
+            try:
+                data = (entry / part).read_bytes()
+            except OSError:     # gone meanwhile, or not ours to read
+                continue
+            if any(t in data for t in wanted):
+                pids.append(int(entry.name))
+                break
+    return pids
+
+
+class LocalCluster:
+    """A head (no task CPUs unless ``head_cpus``) plus worker nodes, on 127.0.0.1.
+
+    ``env`` is every node's environment, and so every job's: token auth on, this Python's
+    ``bin`` first on PATH (the image's Python on a real cluster), plus ``extra_env``.
+    """
+
+    def __init__(self, workdir: Path, head_cpus: int = 0, extra_env: dict | None = None,
+                 head_args: tuple[str, ...] = (), ports: tuple[int, int, int, int] | None = None):
+        """``ports``: GCS, dashboard, client server, dashboard agent (default: free ones), for a
+        head whose arguments must name its GCS port (an autoscaling config's provider)."""
+        self.workdir = workdir
+        self.temp = Path("/tmp") / f"mode-ray-{secrets.token_hex(3)}"  # short: unix socket paths
+        self.gcs, self.dash, client, agent = ports or free_ports(4)
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                    **(extra_env or {})}
+        self.address = f"http://127.0.0.1:{self.dash}"
+        self.workers: dict[str, subprocess.Popen] = {}
+        self._logs = []
+        self.head = self._start("head", [
+            "--head", "--port", str(self.gcs), "--num-cpus", str(head_cpus),
+            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(self.dash), "--ray-client-server-port", str(client),
+            "--dashboard-agent-listen-port", str(agent), "--temp-dir", str(self.temp),
+            *head_args])
+        self._wait_dashboard()
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "w")
+        self._logs.append(log)
+        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args],
+                                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text()
+
+    def _wait_dashboard(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.address}/api/version", timeout=2)
+                return
+            except urllib.error.HTTPError:  # any answer (401 without our token) means it is up
+                return
+            except OSError:
+                if self.head.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"ray head did not start:\n{self.log('head')}") from None
+                time.sleep(1)
+
+    def add_worker(self, name: str, cpus: float = 1, resources: dict | None = None,
+                   timeout: float = 120) -> None:
+        """Start worker node ``name`` and wait until the cluster counts it alive."""
+        args = ["--address", f"127.0.0.1:{self.gcs}", "--num-cpus", f"{cpus:g}",
+                "--node-name", name]
+        if resources:
+            args += ["--resources", json.dumps(resources)]
+        self.workers[name] = self._start(name, args)
+        deadline = time.time() + timeout
+        while name not in {n.get("node_name") for n in self.alive_nodes()}:
+            if self.workers[name].poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"worker node {name} did not join:\n{self.log(name)}")
+            time.sleep(1)
+
+    def kill_worker(self, name: str) -> None:
+        """The node is lost: SIGKILL its whole process group (raylet, workers), no goodbye."""
+        kill_group(self.workers.pop(name), grace=0)
+
+    def ray(self, *args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+        """``ray <args>`` against this cluster's dashboard, with its token."""
+        out = subprocess.run([RAY, *args], env={**self.env, "RAY_ADDRESS": self.address},
+                             capture_output=True, text=True, timeout=timeout)
+        if check and out.returncode != 0:
+            raise AssertionError(f"ray {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
+        return out
+
+    def alive_nodes(self) -> list[dict]:
+        out = self.ray("list", "nodes", "--format", "yaml", "--detail", timeout=60)
+        if out.returncode != 0:
+            return []
+        nodes = yaml.safe_load(out.stdout)     # a line of text while no node has registered
+        return [n for n in nodes if n["state"] == "ALIVE"] if isinstance(nodes, list) else []
+
+    def node_name(self, node_id: str) -> str | None:
+        for node in self.alive_nodes():
+            if node["node_id"] == node_id:
+                return node.get("node_name")
+        return None
+
+    def stop(self) -> None:
+        for name in list(self.workers):
+            kill_group(self.workers.pop(name))
+        kill_group(self.head)
+        for log in self._logs:
+            log.close()
+        shutil.rmtree(self.temp, ignore_errors=True)

@@ -1,0 +1,215 @@
+"""The whole pipeline on a Ray cluster of three nodes on this machine, every job by `ray job
+submit --working-dir`, shards and run directory on a local S3 server (moto), as on a real cluster.
+
+A head that runs no task and two 1-CPU worker nodes, each declaring one `accel`: a custom
+resource standing in for a GPU (`train.worker_resources=accel=1` puts one expert on each node,
+as `use_gpu` would on one-GPU nodes). The tests run in file order and share the cluster and the
+run: the seed (module fixture), two experts at once losing a worker node, a `train_experts` job
+stopped and submitted again, then the report. Distinctive random S3 keys sit in every node's
+environment (as an instance role would provide them) and must appear in no artifact or job log.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.raynodes import LocalCluster
+from tests.tiny import TINY
+
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "s3://mode/mn/run"
+DATA = "s3://mode/mn/data"
+# Two experts, one per worker node (`accel`). The workers reserve no CPU, as Ray Train's GPU
+# workers do by default: a node's CPU goes to Ray Data, half a CPU per read (and a whole one
+# for the listing of a read's files, which Ray Data always asks for: pipeline/resources.py).
+# T=3,072: 48 steps per expert, long enough to lose a node in the middle. Worker groups may
+# restart twice (train.max_failures).
+CONFIG = [*TINY, "--set", "cluster.num_experts=2", "--set", "train.total_samples=3072",
+          "--set", "train.warmup_samples=256", "--set", "train.cpus_per_worker=0",
+          "--set", "train.data_cpus=0.5", "--set", "train.worker_resources=accel=1",
+          "--set", "train.max_failures=2", "--set", "train.max_concurrent=2",
+          "--set", "embed.num_cpus_per_actor=0.5"]
+
+
+class Cluster(LocalCluster):
+    def __init__(self, workdir: Path, s3_endpoint: str):
+        self.keys = {"AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",
+                     "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30)}
+        super().__init__(workdir, head_cpus=0, extra_env={
+            **self.keys, "AWS_EC2_METADATA_DISABLED": "true", "HF_HUB_OFFLINE": "1",
+            "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"})
+        self.s3_endpoint = s3_endpoint
+        self.code = workdir / "code"      # what `--working-dir` ships: the jobs and the package
+        for part in ("pipeline", "jobs"):
+            shutil.copytree(REPO / part, self.code / part, ignore=shutil.ignore_patterns("__pycache__"))
+        self.logs: dict[str, str] = {}
+
+    def submit(self, job_id: str, script: str, *args: str, wait: bool = True) -> str:
+        """Submit ``python jobs/<script>.py --run-dir RUN <args> <CONFIG>``; with ``wait``,
+        return its status once it ended (its log in ``self.logs``)."""
+        self.ray("job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir",
+                 str(self.code), "--", "python", f"jobs/{script}.py", "--run-dir", RUN, *args,
+                 *CONFIG, "--set", f"storage.s3_endpoint_url={self.s3_endpoint}", check=True)
+        return self.wait(job_id) if wait else "PENDING"
+
+    def status(self, job_id: str) -> str:
+        out = self.ray("job", "status", job_id, check=True)
+        text = out.stdout + out.stderr
+        for word, state in (("succeeded", "SUCCEEDED"), ("was stopped", "STOPPED"), ("failed", "FAILED")):
+            if f"Job '{job_id}' {word}" in text:
+                return state
+        found = re.search(rf"Status for job '{job_id}': (\w+)", text)
+        assert found, text
+        return found.group(1)
+
+    def wait(self, job_id: str, timeout: float = 480) -> str:
+        deadline = time.time() + timeout
+        while (state := self.status(job_id)) in ("RUNNING", "PENDING"):
+            if time.time() > deadline:
+                self.ray("job", "stop", job_id)
+                raise AssertionError(f"{job_id} still {state} after {timeout:.0f} s:\n{self.job_log(job_id)}")
+            time.sleep(2)
+        self.job_log(job_id)
+        return state
+
+    def job_log(self, job_id: str) -> str:
+        self.logs[job_id] = self.ray("job", "logs", job_id, check=True).stdout
+        return self.logs[job_id]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_endpoint, tiny_world):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for path in sorted(tiny_world.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), "mode", f"mn/data/{path.relative_to(tiny_world)}")
+    c = Cluster(tmp_path_factory.mktemp("multinode"), s3_endpoint)
+    try:
+        c.add_worker("w1", cpus=1, resources={"accel": 1})
+        c.add_worker("w2", cpus=1, resources={"accel": 1})
+        yield c
+    finally:
+        c.stop()
+
+
+def _s3(cluster):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=cluster.s3_endpoint)
+
+
+def _objects(cluster, prefix: str) -> dict[str, bytes]:
+    s3 = _s3(cluster)
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="mode", Prefix=prefix)
+    return {o["Key"]: s3.get_object(Bucket="mode", Key=o["Key"])["Body"].read()
+            for page in pages for o in page.get("Contents", [])}
+
+
+def _json(cluster, key: str) -> dict:
+    return json.loads(_s3(cluster).get_object(Bucket="mode", Key=key)["Body"].read())
+
+
+def _keys(cluster, prefix: str) -> list[str]:
+    pages = _s3(cluster).get_paginator("list_objects_v2").paginate(Bucket="mode", Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+@pytest.fixture(scope="module")
+def seeded(cluster):
+    """ingest, embed, cluster, assign and the seed, each a job of its own."""
+    # --verbose: Ray's and the libraries' debug lines too (botocore's used to print the key id)
+    assert cluster.submit("mn-ingest", "ingest", "--data", f"{DATA}/train", "--verbose") == "SUCCEEDED", \
+        cluster.logs["mn-ingest"]
+    # Inside a job the helper joins the cluster instead of starting a private Ray.
+    assert "joined ray cluster" in cluster.logs["mn-ingest"]
+    for job in ("embed", "cluster", "assign", "train_seed"):
+        assert cluster.submit(f"mn-{job}", job) == "SUCCEEDED", cluster.logs[f"mn-{job}"]
+    return RUN
+
+
+def test_two_experts_at_once_finish_after_losing_a_worker_node(cluster, seeded):
+    """Both experts train at once, one per node. The node under expert-1 is killed after its
+    first checkpoint; its worker group restarts (train.max_failures) from that checkpoint on the
+    remaining node once expert-0 frees it, and ends at exactly the planned step."""
+    plan = cluster.submit("mn-experts", "train_experts", "--experts", "0,1", wait=False)
+    assert plan == "PENDING"
+    prefix = "mn/run/checkpoints/expert-1/"
+    deadline = time.time() + 300
+    while not [k for k in _keys(cluster, prefix) if k.endswith("checkpoint.pt")]:
+        assert cluster.status("mn-experts") in ("RUNNING", "PENDING"), cluster.job_log("mn-experts")
+        assert time.time() < deadline, cluster.job_log("mn-experts")
+        time.sleep(0.5)
+    start = _json(cluster, next(k for k in _keys(cluster, f"{prefix}_starts/")))
+    victim = cluster.node_name(start["node_id"])
+    assert victim in ("w1", "w2")
+    cluster.kill_worker(victim)
+    assert cluster.wait("mn-experts") == "SUCCEEDED", cluster.logs["mn-experts"]
+
+    entries = {n: _json(cluster, f"mn/run/registry/{n}.json") for n in ("seed", "expert-0", "expert-1")}
+    lost, kept = entries["expert-1"], entries["expert-0"]
+    assert lost["restarts"] >= 1 and kept["restarts"] == 0
+    # the second start resumed from a checkpoint of the first, on the node that was left
+    assert lost["starts"][1]["step"] > entries["seed"]["metrics"]["step"]
+    assert cluster.node_name(lost["starts"][-1]["node_id"]) != victim
+    for e in (lost, kept):
+        assert e["metrics"]["samples_seen"] == 3072 and e["metrics"]["step"] == 3072 // 32
+    log = cluster.logs["mn-experts"]
+    assert "resumed from its latest checkpoint" in log and "fit, with room for" in log
+    # the workers ran the job's working directory, not this checkout
+    for e in entries.values():
+        for s in e["starts"]:
+            assert "runtime_resources" in s["pipeline"] and str(REPO) not in s["pipeline"], s
+
+
+def test_a_stopped_train_experts_job_resumes_when_submitted_again(cluster, seeded):
+    """`ray job stop` mid-dense, then the same job again: the finished experts are skipped, the
+    dense run resumes from its latest checkpoint and ends where it was planned to."""
+    cluster.submit("mn-dense-1", "train_experts", "--baselines", "dense", wait=False)
+    deadline = time.time() + 300
+    while not [k for k in _keys(cluster, "mn/run/checkpoints/dense/") if k.endswith("checkpoint.pt")]:
+        assert cluster.status("mn-dense-1") in ("RUNNING", "PENDING"), cluster.job_log("mn-dense-1")
+        assert time.time() < deadline, cluster.job_log("mn-dense-1")
+        time.sleep(0.5)
+    cluster.ray("job", "stop", "mn-dense-1", check=True)
+    assert cluster.wait("mn-dense-1") == "STOPPED"
+    assert cluster.submit("mn-dense-2", "train_experts", "--baselines", "dense") == "SUCCEEDED", \
+        cluster.logs["mn-dense-2"]
+    log = cluster.logs["mn-dense-2"]
+    assert "[expert-0] complete for this config: skipped" in log
+    assert "[expert-1] complete for this config: skipped" in log
+    assert "[dense] resumed from its latest checkpoint" in log
+    dense, seed = (_json(cluster, f"mn/run/registry/{n}.json") for n in ("dense", "seed"))
+    assert dense["metrics"]["start_step"] > seed["metrics"]["step"]
+    assert dense["metrics"]["samples_seen"] == 1536 + 2 * 1536    # seed + m expert shares
+
+
+def test_the_cluster_run_ends_in_a_report_and_holds_no_credential(cluster, seeded):
+    assert cluster.submit("mn-eval", "evaluate") == "SUCCEEDED", cluster.logs["mn-eval"]
+    written = _objects(cluster, "mn/run/")
+    report = json.loads(written["mn/run/eval/report.json"])
+    assert set(report["runs"]) == {"seed", "expert-0", "expert-1", "dense"}
+    assert "Training cost" in written["mn/run/eval/report.md"].decode()
+    for key, blob in written.items():
+        if key.endswith("_manifest.json"):
+            m = json.loads(blob)
+            assert m["rows_in"] == m["rows_out"] + sum(m["rows_skipped"].values()), key
+    assert json.loads(written["mn/run/ingest/_manifest.json"])["rows_in"] == 600
+    # the keys every node had in its environment: in no manifest, config.yaml, registry
+    # entry, report, or any job's log
+    assert {"mn/run/config.yaml", "mn/run/registry/expert-1.json"} <= set(written)
+    texts = [*written.values(), *(log.encode() for log in cluster.logs.values())]
+    for value in cluster.keys.values():
+        for text in texts:
+            at = text.find(value.encode())
+            assert at < 0, text[max(0, at - 300):at + 60]
