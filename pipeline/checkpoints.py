@@ -132,21 +132,23 @@ class ResourcePlanError(SystemExit):
     anything starts; the message says what to change)."""
 
 
-def resource_plan(t: TrainConfig, runs: int) -> str:
+def resource_plan(t: TrainConfig, runs: int, node_types: str = "") -> str:
     """Check that ``runs`` concurrent runs' workers and a Ray Data task beside them fit on the
-    nodes as they are, or as the autoscaler can add them (``pipeline.resources``); returns what
-    fits, raises ``ResourcePlanError`` otherwise."""
+    nodes as they are, or with the nodes the autoscaler can add (``ray.node_types``;
+    ``pipeline.resources``); returns what fits, raises ``ResourcePlanError`` otherwise."""
     worker = train.worker_resources(t)
     nodes = raycluster.node_resources()
     plan = resources.check(nodes, worker, t.num_workers, runs, t.data_cpus)
     if plan.fits:
         return plan.reason
-    extra = raycluster.autoscaler_nodes(limit=runs * t.num_workers + 1)
+    extra = raycluster.autoscaler_nodes(node_types, limit=runs * t.num_workers + 1)
     if extra:
         grown = resources.check(nodes + extra, worker, t.num_workers, runs, t.data_cpus)
         if grown.fits:
-            return f"{grown.reason}, once the autoscaler adds nodes"
-    raise ResourcePlanError(f"[launch] refused: {plan.reason}")
+            return f"{grown.reason}, once the autoscaler adds nodes (ray.node_types)"
+        raise ResourcePlanError(f"[launch] refused, even with the nodes of ray.node_types: {grown.reason}")
+    raise ResourcePlanError(f"[launch] refused: {plan.reason} (on an autoscaling cluster, "
+                            "declare the node types it can add: --set ray.node_types=...)")
 
 
 class Watchdog:
@@ -211,7 +213,7 @@ def launch(cfg: Config, run: RunDir, jobs: Sequence[Job], max_concurrent: int, *
             queue.append((job, sr))
             log(f"[{job.name}] queued")
     if queue:
-        fit = resource_plan(cfg.train, min(max_concurrent, len(queue)))
+        fit = resource_plan(cfg.train, min(max_concurrent, len(queue)), cfg.ray.node_types)
         log(f"[launch] {fit}")
     running: dict[ray.ObjectRef, tuple[Job, StageRun, str, int | None]] = {}
     watch = Watchdog(cfg.train.stall_warning_s, log)

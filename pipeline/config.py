@@ -235,6 +235,11 @@ class RayConfig:
     address: str | None = None
     # Object store size for a local Ray in bytes; None keeps Ray's default (30% of RAM).
     object_store_memory: int | None = None
+    # Worker nodes the cluster's autoscaler can add, "<count> x <resources>" joined by ";"
+    # (e.g. "8 x CPU=32; 8 x CPU=48,GPU=4", cluster.yaml's pools). The launcher's resource plan
+    # counts them when the nodes up now are too few (Ray 2.60 tells jobs nothing of the node
+    # types an autoscaler knows). "" means the nodes up now are all there is.
+    node_types: str = ""
 
 
 @dataclass(frozen=True)
@@ -379,6 +384,10 @@ class SectionView:
         return f"SectionView({self._section!r}, owner={self._view.owner!r})"
 
 
+# The worker pools of cluster.yaml and deploy/raycluster.yaml (tests/test_cluster_configs.py
+# checks they agree): up to 8 m6i.8xlarge CPU nodes and 8 g5.12xlarge nodes of 4 GPUs.
+CLUSTER_NODE_TYPES = "8 x CPU=32; 8 x CPU=48,GPU=4"
+
 # Presets are overrides of the defaults, written as data. The defaults above are the
 # production-shaped values; `demo` shrinks everything to run on a laptop CPU in minutes.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -411,6 +420,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "total_samples": 128_000_000, "seed_fraction": 27 / 32,
                   "warmup_samples": 2_048_000, "use_gpu": True, "cpus_per_worker": 4.0,
                   "checkpoint_every_steps": 2_000, "max_failures": 3},
+        "ray": {"node_types": CLUSTER_NODE_TYPES},
     },
     "laion": {
         "embed": {"model": "princeton-nlp/unsup-simcse-bert-base-uncased", "batch_size": 1024,
@@ -424,6 +434,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "warmup_samples": 65_536_000, "precision": "amp_bf16", "num_workers": 32,
                   "use_gpu": True, "cpus_per_worker": 4.0, "checkpoint_every_steps": 1_000,
                   "max_failures": 3},
+        "ray": {"node_types": CLUSTER_NODE_TYPES},
     },
 }
 
@@ -496,9 +507,9 @@ def _build(cls: type, path: str, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def parse_resources(path: str, text: str) -> dict[str, float]:
+def parse_resources(path: str, text: str, builtin: bool = False) -> dict[str, float]:
     """``"name=amount,name=amount"`` as a dict (``""``: empty); CPU and GPU have fields of their
-    own and are refused here."""
+    own and are refused here unless ``builtin`` (a node's resources)."""
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, eq, amount = part.partition("=")
@@ -510,9 +521,21 @@ def parse_resources(path: str, text: str) -> dict[str, float]:
         if not eq or not name or value <= 0:
             raise ConfigError(f"{path}: {part!r} is not name=amount with an amount > 0 "
                               "(e.g. \"gpu_node=1\")")
-        if name in ("CPU", "GPU"):
+        if name in ("CPU", "GPU") and not builtin:
             raise ConfigError(f"{path}: {name} has a field of its own (cpus/gpus per worker or actor)")
         out[name] = value
+    return out
+
+
+def parse_node_types(path: str, text: str) -> list[tuple[int, dict[str, float]]]:
+    """``"8 x CPU=32; 8 x CPU=48,GPU=4"`` as [(count, resources), ...] (``""``: none)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        count, x, resources = part.partition(" x ")
+        if not x or not count.strip().isdigit() or int(count) < 1:
+            raise ConfigError(f"{path}: {part!r} is not '<count> x <name=amount,...>' "
+                              "(e.g. \"8 x CPU=48,GPU=4\")")
+        out.append((int(count), parse_resources(path, resources, builtin=True)))
     return out
 
 
@@ -539,6 +562,7 @@ def _check_ranges(cfg: Config) -> None:
     }
     parse_resources("train.worker_resources", cfg.train.worker_resources)
     parse_resources("embed.actor_resources", cfg.embed.actor_resources)
+    parse_node_types("ray.node_types", cfg.ray.node_types)
     if not 0 < cfg.grow.novelty_quantile < 1:
         raise ConfigError(f"grow.novelty_quantile: must be between 0 and 1 (exclusive), got "
                           f"{cfg.grow.novelty_quantile!r}")

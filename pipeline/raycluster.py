@@ -9,7 +9,7 @@ import ray
 from ray.autoscaler.v2.sdk import get_cluster_status
 
 from pipeline import console
-from pipeline.config import RayConfig, StorageConfig
+from pipeline.config import RayConfig, StorageConfig, parse_node_types
 from pipeline.storage import is_s3
 
 # Ray Data's parquet reader (datasource V2) starts a pool of 32 footer-reading actors for every
@@ -101,20 +101,11 @@ def node_resources() -> list[dict[str, float]]:
     return [_schedulable(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def autoscaler_nodes(limit: int) -> list[dict[str, float]]:
-    """Nodes the cluster's autoscaler may add, from the node types it reported to Ray (at most
-    ``limit`` of each type, or its max count); empty without an autoscaler."""
-    try:
-        config = ray._private.state.state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - no autoscaler config is not an error
-        return []
-    if config is None:
-        return []
-    out = []
-    for group in config.node_group_configs:
-        count = limit if group.max_count < 0 else min(group.max_count, limit)
-        out += [_schedulable(dict(group.resources))] * count
-    return out
+def autoscaler_nodes(node_types: str, limit: int) -> list[dict[str, float]]:
+    """Nodes the autoscaler may add (``ray.node_types``), at most ``limit`` of each type."""
+    return [{k: float(v) for k, v in resources.items()}
+            for count, resources in parse_node_types("ray.node_types", node_types)
+            for _ in range(min(count, limit))]
 
 
 def pending() -> str:

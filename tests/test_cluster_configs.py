@@ -12,6 +12,8 @@ import pytest
 import ray.autoscaler
 import yaml
 
+from pipeline.config import load_config, parse_node_types
+
 REPO = Path(__file__).resolve().parents[1]
 PINNED_RAY = re.search(r"^ray\[[^\]]*\]==([\d.]+)", (REPO / "requirements.txt").read_text(), re.M).group(1)
 # vCPUs, GiB and GPUs of the instance types the configs name (AWS's published sizes)
@@ -123,3 +125,16 @@ def test_kuberay_job_runs_jobs_and_flags_that_exist(capsys):
         usage = capsys.readouterr().out
         for flag in (a for a in command[2:] if a.startswith("--")):
             assert flag in usage, f"{command[1]} has no {flag}"
+
+
+def test_the_cluster_presets_know_the_node_types_cluster_yaml_can_add():
+    """`small` and `laion` declare cluster.yaml's worker pools in ray.node_types, which the
+    launcher's resource plan counts on a cluster scaled to zero (Ray tells jobs nothing of them)."""
+    pools = []
+    for t in cluster()["available_node_types"].values():
+        if "min_workers" in t:
+            cpus, _, gpus = INSTANCES[t["node_config"]["InstanceType"]]
+            pools.append((t["max_workers"], {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}))
+    for preset in ("small", "laion"):
+        declared = parse_node_types("ray.node_types", load_config(preset).ray.node_types)
+        assert sorted(declared, key=str) == sorted(pools, key=str), preset

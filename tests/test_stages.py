@@ -67,7 +67,8 @@ def test_removed_fields_are_gone_and_every_field_is_read_or_infrastructure():
     """A field no stage declares must be one that only jobs read (where, not what)."""
     declared = {f for s in [*stages.STAGES.values(), *stages.GENERATION_STAGES.values()]
                 for f in (*s.fields, *s.knobs)}
-    jobs_only = {"data.train_uri", "train.max_concurrent", "ray.address", "ray.object_store_memory"}
+    jobs_only = {"data.train_uri", "train.max_concurrent", "ray.address", "ray.object_store_memory",
+                 "ray.node_types"}
     unread = set(field_names()) - declared - jobs_only
     assert {f.split(".")[0] for f in unread} <= {"storage", "demo"}, sorted(unread)
     assert not set(REMOVED_FIELDS) & set(field_names())
