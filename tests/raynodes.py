@@ -34,7 +34,7 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def kill_group(proc: subprocess.Popen, grace: float = 8) -> None:
+def kill_group(proc: subprocess.Popen, grace: float = 3) -> None:
     """SIGTERM the process group of ``proc`` (started with ``start_new_session``), then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
         try:
