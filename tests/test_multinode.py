@@ -69,7 +69,7 @@ class Cluster(LocalCluster):
             if time.time() > deadline:
                 self.ray("job", "stop", job_id)
                 raise AssertionError(f"{job_id} still {state} after {timeout:.0f} s:\n{self.job_log(job_id)}")
-            time.sleep(2)
+            time.sleep(1)
         self.job_log(job_id)
         return state
 
@@ -117,6 +117,17 @@ def _keys(cluster, prefix: str) -> list[str]:
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
 
+def _wait_for_a_checkpoint(cluster, job_id: str, prefix: str) -> None:
+    """Until Ray Train has registered a checkpoint of the run under ``prefix``: its checkpoint
+    manager's snapshot (Ray Train V2's own file) is written once it has taken one. A checkpoint
+    file alone is not enough: a restart resumes only from checkpoints the controller took."""
+    deadline = time.time() + 300
+    while f"{prefix}checkpoint_manager_snapshot.json" not in _keys(cluster, prefix):
+        assert cluster.status(job_id) in ("RUNNING", "PENDING"), cluster.job_log(job_id)
+        assert time.time() < deadline, cluster.job_log(job_id)
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def seeded(cluster):
     """ingest, embed, cluster, assign and the seed, each a job of its own."""
@@ -137,11 +148,7 @@ def test_two_experts_at_once_finish_after_losing_a_worker_node(cluster, seeded):
     names = {n["node_id"]: n["node_name"] for n in cluster.alive_nodes()}
     cluster.submit("mn-experts", "train_experts", "--experts", "0,1", wait=False)
     prefix = "mn/run/checkpoints/expert-1/"
-    deadline = time.time() + 300
-    while not [k for k in _keys(cluster, prefix) if k.endswith("checkpoint.pt")]:
-        assert cluster.status("mn-experts") in ("RUNNING", "PENDING"), cluster.job_log("mn-experts")
-        assert time.time() < deadline, cluster.job_log("mn-experts")
-        time.sleep(0.5)
+    _wait_for_a_checkpoint(cluster, "mn-experts", prefix)
     start = _json(cluster, next(k for k in _keys(cluster, f"{prefix}_starts/")))
     victim = names[start["node_id"]]
     assert victim in ("w1", "w2")
@@ -168,11 +175,7 @@ def test_a_stopped_train_experts_job_resumes_when_submitted_again(cluster, seede
     """`ray job stop` mid-dense, then the same job again: the finished experts are skipped, the
     dense run resumes from its latest checkpoint and ends where it was planned to."""
     cluster.submit("mn-dense-1", "train_experts", "--baselines", "dense", wait=False)
-    deadline = time.time() + 300
-    while not [k for k in _keys(cluster, "mn/run/checkpoints/dense/") if k.endswith("checkpoint.pt")]:
-        assert cluster.status("mn-dense-1") in ("RUNNING", "PENDING"), cluster.job_log("mn-dense-1")
-        assert time.time() < deadline, cluster.job_log("mn-dense-1")
-        time.sleep(0.5)
+    _wait_for_a_checkpoint(cluster, "mn-dense-1", "mn/run/checkpoints/dense/")
     cluster.ray("job", "stop", "mn-dense-1", check=True)
     assert cluster.wait("mn-dense-1") == "STOPPED"
     assert cluster.submit("mn-dense-2", "train_experts", "--baselines", "dense") == "SUCCEEDED", \
