@@ -172,6 +172,7 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
 
 def _starts(uri: str, storage: StorageConfig) -> list[dict]:
     fs, path = filesystem(uri, storage)
+    fs.invalidate_cache(path)   # the workers wrote there through handles of their own
     if not fs.exists(path):
         return []
     return [json.loads(fs.cat_file(p)) for p in sorted(fs.ls(path, detail=False))]
