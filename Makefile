@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export PYTHONUNBUFFERED=1
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-cluster lint bench clean
 
 $(STAMP): requirements.txt requirements-test.txt constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,11 @@ venv: $(STAMP)
 demo: venv  ## the whole pipeline on a generated world, local Ray, CPU, offline
 	$(BIN)/python jobs/demo.py --out $(DEMO_OUT)
 
-test: venv  ## the test suite (about 25 min on 2 cores; `pytest -m "not slow"` for a quicker pass)
-	$(BIN)/python -m pytest tests
+test: venv  ## the test suite (22-26 min on 2 cores; `pytest -m "not slow"` for a quicker pass)
+	$(BIN)/python -m pytest tests -m "not cluster"
+
+test-cluster: venv  ## the pipeline on a 3-node Ray cluster with S3, a lost node, a stopped job (9-12 min)
+	$(BIN)/python -m pytest tests -m cluster
 
 lint: venv
 	$(BIN)/ruff check pipeline jobs tests bench

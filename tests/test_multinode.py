@@ -22,7 +22,8 @@ import pytest
 from tests.raynodes import LocalCluster
 from tests.tiny import TINY
 
-pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+# Not in `make test` (`make test-cluster`): 9-12 min here, which took the suite past 30 min.
+pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.cluster]
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "s3://mode/mn/run"
