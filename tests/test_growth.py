@@ -319,7 +319,10 @@ def test_a_killed_add_experts_reruns_to_the_end_without_duplicates(trained, tiny
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 480
-        while not list(gen.glob(f"checkpoints/{NEW}/*/checkpoint.pt")) and job.poll() is None:
+        # Ray Train's checkpoint manager writes its snapshot once it has registered a checkpoint:
+        # a checkpoint file alone may not be registered yet, and a rerun would start from the seed
+        while not (gen / "checkpoints" / NEW / "checkpoint_manager_snapshot.json").exists() \
+                and job.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint of the new expert in 8 minutes"
             time.sleep(0.5)
     finally:
