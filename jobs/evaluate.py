@@ -27,15 +27,11 @@ def main(argv=None) -> int:
                    help="demo world to take tasks from (default: <run-dir>/../data if present)")
     args = p.parse_args(argv)
     cfg, run = cli.load(args, write_config=False)
-    tasks, retrieval, truth = list(args.tasks), args.retrieval, None
-    demo = args.demo_data or run.uri.rstrip("/").rsplit("/", 1)[0] + "/data"
-    found = evaluation.demo_inputs(demo, cfg.storage) if (args.demo_data or not tasks) else None
-    if found:
-        tasks = tasks or found[0]
-        retrieval, truth = retrieval or found[1], found[2]
-    if not tasks and not retrieval:
+    inputs = evaluation.inputs(run.uri, args.tasks, args.retrieval, args.demo_data, cfg.storage)
+    if inputs is None:
         p.error("nothing to evaluate: pass --tasks URI (or --retrieval URI), or run next to a "
                 "demo world")
+    tasks, retrieval, truth = inputs
     print(cli.start(cfg, run, *tasks, retrieval))
     stages.run_stage("eval", cfg, run, force=args.force, tasks=tasks, retrieval=retrieval,
                      truth=truth)

@@ -396,6 +396,24 @@ def demo_inputs(data_uri: str, storage: StorageConfig) -> tuple[list[str], str, 
     return tasks, join(data_uri, "eval", "retrieval"), join(data_uri, "truth.parquet")
 
 
+def inputs(run_uri: str, tasks: Sequence[str], retrieval: str | None, demo_data: str | None,
+           storage: StorageConfig) -> tuple[list[str], str | None, str | None] | None:
+    """What the eval stage reads: (tasks, retrieval, truth), or None when there is nothing.
+
+    Given tasks and retrieval are kept; a demo world (``demo_data``, else ``<run>/../data``, as
+    `make demo` lays it out) adds its tasks where none are given, its retrieval pairs and its
+    true domains (for the clustering's confusion table)."""
+    tasks, truth = list(tasks), None
+    demo = demo_data or run_uri.rstrip("/").rsplit("/", 1)[0] + "/data"
+    found = demo_inputs(demo, storage) if (demo_data or not tasks) else None
+    if found:
+        tasks = tasks or found[0]
+        retrieval, truth = retrieval or found[1], found[2]
+    if not tasks and not retrieval:
+        return None
+    return tasks, retrieval, truth
+
+
 def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[str], None] = print, *,
         tasks: Sequence[str], retrieval: str | None = None, truth: str | None = None) -> StageOutput:
     """Evaluate the run's experts and baselines; write ``eval/``."""

@@ -108,23 +108,22 @@ def test_kuberay_cluster_matches_cluster_yaml():
 
 
 def test_kuberay_job_runs_jobs_and_flags_that_exist(capsys):
-    import importlib
 
     k8s = kuberay()
     job = k8s["RayJob"]["spec"]
     assert job["clusterSelector"] == {"ray.io/cluster": k8s["RayCluster"]["metadata"]["name"]}
     assert job["submitterPodTemplate"]["spec"]["containers"][0]["image"] == cluster()["docker"]["image"]
-    script = shlex.split(job["entrypoint"])[-1]
-    commands = [shlex.split(c) for c in script.split(";") if "python jobs/" in c]
-    assert [c[1] for c in commands][:3] == ["jobs/ingest.py", "jobs/embed.py", "jobs/cluster.py"]
-    for command in commands:
-        assert (REPO / command[1]).exists(), command[1]
-        module = importlib.import_module(f"jobs.{Path(command[1]).stem}")
-        with pytest.raises(SystemExit):
-            module.main(["--help"])
-        usage = capsys.readouterr().out
-        for flag in (a for a in command[2:] if a.startswith("--")):
-            assert flag in usage, f"{command[1]} has no {flag}"
+    command = shlex.split(job["entrypoint"])
+    assert command[:2] == ["python", "jobs/run_pipeline.py"], command
+    from jobs import run_pipeline
+
+    with pytest.raises(SystemExit):
+        run_pipeline.main(["--help"])
+    usage = capsys.readouterr().out
+    for flag in (a for a in command[2:] if a.startswith("--")):
+        assert flag in usage, f"jobs/run_pipeline.py has no {flag}"
+    # the whole pipeline: nothing stops it early
+    assert "--until" not in command
 
 
 def test_the_cluster_presets_know_the_node_types_cluster_yaml_can_add():

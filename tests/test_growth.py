@@ -47,18 +47,41 @@ def web(tmp_path_factory, name: str, domains: dict[str, float], seed: int, sampl
     return out
 
 
+def add_killed_then_rerun(run_dir: Path, data: Path) -> None:
+    """jobs/add_experts.py in a process of its own (its own local Ray too), SIGKILLed once the
+    new expert has a checkpoint, then the same job again here."""
+    gen = run_dir / "generations" / "arrows"
+    job = subprocess.Popen([sys.executable, "jobs/add_experts.py", "--run-dir", str(run_dir), "--data",
+                            str(data), "--name", "arrows", *GROW],
+                           cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 480
+        # Ray Train's checkpoint manager writes its snapshot once it has registered a checkpoint:
+        # a checkpoint file alone may not be registered yet, and a rerun would start from the seed
+        while not (gen / "checkpoints" / NEW / "checkpoint_manager_snapshot.json").exists() \
+                and job.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint of the new expert in 8 minutes"
+            time.sleep(0.5)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(60)
+    assert not (gen / "checkpoints" / NEW / "_manifest.json").exists(), "killed too late"
+    assert add_job.main(["--run-dir", str(run_dir), "--data", str(data), "--name", "arrows", *GROW]) == 0
+
+
 @pytest.fixture(scope="module")
 def grown(trained, tiny_world, tmp_path_factory):
-    """The trained tiny run, evaluated, then grown by the held-out domain (arrows) and evaluated
-    again; with the digests of its files before the growth."""
+    """The trained tiny run, evaluated, then grown by the held-out domain (arrows): the
+    add_experts job killed mid-training and run again; then evaluated again. With the digests of
+    its files before the growth and the report before it."""
     run_dir = tmp_path_factory.mktemp("grown") / "run"
     copy_run(trained, run_dir)
     tasks = [arg for t in ("shapes", "digits", "arrows") for arg in ("--tasks", str(tiny_world / "eval" / t))]
     assert evaluate_job.main(["--run-dir", str(run_dir), *tasks]) == 0
     before = digests(run_dir)
     report_before = evaluation.load_report(RunDir(str(run_dir), StorageConfig()))
-    assert add_job.main(["--run-dir", str(run_dir), "--data", str(tiny_world / "new_domain"),
-                         "--name", "arrows", *GROW]) == 0
+    add_killed_then_rerun(run_dir, tiny_world / "new_domain")
     assert evaluate_job.main(["--run-dir", str(run_dir), *tasks]) == 0
     return run_dir, before, report_before
 
@@ -307,33 +330,16 @@ def test_add_experts_while_train_experts_runs(seeded, tiny_world, tmp_path):
     assert began < reg["expert-0"]["wall"]["end"] and reg["expert-0"]["wall"]["start"] < reg[NEW]["wall"]["end"]
 
 
-@pytest.mark.slow
-def test_a_killed_add_experts_reruns_to_the_end_without_duplicates(trained, tiny_world, tmp_path):
-    """SIGKILL the job (its own local Ray too) once the new expert has a checkpoint, rerun it:
-    the generation completes, its expert resumes and ends at the planned step, nothing twice."""
-    run = copy_run(trained, tmp_path / "run")
-    gen = tmp_path / "run" / "generations" / "arrows"
-    job = subprocess.Popen([sys.executable, "jobs/add_experts.py", "--run-dir", run.uri, "--data",
-                            str(tiny_world / "new_domain"), "--name", "arrows", *GROW],
-                           cwd=Path(__file__).resolve().parents[1], start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 480
-        # Ray Train's checkpoint manager writes its snapshot once it has registered a checkpoint:
-        # a checkpoint file alone may not be registered yet, and a rerun would start from the seed
-        while not (gen / "checkpoints" / NEW / "checkpoint_manager_snapshot.json").exists() \
-                and job.poll() is None:
-            assert time.monotonic() < deadline, "no checkpoint of the new expert in 8 minutes"
-            time.sleep(0.5)
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait(60)
-    assert not (gen / "checkpoints" / NEW / "_manifest.json").exists(), "killed too late"
-    assert add_job.main(["--run-dir", run.uri, "--data", str(tiny_world / "new_domain"),
-                         "--name", "arrows", *GROW]) == 0
-    entry = registry_of(tmp_path / "run")[NEW]
+def test_a_killed_add_experts_reruns_to_the_end_without_duplicates(grown):
+    """The grown run's add_experts was SIGKILLed with a checkpoint of the new expert (fixture
+    ``grown``): the rerun completed the generation, its expert resumed and ended at the planned
+    step, nothing twice (the other tests of ``grown`` check nothing earlier was rewritten)."""
+    run_dir, _, _ = grown
+    gen = run_dir / "generations" / "arrows"
+    run = RunDir(str(run_dir), StorageConfig())
+    entry = registry_of(run_dir)[NEW]
     assert entry["metrics"]["start_step"] > 12          # resumed past the seed's last step
     assert entry["metrics"]["samples_seen"] == 768 and entry["metrics"]["step"] == 24
     keys = pd.read_parquet(gen / "training_data", columns=["key"]).key
-    novelty = RunDir(run.uri, StorageConfig()).manifest("generations/arrows/novelty")
+    novelty = run.manifest("generations/arrows/novelty")
     assert keys.is_unique and len(keys) == novelty["stats"]["novel"]

@@ -22,7 +22,7 @@ import pytest
 from tests.raynodes import LocalCluster
 from tests.tiny import TINY
 
-# Not in `make test` (`make test-cluster`): 9-12 min here, which took the suite past 30 min.
+# About 8 min here; `make test-cluster` (or `pytest -m cluster`) runs it alone.
 pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.cluster]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,14 +131,12 @@ def _wait_for_a_checkpoint(cluster, job_id: str, prefix: str) -> None:
 
 @pytest.fixture(scope="module")
 def seeded(cluster):
-    """ingest, embed, cluster, assign and the seed, each a job of its own."""
+    """ingest, embed, cluster, assign and the seed: one job (jobs/run_pipeline.py --until seed)."""
     # --verbose: Ray's and the libraries' debug lines too (botocore's used to print the key id)
-    assert cluster.submit("mn-ingest", "ingest", "--data", f"{DATA}/train", "--verbose") == "SUCCEEDED", \
-        cluster.logs["mn-ingest"]
+    assert cluster.submit("mn-seed", "run_pipeline", "--data", f"{DATA}/train", "--until", "seed",
+                          "--verbose") == "SUCCEEDED", cluster.logs["mn-seed"]
     # Inside a job the helper joins the cluster instead of starting a private Ray.
-    assert "joined ray cluster" in cluster.logs["mn-ingest"]
-    for job in ("embed", "cluster", "assign", "train_seed"):
-        assert cluster.submit(f"mn-{job}", job) == "SUCCEEDED", cluster.logs[f"mn-{job}"]
+    assert "joined ray cluster" in cluster.logs["mn-seed"]
     return RUN
 
 

@@ -1,0 +1,69 @@
+"""The whole pipeline in one job: ingest, embed, cluster, assign, the seed, the experts and
+baselines, evaluate (or the parts up to --until).
+
+    python jobs/run_pipeline.py --run-dir s3://bucket/run --data s3://bucket/shards --config laion \\
+        --tasks s3://bucket/eval/imagenet
+    python jobs/run_pipeline.py --run-dir s3://bucket/run --data s3://bucket/shards --until seed
+
+What jobs/ingest.py, embed.py, cluster.py, assign.py, train_seed.py, train_experts.py and
+evaluate.py do one after the other, in one driver: one `ray job submit` for the lot, Ray's
+worker processes started once. Each part is skipped when complete, as its own job would skip
+it, so a stopped or failed job submitted again goes on where it stopped. --tasks and
+--retrieval are evaluate.py's (without them, a run directory next to a demo world is evaluated
+on the demo's tasks). Exits 1 if a training run failed, after the others finish, without
+evaluating.
+"""
+
+import sys
+
+from pipeline import checkpoints, cli, registry, stages
+from pipeline import eval as evaluation
+from pipeline.runs import BASELINES, plan
+
+PARTS = ("ingest", "embed", "cluster", "assign", "seed", "experts", "evaluate")
+STAGE = {"ingest": "ingest", "embed": "embeddings", "cluster": "clusters", "assign": "assignments"}
+
+
+def main(argv=None) -> int:
+    p = cli.parser(__doc__)
+    cli.add_data_flag(p)
+    p.add_argument("--until", choices=PARTS, default=PARTS[-1],
+                   help="the last part to run (default: evaluate)")
+    p.add_argument("--tasks", action="append", default=[], metavar="URI",
+                   help="a clip_benchmark webdataset folder to evaluate on (repeatable)")
+    p.add_argument("--retrieval", metavar="URI", help="held-out pairs (jpg + txt) for retrieval")
+    args = p.parse_args(argv)
+    cfg, run = cli.load(args, write_config=False)
+    data = cli.data_uri(p, args, cfg)
+    parts = PARTS[:PARTS.index(args.until) + 1]
+    inputs = None
+    if "evaluate" in parts:
+        inputs = evaluation.inputs(run.uri, args.tasks, args.retrieval, None, cfg.storage)
+        if inputs is None:
+            p.error("nothing to evaluate: pass --tasks URI (or --retrieval URI), run next to a "
+                    "demo world, or stop earlier with --until experts")
+    print(cli.start(cfg, run, data, *(inputs[0] if inputs else ()), inputs and inputs[1]))
+    for part in parts[:4]:
+        stages.run_stage(STAGE[part], cfg, run, force=args.force,
+                         **({"data": data} if part == "ingest" else {}))
+    if "seed" in parts:
+        stages.run_stage("training_data", cfg, run, force=args.force)
+        checkpoints.train_seed(cfg, run, force=args.force)
+    if "experts" in parts:
+        jobs = plan(cfg.train, checkpoints.num_experts(run), baselines=list(BASELINES))
+        done, failed = checkpoints.launch(cfg, run, jobs, cfg.train.max_concurrent, force=args.force)
+        print(f"finished now: {[e['name'] for e in done]}; failed: {sorted(failed) or 'none'}; "
+              f"registry: {registry.uri(run)}")
+        if failed:
+            return 1
+    if inputs is not None:
+        tasks, retrieval, truth = inputs
+        stages.run_stage("eval", cfg, run, force=args.force, tasks=tasks, retrieval=retrieval,
+                         truth=truth)
+        print()
+        print(evaluation.markdown(evaluation.load_report(run)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
