@@ -32,6 +32,15 @@ def nearest(x: np.ndarray, centroids: np.ndarray, k: int = 1) -> tuple[np.ndarra
     return np.maximum(d, 0.0), i.astype(np.int64)
 
 
+def restart_seed(seed: int, restart: int) -> int:
+    """The seed of restart ``restart`` of a fit seeded ``seed``: ``seed`` itself for the first,
+    then a hash of both, so that the restarts of neighbouring seeds never share a draw (with
+    ``seed + restart``, seed 2's second restart was seed 3's first: docs/clustering.md)."""
+    if restart == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, restart]).generate_state(1)[0] >> 1)
+
+
 def init_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     """k distinct rows of x drawn with a seeded generator (faiss's own default init)."""
     if len(x) < k:
@@ -192,7 +201,7 @@ def weighted_kmeans(x: np.ndarray, weights: np.ndarray, k: int, seed: int, itera
                     restarts: int = 10, balanced: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Small weighted k-means, for the coarse level: x are the fine centres, weights their sizes.
 
-    Each restart starts from k distinct rows drawn with ``seed + restart``; the lowest weighted
+    Each restart starts from k distinct rows drawn with ``restart_seed(seed, restart)``; the lowest weighted
     objective wins. With ``balanced`` every cluster gets len(x)//k or len(x)//k + 1 rows (the
     same number of fine clusters per expert). An empty cluster takes the row farthest from its
     centre. Returns (centroids (k, d) float32, labels (n,) int64, weighted objective).
@@ -205,7 +214,7 @@ def weighted_kmeans(x: np.ndarray, weights: np.ndarray, k: int, seed: int, itera
         raise ValueError("weights must be non-negative with a positive sum")
     best = None
     for r in range(restarts):
-        centroids = init_centroids(x, k, seed + r)
+        centroids = init_centroids(x, k, restart_seed(seed, r))
         for _ in range(iterations):
             labels, dist = assign_block(x, centroids, balanced, 0)
             new = centroids.astype(np.float64).copy()

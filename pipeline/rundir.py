@@ -35,7 +35,7 @@ from pipeline.config import Config, StorageConfig
 from pipeline.storage import filesystem, join, read_json, scheme, write_bytes_atomic, write_json_atomic
 
 FOLDERS = ("ingest", "embeddings", "clusters", "assignments", "training_data", "checkpoints", "eval",
-           "generations")
+           "generations", "experiment")
 GENERATION_FOLDERS = ("ingest", "embeddings", "novelty", "clusters", "assignments", "training_data",
                       "checkpoints")
 MANIFEST = "_manifest.json"

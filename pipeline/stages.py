@@ -44,7 +44,7 @@ TRAIN_KNOBS = ("train.checkpoint_every_steps", "train.keep_checkpoints", "train.
 CLUSTER_FIT_FIELDS = ("cluster.fine_k", "cluster.num_experts", "cluster.balanced",
                       "cluster.capacity_slack", "cluster.iterations", "cluster.sample_per_centre",
                       "cluster.seed", "cluster.restarts", "cluster.fit_block_rows",
-                      "cluster.balanced_coarse")
+                      "cluster.balanced_coarse", "cluster.coarse_restarts")
 ALL_RUNS = "checkpoints/*"
 
 

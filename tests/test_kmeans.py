@@ -139,3 +139,31 @@ def test_weighted_coarse_level_follows_the_weights_and_leaves_no_expert_empty():
     assert np.bincount(labels3, minlength=6).min() >= 1
     _, labels4, _ = kmeans.weighted_kmeans(x[:28], w[:28], 4, seed=0, balanced=True)
     assert np.bincount(labels4).tolist() == [7, 7, 7, 7]
+
+
+def test_the_coarse_level_groups_fine_centres_by_direction_not_length():
+    """Two topics, each with tight (long) and diffuse (short) fine centres: on the raw centres
+    k-means groups long with long and short with short, across topics; the coarse level,
+    on the unit sphere, groups by topic (docs/clustering.md)."""
+    from pipeline.clusters import coarse_level
+
+    rng = np.random.default_rng(0)
+    rows, topic = [], []
+    for t, angle in enumerate((0.0, np.pi / 6)):
+        for length in (0.3, 1.0):
+            for _ in range(8):
+                a = angle + 0.01 * rng.standard_normal()
+                rows.append(length * np.array([np.cos(a), np.sin(a)]))
+                topic.append(t)
+    fine, topic = np.array(rows, np.float32), np.array(topic)
+    sizes = np.full(len(fine), 100)
+    _, raw, _ = kmeans.weighted_kmeans(fine, sizes.astype(float), 2, seed=0)
+    assert len(set(zip(raw, topic, strict=True))) == 4          # raw centres: each group holds both topics
+    _, fine_to_expert, _ = coarse_level(fine, sizes, 2, seed=0)
+    assert len(set(zip(fine_to_expert, topic, strict=True))) == 2
+
+
+def test_restarts_of_neighbouring_seeds_never_share_a_draw():
+    seeds = [kmeans.restart_seed(s, r) for s in range(5) for r in range(10)]
+    assert len(set(seeds)) == len(seeds)
+    assert [kmeans.restart_seed(s, 0) for s in range(5)] == list(range(5))
