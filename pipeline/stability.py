@@ -35,8 +35,8 @@ def purity(assigned: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
         truth: the demo world's ``truth.parquet`` (``key``, ``split``, ``domain``, ``noise``).
     """
     clean = truth.loc[(truth["split"] == "train") & (truth["noise"] == "clean"), ["key", "domain"]]
-    counts = pd.crosstab(assigned.merge(clean, on="key")["expert_id"],
-                         assigned.merge(clean, on="key")["domain"])
+    merged = assigned.merge(clean, on="key")
+    counts = pd.crosstab(merged["expert_id"], merged["domain"])
     return pd.DataFrame({"expert_id": counts.index.astype(int), "clean_pairs": counts.sum(axis=1).to_numpy(),
                          "domain": counts.idxmax(axis=1).to_numpy(),
                          "purity": (counts.max(axis=1) / counts.sum(axis=1)).to_numpy()})
