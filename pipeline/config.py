@@ -31,7 +31,7 @@ class RemovedFieldWarning(UserWarning):
 
 # Fields that existed once: a config that still sets one loads, with a warning, without it.
 REMOVED_FIELDS = {
-    "data.seed": "nothing ever read it; the data-side draws are seeded by train.seed",
+    "data.seed": "nothing ever read it; the data-side draws are seeded by train.data_seed",
 }
 
 
@@ -164,8 +164,11 @@ class TrainConfig:
     warmup_samples: int = 12_000
     # AdamW weight decay, applied to weight matrices only (not gains, biases, logit scale).
     weight_decay: float = 0.1
-    # Seed of the model init and of the data order.
+    # Seed of the model init and of the data order (what jobs/experiment.py varies).
     seed: int = 0
+    # Seed of the data-side draws: the random split's parts and each expert's out-of-cluster
+    # share. Apart from train.seed so that runs of several training seeds share one split.
+    data_seed: int = 0
     # amp: float16 autocast + GradScaler; amp_bf16: bfloat16 autocast. Both on CUDA only: CPU
     # workers always train in fp32.
     precision: Literal["amp", "amp_bf16", "fp32"] = "amp"

@@ -39,7 +39,7 @@ from pipeline.tables import count_rows, read_by_expert
 
 STAGE = "training_data"
 COLUMNS = ["key", "caption", "image", "fine_id", "random_id"]
-# Seeds of the two hash draws, offset from train.seed so they never coincide with the sample.
+# Seeds of the two hash draws (train.data_seed), offset so that they never coincide.
 _RANDOM_SPLIT_SALT = 7_919
 _OOC_SALT = 104_729
 
@@ -102,7 +102,7 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
                                                    key_prefix=prefix))
     labels = assignments.read(run).select_columns(["key", "fine_id", "expert_id"])
     counter = Tally()
-    ratio, seed = cfg.train.ooc_ratio, cfg.train.seed
+    ratio, seed = cfg.train.ooc_ratio, cfg.train.data_seed
     samples.select_columns(["key", "caption", "image"]) \
         .join(labels, join_type="inner", num_partitions=parts, on=("key",)) \
         .map_batches(_label, batch_format="pandas", fn_kwargs={
