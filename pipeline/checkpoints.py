@@ -64,12 +64,14 @@ def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
     run = RunDir(run_uri, cfg.storage)
     started, wall0 = now(), time.time()
     experts = len(upstream["training_data"]["stats"]["rows_per_expert"])
-    ooc = cfg.train.ooc_ratio if job.kind == "expert" else 0.0
+    # Only an expert draws with the data seed (its out-of-cluster share); the random split's
+    # parts were drawn by training_data.
+    ooc, draw = (cfg.train.ooc_ratio, cfg.train.data_seed) if job.kind == "expert" else (0.0, 0)
     if samples is None:     # a manifest without this count: two small columns are enough
-        samples = training_data.rows_for(run, job, experts, ooc, cfg.train.seed, cpus=cfg.train.data_cpus,
+        samples = training_data.rows_for(run, job, experts, ooc, draw, cpus=cfg.train.data_cpus,
                                          columns=["key", "random_id"]).count()
     init = upstream["checkpoints/seed"]["stats"]["entry"]["checkpoint"] if job.kind != "seed" else None
-    rows = training_data.rows_for(run, job, experts, ooc, cfg.train.seed, cpus=cfg.train.data_cpus)
+    rows = training_data.rows_for(run, job, experts, ooc, draw, cpus=cfg.train.data_cpus)
     result = train.train(job.name, rows,
                          cfg.train, run.stage_uri(job.folder), job.end_samples,
                          schedule_total=job.schedule_total, threads=threads,
@@ -91,6 +93,9 @@ def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
                     "steps_run": result.steps_run, "start_step": result.start_step,
                     "final_loss": losses[-1] if losses else None,
                     "first_loss": losses[0] if losses else None},
+        # The run's log lines (pipeline.train.TrainResult.history), at most HISTORY_POINTS of
+        # them: pipeline.curves draws them (every line is in TensorBoard's event files).
+        "history": thin(result.history, HISTORY_POINTS),
         # Worker-group restarts within this attempt (a lost node; train.max_failures) and where
         # each start ran: node id, the step it started from, where `pipeline` was imported.
         "restarts": result.restarts, "starts": list(result.starts),
@@ -102,6 +107,18 @@ def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
                  "gpu_seconds": round(t.num_workers * (1 if t.use_gpu else 0) * wall, 1),
                  "samples": result.samples_seen - result.start_samples},
     }
+
+
+HISTORY_POINTS = 500
+
+
+def thin(lines: list[dict], most: int) -> list[dict]:
+    """At most ``most`` of ``lines``, evenly spaced, the last always kept (a long run logs
+    thousands of lines; a registry entry needs a curve, not every line)."""
+    if len(lines) <= most:
+        return list(lines)
+    keep = {round(i * (len(lines) - 1) / (most - 1)) for i in range(most)}
+    return [line for i, line in enumerate(lines) if i in keep]
 
 
 @ray.remote(num_cpus=0)
@@ -225,9 +242,9 @@ def launch(cfg: Config, run: RunDir, jobs: Sequence[Job], max_concurrent: int, *
                 started = sr.begin()
                 registry.drop(run, job.name)
                 _fresh_start(run, job, sr.config_hash, force, log)
-                ooc = sr.cfg.train.ooc_ratio if job.kind == "expert" else 0.0
-                samples = training_data.run_rows(sr.upstream["training_data"], job, ooc,
-                                                 sr.cfg.train.seed)
+                ooc, draw = ((sr.cfg.train.ooc_ratio, sr.cfg.train.data_seed)
+                             if job.kind == "expert" else (0.0, 0))
+                samples = training_data.run_rows(sr.upstream["training_data"], job, ooc, draw)
                 # Launcher task and Ray Train controller on the driver's node (the head), not
                 # on a worker node that may be lost (README, "Losing nodes").
                 ref = _train_remote.options(scheduling_strategy=console.on_this_node()).remote(

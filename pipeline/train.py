@@ -143,6 +143,8 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
     # Each start of the worker group leaves a file here (train_loop._record_start).
     starts_uri = f"{storage_path.rstrip('/')}/{name}/{STARTS}/{uuid.uuid4().hex[:12]}"
     loop_config["starts_uri"] = starts_uri
+    # Training curves, beside the checkpoints (train_loop's docstring says why there).
+    loop_config["tensorboard_uri"] = f"{storage_path.rstrip('/')}/{name}/tensorboard"
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=loop_config,

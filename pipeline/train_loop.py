@@ -6,6 +6,13 @@ of CPU in a fresh process; keeping them out of ``pipeline.train`` keeps them out
 processes that only unpickle a run's functions: Ray Train's controller, Ray Data's split
 coordinator and dataset manager, the launcher's tasks (measured: README, "Demo timings").
 The loop itself, its data and its checkpoints are described in ``pipeline.train``.
+
+Rank 0 also writes the run's log lines as TensorBoard scalars (``train/loss``, ``train/lr``,
+``train/samples_per_s``, ``train/data_wait``, against samples seen). They go to
+the run's checkpoint folder (``<storage_path>/<name>/tensorboard/``), in the same storage, so
+that one ``tensorboard --logdir <run dir>/checkpoints`` shows every run of a local or a cluster
+run (S3 included) with no other place to configure or collect. Each worker group writes a file
+of its own there (``Events``); TensorBoard merges the files of a folder.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import ray.train
@@ -23,6 +31,9 @@ import ray.train.torch
 import torch
 from open_clip.loss import ClipLoss
 from ray.train import Checkpoint
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.summary import scalar
 
 from pipeline import console
 from pipeline.checkpoint_io import CHECKPOINT_FILE, LOG_FILE, read_checkpoint, step_dir_name
@@ -111,10 +122,50 @@ def _record_start(uri: str, storage: dict[str, Any], step: int) -> None:
                    "pipeline": os.path.dirname(console.__file__)}, f)
 
 
+class Events:
+    """Rank 0's TensorBoard scalars: each log line's values against its samples seen.
+
+    Written to a local temporary file (S3 cannot append) and copied to ``uri`` after each
+    checkpoint, and only then: a worker group that fails later leaves no events past the step
+    its successor resumes from, which TensorBoard would draw twice. The run's last step always
+    saves, so the last copy holds every line. tensorboardX's synchronous writer, not its
+    ``SummaryWriter``: that one's ``flush`` does not wait for the events still queued for its
+    writer thread, so a copy taken after it could miss the last lines or end mid-record.
+    """
+
+    SCALARS = ("loss", "lr", "samples_per_s", "data_wait")
+
+    def __init__(self, uri: str, storage: dict[str, Any]) -> None:
+        self.uri, self.storage = uri, storage
+        # An object, not mkdtemp: a failed worker's folder goes when the object does.
+        self.tmp = tempfile.TemporaryDirectory(prefix="tensorboard-")
+        # The file is named by the second and the host; the suffix keeps a worker group
+        # restarted within that second on the same node from overwriting its predecessor's.
+        self.writer = EventsWriter(os.path.join(self.tmp.name, "events"),
+                                   filename_suffix=f".{uuid.uuid4().hex[:8]}")
+
+    def add(self, line: dict[str, Any]) -> None:
+        for key in self.SCALARS:
+            self.writer.write_event(Event(summary=scalar(f"train/{key}", line[key]),
+                                          step=line["samples_seen"], wall_time=time.time()))
+
+    def upload(self) -> None:
+        self.writer.flush()
+        fs, path = filesystem(self.uri, StorageConfig(**self.storage))
+        fs.makedirs(path, exist_ok=True)
+        for f in os.listdir(self.tmp.name):
+            fs.put_file(os.path.join(self.tmp.name, f), f"{path}/{f}")
+
+    def close(self) -> None:
+        self.writer.close()
+        self.tmp.cleanup()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker function. ``config`` (built by ``pipeline.train.train``): ``name``,
     ``train`` (the TrainConfig, or a stage's view of it), ``end_samples``, ``schedule_total``,
-    ``threads``, ``init_checkpoint``, ``storage``, ``crash_at_step``.
+    ``threads``, ``init_checkpoint``, ``storage``, ``crash_at_step``, and optionally ``starts_uri``
+    and ``tensorboard_uri`` (rank 0 writes there, ``_record_start`` and ``Events``).
 
     Returns (rank 0; becomes ``Result.return_value``) what this attempt did: its start step and
     samples, the steps it ran and the run's log lines.
@@ -174,6 +225,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     beat = console.Heartbeat(name) if rank == 0 else (lambda _step: None)
     if rank == 0 and config.get("starts_uri"):
         _record_start(config["starts_uri"], config["storage"], step)
+    events = Events(config["tensorboard_uri"], config["storage"]) \
+        if rank == 0 and config.get("tensorboard_uri") else None
 
     def save() -> None:
         metrics = {"step": step, "samples_seen": samples_seen,
@@ -187,6 +240,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     json.dump(history, f)
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=step_dir_name(step))
+        if events is not None:
+            events.upload()
 
     if checkpoint is not None:
         origin = "resumed from its latest checkpoint"
@@ -243,6 +298,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                         "loss": float(loss_sum.item() / loss_steps), "lr": lr,
                         "samples_per_s": rate, "data_wait": data_wait / elapsed}
                 history.append(line)
+                if events is not None:
+                    events.add(line)
                 eta = max(0, end_samples - samples_seen) / rate if rate > 0 else float("inf")
                 say(f"step {step} samples {samples_seen:,}/{end_samples:,} (epoch {epoch}) "
                     f"loss {line['loss']:.4f} lr {lr:.3g} {rate:,.0f} samples/s "
@@ -265,6 +322,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             cache = {k: torch.cat([b[k] for b in kept]) for k in ("image", "text")}
             say(f"cached {len(cache['text']):,} rows of model inputs in memory for later epochs")
         epoch += 1
+    if events is not None:
+        events.close()
     return {"start_step": start_step, "start_samples": start_samples,
             "steps_run": step - start_step, "history": history,
             "cached_rows": len(cache["text"]) if cache is not None else 0}

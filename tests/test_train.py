@@ -213,6 +213,51 @@ def test_expert_continues_the_seed(runs):
     assert not torch.equal(expert["model"]["visual.proj"], seed["model"]["visual.proj"])
 
 
+def _scalars(fs, folder: str, tmp_path) -> tuple[int, dict[str, list[tuple[int, float]]]]:
+    """How many event files a run's ``tensorboard/`` folder holds, and their scalars by tag as
+    (step, value), read back by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fs.invalidate_cache(folder)   # the worker wrote there through a handle of its own
+    files = fs.ls(folder, detail=False)
+    for f in files:
+        fs.get_file(f, str(tmp_path / f.rsplit("/", 1)[1]))
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0}).Reload()
+    return len(files), {tag: sorted((e.step, e.value) for e in acc.Scalars(tag))
+                        for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("name", ["resumed", "expert"])
+def test_tensorboard_events_are_the_history(runs, name, tmp_path):
+    """Each worker group leaves an event file beside the checkpoints (locally and on S3); merged,
+    they hold every log line once: the seed's failed group copied only the lines up to its
+    step-40 checkpoint, so the lines 45 and 50 it logged before failing are not drawn twice."""
+    run, result = (runs["run"], runs["resumed"]) if name == "resumed" else (runs["run_s3"], runs["expert"])
+    files, scalars = _scalars(run.fs, run.stage_path("checkpoints", result.name, "tensorboard"),
+                              tmp_path)
+    assert files == len(result.starts) == (2 if name == "resumed" else 1)
+    keys = ("loss", "lr", "samples_per_s", "data_wait")
+    assert set(scalars) == {f"train/{k}" for k in keys}
+    for key in keys:
+        steps, values = zip(*scalars[f"train/{key}"], strict=True)
+        assert list(steps) == [line["samples_seen"] for line in result.history], key
+        assert list(values) == pytest.approx([line[key] for line in result.history], rel=1e-6), key
+
+
+def test_curves_plot_every_run_with_a_history(runs):
+    from pipeline.curves import plot
+
+    seed = {"kind": "seed", "history": runs["resumed"].history}
+    expert = {"kind": "expert", "expert_id": 0, "history": runs["expert"].history}
+    png = plot({"seed": seed, "expert-0": expert})
+    assert png.startswith(b"\x89PNG")
+    # a run without a history adds nothing; one with a history changes the figure
+    assert plot({"seed": seed, "expert-0": expert, "dense": {"kind": "dense"}}) == png
+    assert plot({"seed": seed}) != png
+    with pytest.raises(ValueError, match="no run has a training history"):
+        plot({"dense": {"kind": "dense", "history": []}})
+
+
 # ----------------------------------------------------------------------------- start-up cost
 def _python(code: str, **env: str) -> str:
     import os
