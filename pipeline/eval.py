@@ -7,13 +7,18 @@ Writes ``eval/`` in the run directory::
     eval/accuracy.png       per-task accuracy bars of every method
     eval/routing.png        routing weights per task and routed method (heat maps)
     eval/sizes.png          fine-cluster and expert sizes (from the assignments manifest)
+    eval/curves.png         every run's training loss against samples seen (pipeline/curves.py)
 
 Zero-shot tasks are clip_benchmark-format webdataset folders (``classnames.txt``,
 ``zeroshot_classification_templates.txt``, ``test/*.tar`` with an image and a ``.cls`` per
-sample), local or ``s3://``. Methods, for every task (docs/routing.md):
+sample), local or ``s3://``; a task may also hold a ``val/`` split (other images, same classes).
+Methods, for every task (docs/routing.md):
 
 - ``METHODS``: the experts mixed by routing weights, each method a label and the
   ``routing_weights`` parameters it uses (the same data labels the row and computes it);
+- ``routed (validated)``: the point of ``ROUTING_GRID`` (temperature, top-k) with the best mean
+  accuracy over the tasks' ``val/`` splits, applied to their test splits; chosen without reading
+  a test label (``choose_routing``), and absent when no task has a ``val/`` split;
 - ``expert-e``: each data expert alone; ``oracle``: the best single expert on this task;
 - ``random-split``: the random-partition experts averaged (ensembling without clustering);
 - ``dense``: the seed continued on all data for the same training cost; ``seed``.
@@ -36,7 +41,7 @@ import ray
 import torch
 from PIL import Image
 
-from pipeline import assignments
+from pipeline import assignments, curves
 from pipeline.config import ConfigView, StorageConfig
 from pipeline.ensemble import MoDEEnsemble, routing_weights
 from pipeline.rundir import RunDir, StageOutput
@@ -56,6 +61,15 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_METHOD = "routed (T=8)"
 RANDOM_SPLIT = "random-split"
+# The routing knobs the report tunes, on validation only (docs/routing.md, "Choosing on
+# validation"). The authors' T=8 comes first: a tie keeps it.
+ROUTING_GRID: dict[str, dict[str, Any]] = {
+    "T=8": {"temperature": 8.0},
+    **{f"T={t:g}": {"temperature": t} for t in (0.25, 0.5, 1.0, 2.0, 4.0, 16.0)},
+    **{f"top-{k}": {"temperature": 8.0, "mode": "top_k", "k": k} for k in (1, 2)},
+}
+VALIDATED = "routed (validated)"
+VAL_SPLIT = "val"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +91,15 @@ def _lines(fs, path: str) -> list[str]:
     return [line.strip() for line in fs.cat_file(path).decode().splitlines() if line.strip()]
 
 
-def _rows(uri: str, storage: StorageConfig) -> list[dict[str, Any]]:
-    """Every sample of a webdataset folder's ``test/`` tars (Ray Data's webdataset reader)."""
+def _rows(uri: str, storage: StorageConfig, split: str = "test") -> list[dict[str, Any]]:
+    """Every sample of a webdataset folder's ``<split>/`` tars (Ray Data's webdataset reader)."""
     fs, path = filesystem(uri, storage)
-    test = join(path, "test")
-    if not fs.exists(test):
-        raise FileNotFoundError(f"{uri}: no test/ folder of .tar shards (clip_benchmark's layout)")
-    tars = sorted(p for p in fs.ls(test, detail=False) if p.endswith(".tar"))
+    folder = join(path, split)
+    if not fs.exists(folder):
+        raise FileNotFoundError(f"{uri}: no {split}/ folder of .tar shards (clip_benchmark's layout)")
+    tars = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".tar"))
     if not tars:
-        raise FileNotFoundError(f"{uri}/test has no .tar shards")
+        raise FileNotFoundError(f"{uri}/{split} has no .tar shards")
     ds = ray.data.read_webdataset(tars, filesystem=pyarrow_filesystem(fs), decoder=None)
     return ds.take_all()
 
@@ -97,15 +111,20 @@ def _image(row: dict[str, Any], uri: str) -> Image.Image:
     raise ValueError(f"{uri}: sample {row.get('__key__')!r} has no image ({'/'.join(IMAGE_EXTS)})")
 
 
-def read_task(uri: str, storage: StorageConfig) -> Task:
-    """A zero-shot classification task in clip_benchmark's webdataset layout."""
+def has_split(uri: str, storage: StorageConfig, split: str) -> bool:
+    fs, path = filesystem(uri, storage)
+    return fs.exists(join(path, split))
+
+
+def read_task(uri: str, storage: StorageConfig, split: str = "test") -> Task:
+    """A zero-shot classification task in clip_benchmark's webdataset layout (its ``split``)."""
     fs, path = filesystem(uri, storage)
     for f in ("classnames.txt", "zeroshot_classification_templates.txt"):
         if not fs.exists(join(path, f)):
             raise FileNotFoundError(f"{uri}: no {f} (clip_benchmark's webdataset layout)")
     classnames = _lines(fs, join(path, "classnames.txt"))
     templates = _lines(fs, join(path, "zeroshot_classification_templates.txt"))
-    rows = sorted(_rows(uri, storage), key=lambda r: r["__key__"])
+    rows = sorted(_rows(uri, storage, split), key=lambda r: r["__key__"])
     labels = np.array([int(bytes(r["cls"]).decode().strip()) for r in rows])
     if len(labels) and (labels.min() < 0 or labels.max() >= len(classnames)):
         raise ValueError(f"{uri}: class indices must be in 0..{len(classnames) - 1}")
@@ -138,14 +157,44 @@ def _run_names(ens: MoDEEnsemble) -> dict[str, list[str]]:
             "baselines": [n for n in ("dense", "seed") if n in names]}
 
 
-def zero_shot_task(ens: MoDEEnsemble, task: Task) -> dict[str, Any]:
-    """Accuracy of every method on one task, and the routing weights each routed method used."""
+def _expert_logits(ens: MoDEEnsemble, task: Task) -> list[np.ndarray]:
+    return [ens.logits(run_name("expert", e), task.images, task.classnames, task.templates)
+            for e in range(ens.num_experts)]
+
+
+def _mixed(ens: MoDEEnsemble, task: Task, experts: list[np.ndarray],
+           params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(weights, mixed logits) of one routing choice."""
+    w = ens.weights(task.classnames, task.templates, **params)
+    return w, sum(w[e] * experts[e] for e in range(len(experts)))
+
+
+def grid_accuracy(ens: MoDEEnsemble, validation: Task) -> dict[str, float]:
+    """Accuracy of every ``ROUTING_GRID`` point on a task's validation split."""
+    experts = _expert_logits(ens, validation)
+    return {label: accuracy(_mixed(ens, validation, experts, params)[1], validation.labels)
+            for label, params in ROUTING_GRID.items()}
+
+
+def choose_routing(validation: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The grid point with the best mean validation accuracy over tasks (the first on a tie),
+    from ``{task: grid_accuracy(...)}``: validation numbers are all it is given."""
+    mean = {label: float(np.mean([v[label] for v in validation.values()])) for label in ROUTING_GRID}
+    best = max(mean, key=lambda label: mean[label])     # max keeps the first of equals
+    return {"chosen": best, "params": ROUTING_GRID[best], "mean": mean, "tasks": validation}
+
+
+def zero_shot_task(ens: MoDEEnsemble, task: Task, validated: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Accuracy of every method on one task, and the routing weights each routed method used;
+    ``validated``: the routing parameters chosen on validation (``choose_routing``)."""
     m = ens.num_experts
-    experts = [ens.logits(run_name("expert", e), task.images, task.classnames, task.templates)
-               for e in range(m)]
+    experts = _expert_logits(ens, task)
     acc = {run_name("expert", e): accuracy(lg, task.labels) for e, lg in enumerate(experts)}
     acc["oracle"] = max(acc[run_name("expert", e)] for e in range(m))
     weights = {}
+    if validated is not None:
+        w, mixed = _mixed(ens, task, experts, validated)
+        acc[VALIDATED], weights[VALIDATED] = accuracy(mixed, task.labels), w.tolist()
     for label, params in METHODS.items():
         w = ens.weights(task.classnames, task.templates, **params)
         acc[label] = accuracy(sum(w[e] * experts[e] for e in range(m)), task.labels)
@@ -182,8 +231,10 @@ def _similarities(ens: MoDEEnsemble, name: str, pairs: Pairs) -> np.ndarray:
     return (image @ text.T).float().cpu().numpy()
 
 
-def _retrieval(ens: MoDEEnsemble, pairs: Pairs) -> dict[str, dict[str, float]]:
-    """Recall@1/5 both ways for every method; routed as the paper does (see module doc)."""
+def _retrieval(ens: MoDEEnsemble, pairs: Pairs,
+               validated: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """Recall@1/5 both ways for every method (and the routing chosen on the zero-shot tasks'
+    validation splits, ``validated``); routed as the paper does (see module doc)."""
     m = ens.num_experts
     sims = {run_name("expert", e): _similarities(ens, run_name("expert", e), pairs) for e in range(m)}
     experts = np.stack(list(sims.values()))                                   # (m, images, captions)
@@ -199,7 +250,8 @@ def _retrieval(ens: MoDEEnsemble, pairs: Pairs) -> dict[str, dict[str, float]]:
 
     for name, s in sims.items():
         score(name, s, s.T)
-    for label, params in METHODS.items():
+    routed = {**METHODS, **({VALIDATED: validated} if validated is not None else {})}
+    for label, params in routed.items():
         corpus = routing_weights(caption_emb, **route, **params)
         per_query = np.stack([routing_weights(caption_emb[i:i + 1], **route, **params)
                               for i in range(len(caption_emb))])              # (captions, m)
@@ -229,7 +281,8 @@ def confusion(run: RunDir, truth_uri: str, storage: StorageConfig) -> pd.DataFra
 
 # ----------------------------------------------------------------------------- report
 def method_order(m: int, columns: Sequence[str]) -> list[str]:
-    first = [*METHODS, "oracle", RANDOM_SPLIT, "dense", "seed"]
+    first = [DEFAULT_METHOD, VALIDATED, *METHODS, "oracle", RANDOM_SPLIT, "dense", "seed"]
+    first = list(dict.fromkeys(first))
     experts = [run_name("expert", e) for e in range(m)]
     return [c for c in first if c in columns] + [e for e in experts if e in columns]
 
@@ -254,7 +307,8 @@ def _markdown(df: pd.DataFrame, digits: int = 1) -> str:
 def markdown(report: dict[str, Any]) -> str:
     out = [f"# MoDE evaluation: {report['run']}", "",
            f"{report['num_experts']} experts; zero-shot accuracy (%) per task, mean over tasks. "
-           f"`{DEFAULT_METHOD}` is the authors' routing; `oracle` the best single expert per task; "
+           f"`{DEFAULT_METHOD}` is the authors' routing; `{VALIDATED}` the routing chosen on the "
+           "tasks' validation splits (below); `oracle` the best single expert per task; "
            f"`{RANDOM_SPLIT}` the random-split experts averaged; `dense` the same training cost "
            "on all data.", "",
            _markdown(summary_table(report).rename_axis("method")), ""]
@@ -262,6 +316,8 @@ def markdown(report: dict[str, Any]) -> str:
         w = pd.DataFrame({t: r["weights"][DEFAULT_METHOD] for t, r in report["zero_shot"].items()}).T
         w.columns = [run_name("expert", e) for e in w.columns]
         out += [f"## Routing weights, {DEFAULT_METHOD}", "", _markdown(w.rename_axis("task"), digits=3), ""]
+    if report.get("routing_selection"):
+        out += [selection_section(report["routing_selection"]), ""]
     if report.get("generations"):
         out += [growth_section(report), ""]
     if report.get("retrieval"):
@@ -282,6 +338,18 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 GROWTH_METHODS = (DEFAULT_METHOD, "routed (T=1)")
+
+
+def selection_section(selection: dict[str, Any]) -> str:
+    """The validation accuracy of every grid point per task, and the one chosen."""
+    v = pd.DataFrame(selection["tasks"]).T[list(ROUTING_GRID)]
+    v.loc["mean"] = v.mean()
+    return "\n".join([
+        "## Routing chosen on validation", "",
+        f"Validation accuracy (%) of each routing choice (`ROUTING_GRID`); chosen: "
+        f"**{selection['chosen']}** (`{VALIDATED}` above, applied to the test splits). No test "
+        "label is read to choose it.", "",
+        _markdown((100 * v).round(1).rename_axis("task"))])
 
 
 def cost_table(runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
@@ -414,6 +482,24 @@ def inputs(run_uri: str, tasks: Sequence[str], retrieval: str | None, demo_data:
     return tasks, retrieval, truth
 
 
+def select_on_validation(ens: MoDEEnsemble, tasks: Sequence[str], storage: StorageConfig,
+                         log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """``choose_routing`` over the ``val/`` splits of ``tasks`` (None when none has one); reads
+    no test split. ``images``: the validation images it scored."""
+    scores, images = {}, 0
+    for uri in tasks:
+        if has_split(uri, storage, VAL_SPLIT):
+            val = read_task(uri, storage, VAL_SPLIT)
+            scores[val.name] = grid_accuracy(ens, val)
+            images += len(val.labels)
+    if not scores:
+        return None
+    selection = choose_routing(scores)
+    log(f"[eval] routing chosen on the validation splits of {len(scores)} task(s): "
+        f"{selection['chosen']} ({selection['mean'][selection['chosen']]:.1%} mean validation accuracy)")
+    return {**selection, "images": images}
+
+
 def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[str], None] = print, *,
         tasks: Sequence[str], retrieval: str | None = None, truth: str | None = None) -> StageOutput:
     """Evaluate the run's experts and baselines; write ``eval/``."""
@@ -423,9 +509,14 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[s
                               "experts_before_last_generation": ens.levels[-2][1] if ens.generations else None,
                               "runs": sorted(ens.registry), "methods": METHODS, "zero_shot": {}}
     images = 0
+    selection = select_on_validation(ens, tasks, cfg.storage, log)
+    if selection is not None:
+        report["routing_selection"] = selection
+        images += selection.pop("images")
+    validated = selection["params"] if selection else None
     for uri in tasks:
         task = read_task(uri, cfg.storage)
-        result = report["zero_shot"][task.name] = zero_shot_task(ens, task)
+        result = report["zero_shot"][task.name] = zero_shot_task(ens, task, validated)
         images += len(task.labels)
         acc = result["accuracy"]
         log(f"[eval] {task.name}: {len(task.labels)} images, {len(task.classnames)} classes; "
@@ -435,7 +526,7 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[s
         report["retrieval_pairs"] = len(pairs.captions)
         images += len(pairs.captions)
         log(f"[eval] retrieval: {len(pairs.captions)} pairs")
-        report["retrieval"] = _retrieval(ens, pairs)
+        report["retrieval"] = _retrieval(ens, pairs, validated)
     report["cost"] = cost_table(ens.registry).to_dict(orient="index")
     if truth:
         report["confusion"] = {str(k): {str(e): int(v) for e, v in col.items()}
@@ -447,6 +538,8 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[s
     if report["zero_shot"]:
         write_bytes_atomic(fs, run.stage_path(STAGE, "accuracy.png"), plot_accuracy(report))
         write_bytes_atomic(fs, run.stage_path(STAGE, "routing.png"), plot_routing(report))
+    if any(e.get("history") for e in ens.registry.values()):    # runs trained before curves: none
+        write_bytes_atomic(fs, run.stage_path(STAGE, "curves.png"), curves.plot(ens.registry))
     stats = upstream["assignments"]["stats"]      # the original clustering's sizes
     ids = sorted(int(e) for e in stats["rows_per_expert"])
     per_expert = np.array([stats["rows_per_expert"][str(e)] for e in ids])

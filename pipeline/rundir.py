@@ -14,6 +14,9 @@ Layout (README, "Run directory"; local path or ``s3://bucket/prefix``)::
     generations/<name>/       data added later and the experts trained on it
                               (jobs/add_experts.py, docs/growth.md): the same folders again
     generations/_levels/      the ids each generation's experts took (pipeline/levels.py)
+    experiment/               jobs/experiment.py's tables and plots, and one replica per
+                              training seed (experiment/seed-<s>/: its own config.yaml,
+                              checkpoints/, registry/ and eval/; the data stages are the run's)
 
 A unit of work (a stage, or one training run ``checkpoints/<run>``) writes its
 ``_manifest.json`` last, atomically: a unit without one is incomplete. The stage graph and the
@@ -39,6 +42,11 @@ FOLDERS = ("ingest", "embeddings", "clusters", "assignments", "training_data", "
 GENERATION_FOLDERS = ("ingest", "embeddings", "novelty", "clusters", "assignments", "training_data",
                       "checkpoints")
 MANIFEST = "_manifest.json"
+# A replica (jobs/experiment.py) trains its own runs on the data stages of its run directory:
+# these folders resolve there. Its marker file names that directory.
+SHARED_FOLDERS = ("ingest", "embeddings", "clusters", "assignments", "training_data")
+REPLICA_FOLDERS = (*SHARED_FOLDERS, "checkpoints", "eval")
+REPLICA = "_replica.json"
 
 
 def check_generation_name(name: str) -> None:
@@ -98,6 +106,22 @@ class RunDir:
         self.storage = storage
         self.generation_name = generation
         self.root = self        # a generation's: the run directory it belongs to
+        # a replica's: the run directory whose data stages it reads (None for any other)
+        self.shared: RunDir | None = None
+        marker = join(self.path, REPLICA)
+        if generation is None and self.fs.exists(marker):
+            self.shared = RunDir(read_json(self.fs, marker)["root"], storage)
+
+    def replica(self, name: str) -> RunDir:
+        """The replica ``experiment/<name>/`` of this run directory (made on first use): a run
+        directory of its own for training runs and their evaluation, whose data stages
+        (``SHARED_FOLDERS``) are this one's. Runs of other training seeds live there."""
+        check_generation_name(name)
+        uri = f"{self.uri}/experiment/{name}"
+        marker = join(self.path, "experiment", name, REPLICA)
+        if not self.fs.exists(marker):
+            write_json_atomic(self.fs, marker, {"root": self.uri})
+        return RunDir(uri, self.storage)
 
     def generation(self, name: str) -> RunDir:
         """The run directory of generation ``name`` (``generations/<name>/``): the stage code
@@ -123,9 +147,12 @@ class RunDir:
         """Path inside the filesystem (no scheme), for ``self.fs``. ``unit`` is a folder of the
         layout (``"assignments"``) or below one (``"checkpoints/expert-0"``)."""
         folder = unit.split("/", 1)[0]
-        allowed = GENERATION_FOLDERS if self.generation_name else FOLDERS
+        allowed = GENERATION_FOLDERS if self.generation_name else (
+            REPLICA_FOLDERS if self.shared else FOLDERS)
         if folder not in allowed:
             raise ValueError(f"unknown stage folder {folder!r}; folders: {list(allowed)}")
+        if self.shared is not None and folder in SHARED_FOLDERS:
+            return self.shared.stage_path(unit, *parts)
         return join(self.path, unit, *parts)
 
     def stage_uri(self, unit: str, *parts: str) -> str:

@@ -52,7 +52,9 @@ import yaml
 from tests.raynodes import LocalCluster, free_ports, processes_naming
 from tests.tiny import copy_run, registry_of
 
-pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+# Not in `make test` (`make test-cluster`, 3-4 min alone): with the 3-node pipeline test in it,
+# this one would take the suite past 30 min on 2 cores.
+pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.cluster]
 
 REPO = Path(__file__).resolve().parents[1]
 IDLE_MINUTES = 0.1           # the autoscaler releases a node idle this long

@@ -196,7 +196,7 @@ def test_evaluate_writes_the_report_with_every_row(trained, tiny_world, tmp_path
     out = tmp_path / "run" / "eval"
     report = json.loads((out / "report.json").read_text())
     methods = {*(f"expert-{e}" for e in range(EXPERTS)), "oracle", "uniform", "routed (T=8)", "routed (T=1)",
-               "routed top-1", "random-split", "dense", "seed"}
+               "routed top-1", "random-split", "dense", "seed", "routed (validated)"}
     assert set(METHODS) == {"uniform", "routed (T=8)", "routed (T=1)", "routed top-1"}
     for task, n_classes in (("shapes", 8), ("digits", 10)):
         r = report["zero_shot"][task]
@@ -204,7 +204,7 @@ def test_evaluate_writes_the_report_with_every_row(trained, tiny_world, tmp_path
         assert r["images"] == 2 * n_classes          # tiny world: 2 images per class
         assert all(0 <= a <= 1 for a in r["accuracy"].values())
         assert r["accuracy"]["oracle"] == max(r["accuracy"][f"expert-{e}"] for e in range(EXPERTS))
-        assert set(r["weights"]) == {"routed (T=8)", "routed (T=1)", "routed top-1"}
+        assert set(r["weights"]) == {"routed (T=8)", "routed (T=1)", "routed top-1", "routed (validated)"}
         for w in r["weights"].values():
             assert len(w) == EXPERTS and abs(sum(w) - 1) < 1e-9
         assert max(r["weights"]["routed (T=1)"]) >= max(r["weights"]["routed (T=8)"])  # sharper
@@ -226,18 +226,76 @@ def test_evaluate_writes_the_report_with_every_row(trained, tiny_world, tmp_path
     assert confusion.to_numpy().sum() == len(pd.read_parquet(tmp_path / "run" / "assignments"))
     md = (out / "report.md").read_text()
     assert "| routed (T=8) |" in md and "| dense |" in md and "Retrieval" in md
-    for png in ("accuracy.png", "routing.png", "sizes.png"):
+    for png in ("accuracy.png", "routing.png", "sizes.png", "curves.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "| random-split |" in capsys.readouterr().out
     # eval is a stage like the others: a manifest, counts that add up, skipped on rerun
     m = json.loads((out / "_manifest.json").read_text())
-    assert m["rows_in"] == m["rows_out"] == 2 * 8 + 2 * 10 + report["retrieval_pairs"]
+    # test and validation images of both tasks, and the retrieval pairs
+    assert m["rows_in"] == m["rows_out"] == 2 * (2 * 8 + 2 * 10) + report["retrieval_pairs"]
+    chosen = report["routing_selection"]["chosen"]
+    assert set(report["routing_selection"]["tasks"]) == {"shapes", "digits"}
+    assert f"chosen: **{chosen}**" in (out / "report.md").read_text()
     assert set(m["inputs"]["upstream"]) == {"clusters", "assignments"} | {
         f"checkpoints/{n}" for n in registry_of(tmp_path / "run")}
     assert evaluate_job.main(["--run-dir", run.uri, "--tasks", tasks[0], "--tasks", tasks[1],
                               "--retrieval", str(tiny_world / "eval" / "retrieval"),
                               "--demo-data", str(tiny_world)]) == 0
     assert "eval] complete for this config: skipped" in capsys.readouterr().out
+
+
+def test_the_routing_is_chosen_without_reading_a_test_label(trained, tiny_world, tmp_path):
+    """The same choice whatever the test labels say; a change of validation labels moves the
+    validation scores it is chosen from."""
+    import numpy as np
+
+    from pipeline import eval as evaluation
+    from pipeline.ensemble import MoDEEnsemble
+
+    cfg = load_config("demo")
+    ens = MoDEEnsemble(str(trained), cfg)
+    tasks = [str(tiny_world / "eval" / t) for t in ("shapes", "digits")]
+    real = evaluation.select_on_validation(ens, tasks, cfg.storage, log=lambda *_: None)
+    # the same tasks with every test label replaced (and the test images reversed)
+    scrambled = []
+    for uri in tasks:
+        copy = tmp_path / "scrambled" / Path(uri).name
+        shutil.copytree(uri, copy)
+        task = evaluation.read_task(uri, cfg.storage)
+        _write_split(copy / "test", task.images[::-1], np.zeros_like(task.labels))
+        scrambled.append(str(copy))
+    again = evaluation.select_on_validation(ens, scrambled, cfg.storage, log=lambda *_: None)
+    assert again == real and set(real["mean"]) == set(evaluation.ROUTING_GRID)
+    # ... while the validation labels are what it reads
+    moved = []
+    for uri in scrambled:
+        val = evaluation.read_task(uri, cfg.storage, "val")
+        _write_split(Path(uri) / "val", val.images, (val.labels + 1) % len(val.classnames))
+        moved.append(uri)
+    shifted = evaluation.select_on_validation(ens, moved, cfg.storage, log=lambda *_: None)
+    assert shifted["tasks"] != real["tasks"]
+    # the chosen point is the best mean, the authors' T=8 on a tie
+    assert evaluation.choose_routing({"a": dict.fromkeys(evaluation.ROUTING_GRID, 0.5)})["chosen"] == "T=8"
+    best = {**dict.fromkeys(evaluation.ROUTING_GRID, 0.5), "top-2": 0.6}
+    assert evaluation.choose_routing({"a": best, "b": dict.fromkeys(best, 0.4)})["chosen"] == "top-2"
+
+
+def _write_split(folder: Path, images, labels) -> None:
+    """A clip_benchmark split of ``images`` with ``labels`` (one shard), replacing the folder's."""
+    import io
+
+    from pipeline.demo_world import tar_bytes
+
+    def members():
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=95)
+            yield f"{i:06d}.jpg", buf.getvalue()
+            yield f"{i:06d}.cls", str(int(label)).encode()
+
+    shutil.rmtree(folder)
+    folder.mkdir()
+    (folder / "0.tar").write_bytes(tar_bytes(members()))
 
 
 def test_predict_prints_labels_and_weights(trained, tmp_path, capsys):
@@ -259,3 +317,11 @@ def test_predict_prints_labels_and_weights(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict_job.main(["--run-dir", str(trained), "--image", str(tmp_path / "none.jpg"),
                           "--labels", "a,b"])
+
+
+def test_a_long_history_is_thinned_to_a_curve_that_keeps_its_ends():
+    lines = [{"step": i} for i in range(2_000)]
+    out = checkpoints.thin(lines, checkpoints.HISTORY_POINTS)
+    assert len(out) == checkpoints.HISTORY_POINTS and out[0] == lines[0] and out[-1] == lines[-1]
+    assert [line["step"] for line in out] == sorted({line["step"] for line in out})
+    assert checkpoints.thin(lines[:10], 500) == lines[:10]

@@ -22,8 +22,8 @@ import pytest
 from tests.raynodes import LocalCluster
 from tests.tiny import TINY
 
-# Not in `make test` (`make test-cluster`): 7.5 min alone here, which takes the suite past 30 min.
-pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.cluster]
+# In `make test` (about 7.5 min alone here); `pytest -m multinode` runs it alone.
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "s3://mode/mn/run"

@@ -1,0 +1,63 @@
+"""Train several training seeds of every run on one clustering, evaluate each, and write the
+spread and the paired differences (what `make experiment` runs on the demo).
+
+    python jobs/experiment.py --run-dir demo_out/run                # 3 seeds, the demo's tasks
+    python jobs/experiment.py --run-dir R --seeds 5 --tasks s3://bucket/eval/cifar10
+
+The run directory needs its data stages up to training_data (jobs/run_pipeline.py --until
+seed, or `make demo`). Seed s trains the seed model, every expert, the random split and dense
+with train.seed = s (the run's own train.seed, then the next ones; the random split and the
+out-of-cluster draws stay fixed by train.data_seed) in experiment/seed-<s>/, which reads the
+run's data stages; the runs of the run's own seed are taken from the run where complete. Each
+seed is evaluated like jobs/evaluate.py (a task's val/ split chooses the routing), then
+experiment/results.md, results.json and seeds.png are written. Rerunning skips what is complete
+and resumes interrupted runs; on a cluster it runs like any other job (`ray job submit`).
+"""
+
+import sys
+
+from pipeline import cli, experiment, registry
+from pipeline import eval as evaluation
+
+
+def main(argv=None) -> int:
+    p = cli.parser(__doc__)
+    p.add_argument("--seeds", type=int, default=3, metavar="S",
+                   help="training seeds: the run's train.seed and the S-1 after it (default 3)")
+    p.add_argument("--tasks", action="append", default=[], metavar="URI",
+                   help="a clip_benchmark webdataset folder, local or s3:// (repeatable)")
+    p.add_argument("--retrieval", metavar="URI", help="held-out pairs (jpg + txt) for retrieval")
+    p.add_argument("--demo-data", metavar="URI",
+                   help="demo world to take tasks from (default: <run-dir>/../data if present)")
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1, got {args.seeds}")
+    cfg, run = cli.load(args, write_config=False)
+    inputs = evaluation.inputs(run.uri, args.tasks, args.retrieval, args.demo_data, cfg.storage)
+    if inputs is None or not inputs[0]:
+        p.error("no zero-shot task: pass --tasks URI, or run next to a demo world")
+    if run.manifest("training_data") is None:
+        p.error(f"{run.stage_uri('training_data')} is not complete: run jobs/run_pipeline.py "
+                "--until seed (or `make demo`) first")
+    tasks, retrieval, truth = inputs
+    print(cli.start(cfg, run, *tasks, retrieval))
+    seeds = [cfg.train.seed + i for i in range(args.seeds)]
+    demo = args.demo_data or (run.uri.rsplit("/", 1)[0] + "/data" if not args.tasks else None)
+    headline = experiment.headline_tasks(tasks, demo, cfg)
+    reports = {}
+    for s in seeds:
+        print(f"\n[experiment] training seed {s} ({seeds.index(s) + 1} of {len(seeds)}): "
+              f"{run.uri}/experiment/seed-{s}")
+        reports[s] = experiment.train_and_evaluate(
+            cfg, run, s, {"tasks": tasks, "retrieval": retrieval, "truth": truth})
+    print()
+    summary = experiment.summarise(reports, headline)
+    summary["diagnostics"] = experiment.diagnostics(
+        reports, registry.finished(run.replica(f"seed-{seeds[0]}")))
+    print(experiment.write(run, summary))
+    print(f"written: {run.stage_uri('experiment')}/results.md, results.json, seeds.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

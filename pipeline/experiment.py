@@ -1,0 +1,290 @@
+"""Several training seeds of one clustering: every method's spread, and paired differences.
+
+``jobs/experiment.py`` trains S training seeds (``train.seed`` = the run's, then the next ones)
+of every run of the plan (seed model, experts, random split, dense) and evaluates each seed's
+runs. Each seed lives in a replica of the run directory (``experiment/seed-<s>/``,
+``RunDir.replica``) that reads the run's own data stages: one ingest, one embedding, one
+clustering, one assignment and one ``training_data`` for all seeds. ``train.data_seed`` is not
+varied, so the random split's parts and each expert's out-of-cluster draw are the same in every
+seed; what a seed changes is the model's initialisation and the order of the data. The runs of
+the run's own seed are not trained again: where the run directory holds them complete with the
+same hash, the replica adopts their manifests (their checkpoints stay where they are).
+
+Writes ``experiment/`` in the run directory (docs/experiment.md)::
+
+    experiment/results.json   per task and method: mean, sd and every seed's accuracy; paired
+                              differences (``COMPARISONS``) with 95% t intervals over seeds
+    experiment/results.md     the same as tables
+    experiment/seeds.png      mean accuracy with error bars (sd over seeds) and every seed's point
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from pipeline import checkpoints, stages
+from pipeline import eval as evaluation
+from pipeline.config import Config, load_config
+from pipeline.rundir import MANIFEST, RunDir
+from pipeline.runs import plan, seed_job
+from pipeline.storage import filesystem, join, write_bytes_atomic
+
+Log = Callable[[str], None]
+FOLDER = "experiment"
+MEAN = "mean"       # the pseudo-task: the mean over the headline tasks
+# (method, baseline) pairs whose per-seed differences the tables give: the paper's claim is an
+# ordering of MoDE above dense and above a random split at the same cost.
+COMPARISONS = [(m, b) for m in (evaluation.DEFAULT_METHOD, evaluation.VALIDATED)
+               for b in ("dense", evaluation.RANDOM_SPLIT, "uniform")]
+# Rows of the tables and the plot, in this order (others, like single experts, are in the JSON).
+SHOWN = [evaluation.DEFAULT_METHOD, evaluation.VALIDATED, "routed (T=1)", "routed top-1", "uniform",
+         "oracle", evaluation.RANDOM_SPLIT, "dense", "seed"]
+
+
+def seed_config(cfg: Config, seed: int) -> Config:
+    return load_config(cfg.to_dict(), [f"train.seed={seed}"])
+
+
+def adopt(cfg: Config, run: RunDir, replica: RunDir, log: Log = print) -> list[str]:
+    """Copy into ``replica`` the manifests of the run's complete training runs that ``cfg``
+    would train there with the same hash (the run's own seed): they are not trained again."""
+    adopted = []
+    jobs = [seed_job(cfg.train), *plan(cfg.train, checkpoints.num_experts(run))]
+    for job in jobs:        # the seed first: the others' hashes read the adopted seed's
+        if replica.manifest(job.unit) or not run.manifest(job.unit):
+            continue
+        try:
+            theirs = stages.StageRun(job.unit, cfg, run)
+            ours = stages.StageRun(job.unit, cfg, replica)
+        except (stages.MissingUpstream, stages.StaleUpstream):
+            continue        # made with another config, or the replica's seed is not theirs
+        if theirs.completed() is not None and ours.config_hash == theirs.config_hash:
+            replica.fs.pipe_file(replica.stage_path(job.unit, MANIFEST),
+                                 run.fs.cat_file(run.stage_path(job.unit, MANIFEST)))
+            adopted.append(job.name)
+    if adopted:
+        log(f"[experiment] seed {cfg.train.seed}: the run's own {', '.join(adopted)} adopted")
+    return adopted
+
+
+def train_and_evaluate(cfg: Config, run: RunDir, seed: int, eval_inputs: dict[str, Any],
+                       log: Log = print) -> dict[str, Any]:
+    """One seed: its replica's runs trained (or skipped, or adopted) and evaluated; its report."""
+    scfg = seed_config(cfg, seed)
+    replica = run.replica(f"seed-{seed}")
+    replica.write_config(scfg)
+    if seed == cfg.train.seed:
+        adopt(scfg, run, replica, log)
+    checkpoints.train_seed(scfg, replica, log=log)
+    jobs = plan(scfg.train, checkpoints.num_experts(run))
+    _, failed = checkpoints.launch(scfg, replica, jobs, scfg.train.max_concurrent, log=log)
+    if failed:
+        raise RuntimeError(f"seed {seed}: runs failed: {failed} (rerun the job: finished runs "
+                           "are skipped, interrupted ones resume)")
+    stages.run_stage("eval", scfg, replica, log=log, **eval_inputs)
+    return evaluation.load_report(replica)
+
+
+def headline_tasks(tasks: Sequence[str], data_uri: str | None, cfg: Config) -> list[str]:
+    """The tasks the headline mean is over: a demo world's training domains (its held-out domain
+    has no expert before a run grows), else every task. Task names, not URIs."""
+    names = [t.rstrip("/").rsplit("/", 1)[-1] for t in tasks]
+    if data_uri:
+        fs, path = filesystem(data_uri, cfg.storage)
+        if fs.exists(join(path, "world.json")):
+            known = json.loads(fs.cat_file(join(path, "world.json")))["train_domains"]
+            return [n for n in names if n in known]
+    return names
+
+
+# ----------------------------------------------------------------------------- statistics
+def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The ``level`` t interval of the mean of ``values`` (nan with fewer than two)."""
+    n = len(values)
+    if n < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * values.std(ddof=1) / np.sqrt(n)
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def accuracies(reports: dict[int, dict[str, Any]], headline: Sequence[str]) -> pd.DataFrame:
+    """Accuracy (%) by (seed, task, method), with the ``MEAN`` pseudo-task over ``headline``."""
+    rows = []
+    for seed, report in reports.items():
+        for task, r in report["zero_shot"].items():
+            rows += [(seed, task, m, 100 * a) for m, a in r["accuracy"].items()]
+    df = pd.DataFrame(rows, columns=["seed", "task", "method", "accuracy"])
+    mean = df[df.task.isin(headline)].groupby(["seed", "method"], as_index=False)["accuracy"].mean()
+    return pd.concat([df, mean.assign(task=MEAN)], ignore_index=True)
+
+
+def summarise(reports: dict[int, dict[str, Any]], headline: Sequence[str]) -> dict[str, Any]:
+    """Per task and method: mean, sd and every seed's value; per comparison and task: the paired
+    differences' mean, sd, 95% interval and what it says."""
+    seeds = sorted(reports)
+    acc = accuracies(reports, headline)
+    wide = acc.pivot_table(index=["task", "method"], columns="seed", values="accuracy")
+    table = {}
+    for (task, method), row in wide.iterrows():
+        v = row[seeds].to_numpy(float)
+        table.setdefault(task, {})[method] = {
+            "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
+            "seeds": {str(s): float(x) for s, x in zip(seeds, v, strict=True)}}
+    diffs = {}
+    for method, base in COMPARISONS:
+        label = f"{method} - {base}"
+        for task, methods in table.items():
+            if method not in methods or base not in methods:
+                continue
+            d = np.array([methods[method]["seeds"][str(s)] - methods[base]["seeds"][str(s)] for s in seeds])
+            low, high = t_interval(d)
+            verdict = ("above" if low > 0 else "below" if high < 0 else "within noise") \
+                if len(d) > 1 else "one seed"
+            diffs.setdefault(label, {})[task] = {
+                "mean": float(d.mean()), "sd": float(d.std(ddof=1)) if len(d) > 1 else float("nan"),
+                "ci95": [low, high], "seeds": {str(s): float(x) for s, x in zip(seeds, d, strict=True)},
+                "verdict": verdict}
+    chosen = {str(s): r.get("routing_selection", {}).get("chosen") for s, r in reports.items()}
+    return {"seeds": seeds, "headline_tasks": list(headline), "accuracy": table,
+            "differences": diffs, "validated_choice": chosen}
+
+
+def diagnostics(reports: dict[int, dict[str, Any]], entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Where MoDE's difference to dense comes from, in numbers (docs/findings.md):
+
+    - ``own_domain``: each expert's accuracy on the task of the domain it holds most of, minus
+      dense's on that task, per seed (the paper's premise: a specialist beats the generalist on
+      its own data), with the 95% interval;
+    - ``epochs``: how many times each run passed over its data (samples trained on / rows);
+    - ``same_domain_pairs``: the chance that two samples of a run's data share a true domain, the
+      share of in-batch negatives from the same domain (the paper's harder negatives).
+
+    Needs reports with a ``confusion`` table (a demo world's true domains); {} otherwise."""
+    first = reports[min(reports)]
+    confusion = first.get("confusion")
+    if not confusion:
+        return {}
+    counts = pd.DataFrame(confusion).fillna(0)            # expert x domain
+    counts.index = counts.index.astype(int)
+    share = counts.div(counts.sum(axis=1), axis=0)
+    overall = counts.sum() / counts.to_numpy().sum()
+    out: dict[str, Any] = {"own_domain": {}, "epochs": {}, "same_domain_pairs": {}}
+    for e, row in counts.iterrows():
+        domain = str(row.idxmax())
+        name = f"expert-{e}"
+        out["same_domain_pairs"][name] = float((share.loc[e] ** 2).sum())
+        if domain in first["zero_shot"]:
+            d = np.array([100 * (r["zero_shot"][domain]["accuracy"][name]
+                                 - r["zero_shot"][domain]["accuracy"]["dense"]) for r in reports.values()])
+            out["own_domain"][name] = {"domain": domain, "mean": float(d.mean()), "ci95": list(t_interval(d)),
+                                       "seeds": [float(x) for x in d]}
+    out["same_domain_pairs"]["dense, random split"] = float((overall ** 2).sum())
+    seed_end = entries["seed"]["metrics"]["samples_seen"] if "seed" in entries else 0
+    for name, e in sorted(entries.items()):
+        trained = e["metrics"]["samples_seen"] - (0 if e["kind"] == "seed" else seed_end)
+        out["epochs"][name] = round(trained / e["samples"], 2) if e.get("samples") else None
+    out["seeds"] = sorted(reports)
+    return out
+
+
+def _order(methods: Sequence[str]) -> list[str]:
+    return [m for m in SHOWN if m in methods]
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    seeds, acc = summary["seeds"], summary["accuracy"]
+    tasks = [MEAN, *sorted(t for t in acc if t != MEAN)]
+    cols = {t: {m: f"{v['mean']:.1f} ± {v['sd']:.1f}" for m, v in acc[t].items()} for t in tasks}
+    table = pd.DataFrame(cols).loc[_order(acc[MEAN])]
+    per_seed = pd.DataFrame({f"seed {s}": {m: acc[MEAN][m]["seeds"][str(s)] for m in table.index}
+                             for s in seeds}).round(1)
+    diff_rows = {}
+    for label, by_task in summary["differences"].items():
+        for task in tasks:
+            if task in by_task:
+                d = by_task[task]
+                diff_rows[(label, task)] = {
+                    "mean": f"{d['mean']:+.1f}", "95% interval": f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]",
+                    "per seed": ", ".join(f"{x:+.1f}" for x in d["seeds"].values()), "verdict": d["verdict"]}
+    diffs = pd.DataFrame.from_dict(diff_rows, orient="index")
+    diffs.index = [f"{a} | {b}" for a, b in diffs.index]
+    choices = ", ".join(f"seed {s}: {c}" for s, c in summary["validated_choice"].items())
+    return "\n".join([
+        f"# MoDE over {len(seeds)} training seeds ({', '.join(map(str, seeds))})", "",
+        "One clustering, one data split (`train.data_seed`); each seed changes the models' "
+        "initialisation and data order. Zero-shot accuracy (%), mean ± sd over seeds; "
+        f"`{MEAN}` is over {', '.join(summary['headline_tasks'])}.", "",
+        evaluation._markdown(table.rename_axis("method")), "",
+        f"## Every seed, `{MEAN}`", "", evaluation._markdown(per_seed.rename_axis("method")), "",
+        "## Paired differences (points), 95% t interval over seeds", "",
+        "Per seed, the method minus the baseline on the same seed's runs. `above`/`below`: the "
+        "interval excludes 0; `within noise`: it does not.", "",
+        evaluation._markdown(diffs.rename_axis("method - baseline | task")), "",
+        f"Routing chosen on validation: {choices}.", "",
+        *_diagnostics_markdown(summary.get("diagnostics") or {})])
+
+
+def _diagnostics_markdown(diag: dict[str, Any]) -> list[str]:
+    if not diag:
+        return []
+    own = pd.DataFrame({n: {"domain": d["domain"], "expert - dense": f"{d['mean']:+.1f}",
+                            "95% interval": f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]",
+                            "per seed": ", ".join(f"{x:+.1f}" for x in d["seeds"])}
+                        for n, d in diag["own_domain"].items()}).T
+    pairs = pd.DataFrame({"same-domain pairs": diag["same_domain_pairs"]}).round(3)
+    epochs = pd.DataFrame({"epochs": diag["epochs"]})
+    return ["## Where the difference comes from (docs/findings.md)", "",
+            "Each expert on the task of the domain it holds, minus dense on that task (points):", "",
+            evaluation._markdown(own.rename_axis("expert")), "",
+            "The chance that two samples of a run's data share a true domain (in-batch negatives "
+            "of the same domain):", "", evaluation._markdown(pairs.rename_axis("data"), digits=3), "",
+            "Passes over its own data per run (the same in every seed):", "",
+            evaluation._markdown(epochs.rename_axis("run"), digits=2), ""]
+
+
+def plot(summary: dict[str, Any]) -> bytes:
+    import matplotlib  # late import: only the summary plots
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = summary["accuracy"]
+    tasks = [MEAN, *sorted(t for t in acc if t != MEAN)]
+    methods = _order(acc[MEAN])
+    fig, ax = plt.subplots(figsize=(max(7, 1.9 * len(tasks)), 4.5))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        x = np.arange(len(tasks)) + i * width
+        mean = [acc[t][m]["mean"] if m in acc[t] else np.nan for t in tasks]
+        sd = [acc[t][m]["sd"] if m in acc[t] else np.nan for t in tasks]
+        bars = ax.bar(x, mean, width, yerr=sd, capsize=2, label=m)
+        for xi, t in zip(x, tasks, strict=True):
+            if m in acc[t]:
+                pts = list(acc[t][m]["seeds"].values())
+                ax.plot([xi] * len(pts), pts, ".", color="black", markersize=3)
+        bars.set_label(m)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.set_title(f"mean ± sd over {len(summary['seeds'])} training seeds (dots: each seed)")
+    ax.legend(fontsize=7, ncol=3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write(run: RunDir, summary: dict[str, Any]) -> str:
+    """``experiment/results.{json,md}`` and ``seeds.png``; returns the markdown."""
+    text = markdown(summary)
+    write_bytes_atomic(run.fs, run.stage_path(FOLDER, "results.json"),
+                       (json.dumps(summary, indent=2) + "\n").encode())
+    write_bytes_atomic(run.fs, run.stage_path(FOLDER, "results.md"), text.encode())
+    write_bytes_atomic(run.fs, run.stage_path(FOLDER, "seeds.png"), plot(summary))
+    return text

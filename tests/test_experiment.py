@@ -1,0 +1,103 @@
+"""jobs/experiment.py: several training seeds on one clustering (replicas of the run directory),
+the statistics over seeds, and the adoption of the run's own seed."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import checkpoints, experiment, registry
+from pipeline.ensemble import run_config
+from pipeline.rundir import RunDir
+from tests.tiny import EXPERTS, copy_run, registry_of
+
+
+def _report(acc: dict[str, dict[str, float]]) -> dict:
+    return {"zero_shot": {t: {"accuracy": a} for t, a in acc.items()},
+            "routing_selection": {"chosen": "T=8"}}
+
+
+def test_the_summary_gives_means_spreads_and_paired_intervals():
+    from scipy import stats
+
+    routed = {0: 0.60, 1: 0.64, 2: 0.62}
+    dense = {0: 0.55, 1: 0.60, 2: 0.56}
+    reports = {s: _report({"a": {"routed (T=8)": routed[s], "dense": dense[s], "uniform": routed[s]},
+                           "b": {"routed (T=8)": 0.5, "dense": 0.5, "uniform": 0.5},
+                           "held-out": {"routed (T=8)": 0.1, "dense": 0.9, "uniform": 0.1}})
+               for s in routed}
+    s = experiment.summarise(reports, ["a", "b"])
+    a = s["accuracy"]["a"]["routed (T=8)"]
+    assert a["mean"] == pytest.approx(62.0) and a["sd"] == pytest.approx(2.0)
+    assert a["seeds"] == {"0": pytest.approx(60.0), "1": pytest.approx(64.0), "2": pytest.approx(62.0)}
+    # the headline mean is over the named tasks only (not the held-out one)
+    assert s["accuracy"]["mean"]["routed (T=8)"]["seeds"]["0"] == pytest.approx(55.0)
+    d = s["differences"]["routed (T=8) - dense"]["a"]
+    diffs = np.array([5.0, 4.0, 6.0])
+    half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / np.sqrt(3)
+    assert d["mean"] == pytest.approx(5.0) and d["ci95"] == pytest.approx([5 - half, 5 + half])
+    assert d["verdict"] == "above"
+    assert s["differences"]["routed (T=8) - uniform"]["a"]["verdict"] == "within noise"
+    assert s["differences"]["routed (T=8) - dense"]["held-out"]["verdict"] == "below"
+    md = experiment.markdown(s)
+    assert "| routed (T=8) | 56.0 ± 1.0 |" in md and "[+" in md and "within noise" in md
+    assert experiment.plot(s)[:4] == b"\x89PNG"
+
+
+def test_a_replica_reads_the_runs_data_stages_and_trains_its_own_seed(seeded, tmp_path):
+    """Seed 1 of the tiny run: its seed model trains in experiment/seed-1/ on the run's
+    training data (no copy), from another initialisation."""
+    run = copy_run(seeded, tmp_path / "run")
+    cfg = experiment.seed_config(run_config(run.uri), 1)
+    replica = run.replica("seed-1")
+    assert RunDir(replica.uri, cfg.storage).shared.uri == run.uri     # found again from its URI
+    assert replica.manifest("training_data") == run.manifest("training_data")
+    entry = checkpoints.train_seed(cfg, replica, log=lambda *_: None)
+    own = registry_of(tmp_path / "run")["seed"]
+    assert entry["metrics"]["samples_seen"] == own["metrics"]["samples_seen"]
+    assert entry["sha256"] != own["sha256"]                         # another initialisation
+    assert entry["checkpoint"].startswith(replica.uri + "/checkpoints/seed/")
+    assert sorted(p.name for p in Path(replica.uri).iterdir()) == ["_replica.json", "checkpoints",
+                                                                    "registry"]
+    with pytest.raises(ValueError, match="unknown stage folder 'generations'"):
+        replica.stage_path("generations")
+
+
+def test_the_experiment_adopts_the_runs_own_seed_and_writes_its_tables(trained, tiny_world, tmp_path,
+                                                                       capsys):
+    """With one seed (the run's own) nothing trains: every run is adopted, evaluated in the
+    replica, and the tables are written (a spread needs more seeds: `make experiment`)."""
+    from jobs import experiment as experiment_job
+
+    run = copy_run(trained, tmp_path / "run")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").rglob("*")}
+    tasks = [str(tiny_world / "eval" / t) for t in ("shapes", "digits")]
+    args = ["--run-dir", run.uri, "--seeds", "1", "--tasks", tasks[0], "--tasks", tasks[1],
+            "--demo-data", str(tiny_world)]
+    assert experiment_job.main(args) == 0
+    out = capsys.readouterr().out
+    assert "the run's own seed, expert-0" in out or "adopted" in out
+    replica = RunDir(f"{run.uri}/experiment/seed-0", run.storage)
+    assert set(registry.finished(replica)) == set(registry_of(tmp_path / "run"))
+    assert len(registry.finished(replica)) == 2 + 2 * EXPERTS
+    assert not (tmp_path / "run" / "experiment" / "seed-0" / "checkpoints" / "seed" / "_attempt.json").exists()
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").rglob("*")}
+    results = json.loads((tmp_path / "run" / "experiment" / "results.json").read_text())
+    assert results["seeds"] == [0] and set(results["accuracy"]) == {"shapes", "digits", "mean"}
+    report = json.loads((tmp_path / "run" / "experiment" / "seed-0" / "eval" / "report.json").read_text())
+    assert results["accuracy"]["shapes"]["dense"]["mean"] == pytest.approx(
+        100 * report["zero_shot"]["shapes"]["accuracy"]["dense"])
+    # the diagnostics of docs/findings.md: passes over the data, same-domain pairs
+    diag = results["diagnostics"]
+    entries = registry_of(tmp_path / "run")
+    expert = entries["expert-0"]
+    assert diag["epochs"]["expert-0"] == pytest.approx((768 - 384) / expert["samples"], abs=0.01)
+    assert diag["epochs"]["seed"] == pytest.approx(384 / entries["seed"]["samples"], abs=0.01)
+    assert all(0 < v <= 1 for v in diag["same_domain_pairs"].values())
+    assert set(diag["own_domain"]) <= {f"expert-{e}" for e in range(EXPERTS)}
+    for name in ("results.md", "seeds.png"):
+        assert (tmp_path / "run" / "experiment" / name).exists()
+    # a rerun skips everything
+    assert experiment_job.main(args) == 0
+    assert "eval] complete for this config: skipped" in capsys.readouterr().out
