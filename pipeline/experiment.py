@@ -211,10 +211,11 @@ def markdown(summary: dict[str, Any]) -> str:
             if task in by_task:
                 d = by_task[task]
                 diff_rows[(label, task)] = {
-                    "mean": f"{d['mean']:+.1f}", "95% interval": f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]",
+                    "task": task, "mean": f"{d['mean']:+.1f}",
+                    "95% interval": f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]",
                     "per seed": ", ".join(f"{x:+.1f}" for x in d["seeds"].values()), "verdict": d["verdict"]}
     diffs = pd.DataFrame.from_dict(diff_rows, orient="index")
-    diffs.index = [f"{a} | {b}" for a, b in diffs.index]
+    diffs.index = [label for label, _ in diffs.index]
     choices = ", ".join(f"seed {s}: {c}" for s, c in summary["validated_choice"].items())
     return "\n".join([
         f"# MoDE over {len(seeds)} training seeds ({', '.join(map(str, seeds))})", "",
@@ -226,7 +227,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "## Paired differences (points), 95% t interval over seeds", "",
         "Per seed, the method minus the baseline on the same seed's runs. `above`/`below`: the "
         "interval excludes 0; `within noise`: it does not.", "",
-        evaluation._markdown(diffs.rename_axis("method - baseline | task")), "",
+        evaluation._markdown(diffs.rename_axis("method - baseline")), "",
         f"Routing chosen on validation: {choices}.", "",
         *_diagnostics_markdown(summary.get("diagnostics") or {})])
 
