@@ -20,11 +20,7 @@ from pipeline import eval as evaluation
 
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("--tasks", action="append", default=[], metavar="URI",
-                   help="a clip_benchmark webdataset folder, local or s3:// (repeatable)")
-    p.add_argument("--retrieval", metavar="URI", help="held-out pairs (jpg + txt) for retrieval")
-    p.add_argument("--demo-data", metavar="URI",
-                   help="demo world to take tasks from (default: <run-dir>/../data if present)")
+    cli.add_eval_flags(p)
     args = p.parse_args(argv)
     cfg, run = cli.load(args, write_config=False)
     inputs = evaluation.inputs(run.uri, args.tasks, args.retrieval, args.demo_data, cfg.storage)

@@ -24,11 +24,7 @@ def main(argv=None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--seeds", type=int, default=3, metavar="S",
                    help="training seeds: the run's train.seed and the S-1 after it (default 3)")
-    p.add_argument("--tasks", action="append", default=[], metavar="URI",
-                   help="a clip_benchmark webdataset folder, local or s3:// (repeatable)")
-    p.add_argument("--retrieval", metavar="URI", help="held-out pairs (jpg + txt) for retrieval")
-    p.add_argument("--demo-data", metavar="URI",
-                   help="demo world to take tasks from (default: <run-dir>/../data if present)")
+    cli.add_eval_flags(p)
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds must be at least 1, got {args.seeds}")
@@ -42,8 +38,7 @@ def main(argv=None) -> int:
     tasks, retrieval, truth = inputs
     print(cli.start(cfg, run, *tasks, retrieval))
     seeds = [cfg.train.seed + i for i in range(args.seeds)]
-    demo = args.demo_data or (run.uri.rsplit("/", 1)[0] + "/data" if not args.tasks else None)
-    headline = experiment.headline_tasks(tasks, demo, cfg)
+    headline = experiment.headline_tasks(tasks, truth, cfg)
     reports = {}
     for s in seeds:
         print(f"\n[experiment] training seed {s} ({seeds.index(s) + 1} of {len(seeds)}): "

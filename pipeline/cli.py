@@ -81,6 +81,15 @@ def data_uri(p: argparse.ArgumentParser, args: argparse.Namespace, cfg: Config) 
     return data
 
 
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    """What jobs/evaluate.py and jobs/experiment.py evaluate on (``pipeline.eval.inputs``)."""
+    p.add_argument("--tasks", action="append", default=[], metavar="URI",
+                   help="a clip_benchmark webdataset folder, local or s3:// (repeatable)")
+    p.add_argument("--retrieval", metavar="URI", help="held-out pairs (jpg + txt) for retrieval")
+    p.add_argument("--demo-data", metavar="URI",
+                   help="demo world to take tasks from (default: <run-dir>/../data if present)")
+
+
 def add_ingested_data_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="URI",
                    help="optional: the shards ingest validated (checked; the stage reads "

@@ -33,7 +33,7 @@ from pipeline import checkpoints, stages
 from pipeline import eval as evaluation
 from pipeline.config import Config, load_config
 from pipeline.rundir import MANIFEST, RunDir
-from pipeline.runs import plan, seed_job
+from pipeline.runs import plan, run_name, seed_job
 from pipeline.storage import filesystem, join, write_bytes_atomic
 
 Log = Callable[[str], None]
@@ -92,12 +92,13 @@ def train_and_evaluate(cfg: Config, run: RunDir, seed: int, eval_inputs: dict[st
     return evaluation.load_report(replica)
 
 
-def headline_tasks(tasks: Sequence[str], data_uri: str | None, cfg: Config) -> list[str]:
+def headline_tasks(tasks: Sequence[str], truth_uri: str | None, cfg: Config) -> list[str]:
     """The tasks the headline mean is over: a demo world's training domains (its held-out domain
-    has no expert before a run grows), else every task. Task names, not URIs."""
+    has no expert before a run grows; the world is the one whose ``truth.parquet`` the eval
+    inputs found), else every task. Task names, not URIs."""
     names = [t.rstrip("/").rsplit("/", 1)[-1] for t in tasks]
-    if data_uri:
-        fs, path = filesystem(data_uri, cfg.storage)
+    if truth_uri:
+        fs, path = filesystem(truth_uri.rsplit("/", 1)[0], cfg.storage)
         if fs.exists(join(path, "world.json")):
             known = json.loads(fs.cat_file(join(path, "world.json")))["train_domains"]
             return [n for n in names if n in known]
@@ -178,7 +179,7 @@ def diagnostics(reports: dict[int, dict[str, Any]], entries: dict[str, dict[str,
     out: dict[str, Any] = {"own_domain": {}, "epochs": {}, "same_domain_pairs": {}}
     for e, row in counts.iterrows():
         domain = str(row.idxmax())
-        name = f"expert-{e}"
+        name = run_name("expert", e)
         out["same_domain_pairs"][name] = float((share.loc[e] ** 2).sum())
         if domain in first["zero_shot"]:
             d = np.array([100 * (r["zero_shot"][domain]["accuracy"][name]
@@ -265,12 +266,11 @@ def plot(summary: dict[str, Any]) -> bytes:
         x = np.arange(len(tasks)) + i * width
         mean = [acc[t][m]["mean"] if m in acc[t] else np.nan for t in tasks]
         sd = [acc[t][m]["sd"] if m in acc[t] else np.nan for t in tasks]
-        bars = ax.bar(x, mean, width, yerr=sd, capsize=2, label=m)
+        ax.bar(x, mean, width, yerr=sd, capsize=2, label=m)
         for xi, t in zip(x, tasks, strict=True):
             if m in acc[t]:
                 pts = list(acc[t][m]["seeds"].values())
                 ax.plot([xi] * len(pts), pts, ".", color="black", markersize=3)
-        bars.set_label(m)
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
     ax.set_ylabel("zero-shot accuracy (%)")
     ax.set_title(f"mean ± sd over {len(summary['seeds'])} training seeds (dots: each seed)")
