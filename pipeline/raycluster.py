@@ -18,6 +18,7 @@ from pipeline.storage import is_s3
 # cores (README, "Demo timings"). A local Ray gets one per read unless the variable is set.
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 LOCAL_FOOTER_ACTORS = "1"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def init_ray(cfg: RayConfig, num_cpus: int | None = None) -> str:
@@ -46,8 +47,11 @@ def init_ray(cfg: RayConfig, num_cpus: int | None = None) -> str:
             logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner") \
                 .setLevel(logging.ERROR)
 
-        # Set before Ray starts: the local raylet, and every worker it starts, inherit it.
+        # Set before Ray starts: the local raylet, and every worker it starts, inherit them.
         os.environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)
+        # Ray Train's preemption watcher is one more actor process per worker-group start (2 s
+        # of CPU on 2 cores) that polls for node drains, and one machine has no node to drain.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         context = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
                            object_store_memory=cfg.object_store_memory, include_dashboard=False,
                            runtime_env={"worker_process_setup_hook": quiet_workers}, **quiet)

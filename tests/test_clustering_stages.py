@@ -13,7 +13,7 @@ from jobs import assign as assign_job
 from jobs import cluster as cluster_job
 from jobs import embed as embed_job
 from jobs import ingest as ingest_job
-from pipeline import assignments, clusters, kmeans, stages
+from pipeline import clusters, kmeans, stages
 from pipeline.config import DemoConfig, StorageConfig, load_config
 from pipeline.demo_world import generate
 from pipeline.rundir import RunDir
@@ -186,26 +186,6 @@ def test_sample_is_seeded_uniform_and_layout_independent():
     assert abs(len(whole) / len(keys) - 0.25) < 0.02
     other = clusters._sample(table, 0.25, seed=4).column("key").to_pylist()
     assert len(set(whole) & set(other)) < 0.4 * len(whole)      # a different seed, another draw
-
-
-def test_all_four_stages_with_data_and_run_directory_on_s3(ray_local, tiny_world, s3_endpoint):
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    for tar in sorted((tiny_world / "train").glob("*.tar")):
-        s3.upload_file(str(tar), "mode", f"shards3/{tar.name}")
-    common = ["--run-dir", "s3://mode/runs/clustered", "--set", "cluster.fine_k=8",
-              "--set", "cluster.restarts=1", "--set", f"storage.s3_endpoint_url={s3_endpoint}"]
-    assert ingest_job.main([*common, "--data", "s3://mode/shards3"]) == 0
-    assert embed_job.main(common) == 0
-    assert cluster_job.main(common) == 0
-    assert assign_job.main(common) == 0
-    run = RunDir("s3://mode/runs/clustered", load_config("demo", common[-1:]).storage)
-    ing, emb, asg = run.manifest("ingest"), run.manifest("embeddings"), run.manifest("assignments")
-    assert ing["rows_in"] == 600 and asg["rows_out"] == emb["rows_out"] == ing["rows_out"]
-    assert clusters.load(run)["fine_centroids"].shape == (8, 384)
-    assert assignments.read(run, [0]).count() == asg["stats"]["rows_per_expert"]["0"]
-    assert run.fs.exists(run.stage_path("assignments", "_sizes.png"))
 
 
 def test_each_demo_task_routes_to_the_expert_holding_its_domain(clustered, world):

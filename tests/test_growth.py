@@ -26,6 +26,7 @@ from pipeline.config import DemoConfig, StorageConfig, load_config
 from pipeline.demo_world import DOMAIN_SHARES, generate_web
 from pipeline.rundir import RunDir
 from pipeline.runs import run_name
+from tests import races
 from tests.tiny import EXPERTS, TINY, copy_run, registry_of
 
 # The tiny run has 4 experts of about 125 samples; a new one needs at least 50 novel samples.
@@ -244,15 +245,6 @@ def test_novelty_refuses_embeddings_of_another_dimension(grown):
 
 
 # ----------------------------------------------------------------------------- concurrency
-def _register(uri: str, endpoint: str | None, writer: int, n: int) -> None:
-    import os
-    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-    run = RunDir(uri, StorageConfig(s3_endpoint_url=endpoint))
-    for i in range(n):
-        registry.put(run, {"name": run_name("expert", 100 * writer + i), "kind": "expert",
-                           "finished_at": f"{i:04d}"})
-
-
 def _race(target, where: str, name: str, tmp_path, request, n: int) -> RunDir:
     """Two spawned processes running ``target(uri, endpoint, writer, n)`` at once on one run
     directory, local or on the moto S3 server; the run directory after both finished."""
@@ -273,23 +265,15 @@ def _race(target, where: str, name: str, tmp_path, request, n: int) -> RunDir:
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_processes_registering_at_once_lose_nothing(where, tmp_path, request):
-    run = _race(_register, where, "registry-race", tmp_path, request, 15)
+    run = _race(races.register, where, "registry-race", tmp_path, request, 15)
     assert set(registry.finished(run)) == {run_name("expert", 100 * w + i) for w in (1, 2) for i in range(15)}
-
-
-def _claim(uri: str, endpoint: str | None, writer: int, n: int) -> None:
-    import os
-    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-    run = RunDir(uri, StorageConfig(s3_endpoint_url=endpoint))
-    for i in range(n):      # sizes differ per claim, so a misnumbered one would overlap another
-        levels.claim(run, f"w{writer}-{i}", 1 + (writer + i) % 3, 5 + i, 4, 64)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_processes_numbering_generations_at_once_get_disjoint_ids(where, tmp_path, request):
     """Two add_experts jobs may number their new levels at the same moment (pipeline/levels.py):
     each generation gets its own expert and fine ids, following each other with no gap."""
-    run = _race(_claim, where, "levels-race", tmp_path, request, 8)
+    run = _race(races.claim, where, "levels-race", tmp_path, request, 8)
     found = levels.claims(run)
     assert [c["number"] for c in found] == list(range(1, 17))
     assert sorted(c["generation"] for c in found) == sorted(f"w{w}-{i}" for w in (1, 2) for i in range(8))

@@ -12,6 +12,7 @@ environment (as an instance role would provide them) and must appear in no artif
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import time
@@ -22,9 +23,9 @@ import pytest
 from tests.raynodes import LocalCluster
 from tests.tiny import TINY
 
-# Not in `make test` (`make test-cluster`): 7.5 min alone here and 12 min inside a full run on
-# 2 cores, which takes the suite well past 30 min (README, "Development").
-pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.cluster]
+# In `make test`, and first in it (tests/conftest.py): 7.5 min alone on 2 cores. `pytest -m
+# multinode` runs it with the autoscaling test (README, "Development").
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "s3://mode/mn/run"
@@ -133,12 +134,28 @@ def _wait_for_a_checkpoint(cluster, job_id: str, prefix: str) -> None:
 @pytest.fixture(scope="module")
 def seeded(cluster):
     """ingest, embed, cluster, assign and the seed: one job (jobs/run_pipeline.py --until seed)."""
-    # --verbose: Ray's and the libraries' debug lines too (botocore's used to print the key id)
-    assert cluster.submit("mn-seed", "run_pipeline", "--data", f"{DATA}/train", "--until", "seed",
-                          "--verbose") == "SUCCEEDED", cluster.logs["mn-seed"]
+    assert cluster.submit("mn-seed", "run_pipeline", "--data", f"{DATA}/train", "--until", "seed"
+                          ) == "SUCCEEDED", cluster.logs["mn-seed"]
     # Inside a job the helper joins the cluster instead of starting a private Ray.
     assert "joined ray cluster" in cluster.logs["mn-seed"]
     return RUN
+
+
+def test_a_jobs_log_holds_its_own_lines_once_without_escape_codes(cluster, seeded):
+    """What a job prints (pipeline/console.py) as its log file has it: every stage's summary, no
+    escape code, no line twice, none of Ray's own lines, and where Ray's logs are."""
+    text = cluster.logs["mn-seed"]
+    lines = [line for line in text.splitlines() if line.strip()]
+    for stage in ("ingest", "embeddings", "clusters", "assignments", "training_data"):
+        assert any(line.startswith(f"[{stage}] read ") for line in lines), (stage, text)
+    assert "[seed] done: " in text
+    assert not re.search(r"\x1b\[", text)
+    repeated = {line for line in lines if lines.count(line) > 1}
+    assert not repeated, repeated
+    assert not [line for line in lines if line.startswith(("(raylet)", "(pid=", "(Map"))], text
+    assert not [line for line in lines if "logging_progress" in line or "streaming_executor" in line]
+    assert len(lines) < 80, text
+    assert Path(re.search(r"Ray's logs: (\S+)", text).group(1)).is_dir()
 
 
 def test_two_experts_at_once_finish_after_losing_a_worker_node(cluster, seeded):
@@ -190,7 +207,8 @@ def test_a_stopped_train_experts_job_resumes_when_submitted_again(cluster, seede
 
 
 def test_the_cluster_run_ends_in_a_report_and_holds_no_credential(cluster, seeded):
-    assert cluster.submit("mn-eval", "evaluate") == "SUCCEEDED", cluster.logs["mn-eval"]
+    # --verbose: Ray's and the libraries' debug lines too (botocore's used to print the key id)
+    assert cluster.submit("mn-eval", "evaluate", "--verbose") == "SUCCEEDED", cluster.logs["mn-eval"]
     written = _objects(cluster, "mn/run/")
     report = json.loads(written["mn/run/eval/report.json"])
     assert set(report["runs"]) == {"seed", "expert-0", "expert-1", "dense"}
@@ -199,7 +217,10 @@ def test_the_cluster_run_ends_in_a_report_and_holds_no_credential(cluster, seede
         if key.endswith("_manifest.json"):
             m = json.loads(blob)
             assert m["rows_in"] == m["rows_out"] + sum(m["rows_skipped"].values()), key
-    assert json.loads(written["mn/run/ingest/_manifest.json"])["rows_in"] == 600
+    ing, emb, asg = (json.loads(written[f"mn/run/{stage}/_manifest.json"])
+                     for stage in ("ingest", "embeddings", "assignments"))
+    assert ing["rows_in"] == 600 and asg["rows_out"] == emb["rows_out"] == ing["rows_out"]
+    assert "mn/run/assignments/_sizes.png" in written
     # the keys every node had in its environment: in no manifest, config.yaml, registry
     # entry, report, or any job's log
     assert {"mn/run/config.yaml", "mn/run/registry/expert-1.json"} <= set(written)
