@@ -34,10 +34,10 @@ experiment: venv  ## the demo (skipped where complete), then 3 training seeds of
 	$(BIN)/python jobs/demo.py --out $(DEMO_OUT)
 	$(BIN)/python jobs/experiment.py --run-dir $(DEMO_OUT)/run --seeds $(SEEDS)
 
-test: venv  ## the test suite but the multi-node cluster tests (`pytest -m "not slow"`: a quicker pass)
+test: venv  ## the test suite, the 3-node cluster test first; all but the autoscaling one (`pytest -m "not slow"`: a quicker pass)
 	$(BIN)/python -m pytest tests -m "not cluster"
 
-test-cluster: venv  ## the 3-node pipeline with S3, a lost node, a stopped job; autoscaling from zero (10-16 min)
+test-cluster: venv  ## autoscaling from zero on Ray's fake multi-node provider (3-4 min); `pytest -m multinode` adds the 3-node test
 	$(BIN)/python -m pytest tests -m cluster
 
 lint: venv

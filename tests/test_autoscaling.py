@@ -52,8 +52,8 @@ import yaml
 from tests.raynodes import LocalCluster, free_ports, processes_naming
 from tests.tiny import copy_run, registry_of
 
-# Not in `make test` (`make test-cluster`, 3-4 min): the suite without it took 27 min of tests
-# on 2 cores on 2026-12-01, too close to the 30-minute limit to carry it.
+# Not in `make test` (`make test-cluster`, 3-4 min): the suite without it, the 3-node test
+# included, took 27.6 min of tests on 2 cores on 2026-12-01 (README, "Development").
 pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.cluster]
 
 REPO = Path(__file__).resolve().parents[1]
