@@ -302,8 +302,14 @@ def test_add_experts_while_train_experts_runs(seeded, tiny_world, tmp_path):
     thread = threading.Thread(target=train)
     thread.start()
     try:
+        # The session's Ray has 2 CPUs. What stays held while both jobs run: expert-0's worker
+        # (0.3) and the encoder actor (0.5 here); read tasks (1 CPU each, of either job) come and
+        # go in what is left, 1.2 CPUs. With a 1-CPU encoder actor only 0.7 would be left and
+        # the two jobs could wait on each other for ever (seen once in CI: embeddings' read task
+        # and expert-0's next epoch both queued behind the actor).
         code = add_job.main(["--run-dir", run.uri, "--data", str(tiny_world / "new_domain"),
-                             "--name", "arrows", *GROW, "--set", "train.cpus_per_worker=0.3"])
+                             "--name", "arrows", *GROW, "--set", "train.cpus_per_worker=0.3",
+                             "--set", "embed.num_cpus_per_actor=0.5"])
     finally:
         thread.join(900)
     assert code == 0 and result["train"] == 0
