@@ -30,8 +30,8 @@ venv: $(STAMP)
 demo: venv  ## the whole pipeline on a generated world, local Ray, CPU, offline
 	$(BIN)/python jobs/demo.py --out $(DEMO_OUT)
 
-experiment: venv  ## the demo (skipped where complete), then 3 training seeds of every run with error bars (docs/experiment.md)
-	$(BIN)/python jobs/demo.py --out $(DEMO_OUT)
+experiment: venv  ## the demo's data stages (skipped where complete), then 3 training seeds of every run in one queue, with error bars (docs/experiment.md)
+	$(BIN)/python jobs/demo.py --out $(DEMO_OUT) --skip-training
 	$(BIN)/python jobs/experiment.py --run-dir $(DEMO_OUT)/run --seeds $(SEEDS)
 
 test: venv  ## the test suite, the 3-node cluster test first; all but the autoscaling one (`pytest -m "not slow"`: a quicker pass)

@@ -4,19 +4,22 @@ spread and the paired differences (what `make experiment` runs on the demo).
     python jobs/experiment.py --run-dir demo_out/run                # 3 seeds, the demo's tasks
     python jobs/experiment.py --run-dir R --seeds 5 --tasks s3://bucket/eval/cifar10
 
-The run directory needs its data stages up to training_data (jobs/run_pipeline.py --until
-seed, or `make demo`). Seed s trains the seed model, every expert, the random split and dense
-with train.seed = s (the run's own train.seed, then the next ones; the random split and the
-out-of-cluster draws stay fixed by train.data_seed) in experiment/seed-<s>/, which reads the
-run's data stages; the runs of the run's own seed are taken from the run where complete. Each
-seed is evaluated like jobs/evaluate.py (a task's val/ split chooses the routing), then
-experiment/results.md, results.json and seeds.png are written. Rerunning skips what is complete
-and resumes interrupted runs; on a cluster it runs like any other job (`ray job submit`).
+The run directory needs its data stages up to assignments (jobs/run_pipeline.py --until
+assign, `jobs/demo.py --skip-training`, or `make demo`); training_data is made here if missing.
+Seed s trains the seed model, every expert, the random split and dense with train.seed = s (the
+run's own train.seed, then the next ones; the random split and the out-of-cluster draws stay
+fixed by train.data_seed) in experiment/seed-<s>/, which reads the run's data stages; the runs
+of the run's own seed are taken from the run where complete. All seeds' runs share one queue
+(the seed models first, then the rest, longest first, train.max_concurrent at once), so seeds
+do not wait for each other. Each seed is then evaluated like jobs/evaluate.py (a task's val/
+split chooses the routing), and experiment/results.md, results.json and seeds.png are written.
+Rerunning skips what is complete and resumes interrupted runs; on a cluster it runs like any
+other job (`ray job submit`).
 """
 
 import sys
 
-from pipeline import cli, experiment, registry
+from pipeline import cli, experiment, registry, stages
 from pipeline import eval as evaluation
 
 
@@ -32,19 +35,22 @@ def main(argv=None) -> int:
     inputs = evaluation.inputs(run.uri, args.tasks, args.retrieval, args.demo_data, cfg.storage)
     if inputs is None or not inputs[0]:
         p.error("no zero-shot task: pass --tasks URI, or run next to a demo world")
-    if run.manifest("training_data") is None:
-        p.error(f"{run.stage_uri('training_data')} is not complete: run jobs/run_pipeline.py "
-                "--until seed (or `make demo`) first")
+    if run.manifest("assignments") is None:
+        p.error(f"{run.stage_uri('assignments')} is not complete: run jobs/run_pipeline.py "
+                "--until assign (or `make demo`) first")
     tasks, retrieval, truth = inputs
     print(cli.start(cfg, run, *tasks, retrieval))
+    stages.run_stage("training_data", cfg, run)
     seeds = [cfg.train.seed + i for i in range(args.seeds)]
     headline = experiment.headline_tasks(tasks, truth, cfg)
+    print(f"\n[experiment] training seeds {', '.join(map(str, seeds))}: "
+          f"{run.uri}/experiment/seed-<s>")
+    reps = experiment.train_seeds(cfg, run, seeds)
     reports = {}
-    for s in seeds:
-        print(f"\n[experiment] training seed {s} ({seeds.index(s) + 1} of {len(seeds)}): "
-              f"{run.uri}/experiment/seed-{s}")
-        reports[s] = experiment.train_and_evaluate(
-            cfg, run, s, {"tasks": tasks, "retrieval": retrieval, "truth": truth})
+    for s, (scfg, replica) in reps.items():
+        print(f"\n[experiment] evaluating seed {s}: {replica.uri}")
+        reports[s] = experiment.evaluate(
+            scfg, replica, {"tasks": tasks, "retrieval": retrieval, "truth": truth})
     print()
     summary = experiment.summarise(reports, headline)
     summary["diagnostics"] = experiment.diagnostics(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -59,7 +60,7 @@ def seed_threads(cfg: TrainConfig, node_cpus: float | None = None) -> int:
 
 # ----------------------------------------------------------------------------- one run
 def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
-              samples: int | None, threads: int | None) -> dict[str, Any]:
+              samples: int | None, threads: int | None, label: str | None = None) -> dict[str, Any]:
     """Train one run to its end (resuming its own checkpoints) and return its registry entry."""
     run = RunDir(run_uri, cfg.storage)
     started, wall0 = now(), time.time()
@@ -75,7 +76,7 @@ def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
     result = train.train(job.name, rows,
                          cfg.train, run.stage_uri(job.folder), job.end_samples,
                          schedule_total=job.schedule_total, threads=threads,
-                         init_checkpoint=init, storage=cfg.storage)
+                         init_checkpoint=init, storage=cfg.storage, label=label)
     fine = None
     if job.kind == "expert":
         fine = clusters.owned(run, job.index, job.generation)
@@ -123,18 +124,19 @@ def thin(lines: list[dict], most: int) -> list[dict]:
 
 @ray.remote(num_cpus=0)
 def _train_remote(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
-                  samples: int | None, threads: int | None) -> dict[str, Any]:
+                  samples: int | None, threads: int | None, label: str) -> dict[str, Any]:
     # Zero CPUs: the launcher task only waits on its Train run, whose workers hold the CPUs.
-    return train_run(cfg, run_uri, job, upstream, samples, threads)
+    return train_run(cfg, run_uri, job, upstream, samples, threads, label)
 
 
-def _fresh_start(run: RunDir, job: Job, config_hash: str, force: bool, log: Log) -> None:
+def _fresh_start(run: RunDir, job: Job, config_hash: str, force: bool, log: Log,
+                 label: str) -> None:
     """Keep a run's checkpoints only when they were made with this config (then it resumes)."""
     marker = run.stage_path(job.unit, ATTEMPT)
     before = read_json(run.fs, marker)["config_hash"] if run.fs.exists(marker) else None
     folder = run.stage_path(job.unit)
     if (before != config_hash or force) and run.fs.exists(folder):
-        log(f"[{job.name}] {'--force' if force else 'its checkpoints were made with another config'}:"
+        log(f"[{label}] {'--force' if force else 'its checkpoints were made with another config'}:"
             " starting afresh")
         run.fs.rm(folder, recursive=True)
     write_json_atomic(run.fs, marker, {"config_hash": config_hash, "started_at": now()})
@@ -204,70 +206,94 @@ class Watchdog:
         return stalled
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One run for ``launch_many``: its job, the config and run directory it trains in, and the
+    label of its log lines (its name; "<replica>/<name>" where several run directories, such as
+    an experiment's training seeds, launch together and share run names)."""
+    cfg: Config
+    run: RunDir
+    job: Job
+    label: str
+
+
 def launch(cfg: Config, run: RunDir, jobs: Sequence[Job], max_concurrent: int, *,
            threads: int | None = None, force: bool = False,
            log: Log = print) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Run ``jobs``, at most ``max_concurrent`` at once; returns (registry entries of the runs
-    finished now, {name: error} of the failed ones).
+    """Run ``jobs`` of one run directory, at most ``max_concurrent`` at once; returns (registry
+    entries of the runs finished now, {name: error} of the failed ones). ``launch_many`` with
+    each job labelled by its name."""
+    return launch_many([Launch(cfg, run, job, job.name) for job in jobs], max_concurrent,
+                       threads=threads, force=force, log=log)
+
+
+def launch_many(runs: Sequence[Launch], max_concurrent: int, *, threads: int | None = None,
+                force: bool = False, log: Log = print) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Run ``runs`` (of one or several run directories), at most ``max_concurrent`` at once, in
+    one queue; returns (registry entries of the runs finished now, {label: error} of the failed
+    ones).
 
     Every run's inputs are checked first (a missing or out-of-date seed fails the call before
     anything starts). Complete runs are skipped; the others queue, longest first, and start as
     slots free up (a Ray Train run short of CPUs also waits for them). A failed run is reported
-    and does not stop the others.
+    and does not stop the others. The resource check reads the first queued run's ``train``
+    section (the runs of one call share their workers' shape).
     """
     # Longest first (dense costs m expert runs): the last slot to free up should not be left
-    # running one long job alone.
-    jobs = sorted(jobs, key=lambda j: j.end_samples - seed_end(cfg.train), reverse=True)
-    queue: list[tuple[Job, StageRun]] = []
-    for job in jobs:
-        sr = StageRun(job.unit, cfg, run)
+    # running one long job alone. sorted() is stable: equal runs keep their given order.
+    runs = sorted(runs, key=lambda r: r.job.end_samples - seed_end(r.cfg.train), reverse=True)
+    queue: list[tuple[Launch, StageRun]] = []
+    for r in runs:
+        sr = StageRun(r.job.unit, r.cfg, r.run)
         done = sr.completed()
         if done is not None and not force:
-            if job.name not in registry.finished(run):
-                registry.put(run, done["stats"]["entry"])
-            log(f"[{job.name}] complete for this config: skipped")
+            if r.job.name not in registry.finished(r.run):
+                registry.put(r.run, done["stats"]["entry"])
+            log(f"[{r.label}] complete for this config: skipped")
         else:
-            queue.append((job, sr))
-            log(f"[{job.name}] queued")
-    if queue:
-        fit = resource_plan(cfg.train, min(max_concurrent, len(queue)), cfg.ray.node_types)
+            queue.append((r, sr))
+            log(f"[{r.label}] queued")
+    first = queue[0][0].cfg if queue else None
+    if first is not None:
+        fit = resource_plan(first.train, min(max_concurrent, len(queue)), first.ray.node_types)
         log(f"[launch] {fit}")
-    running: dict[ray.ObjectRef, tuple[Job, StageRun, str, int | None]] = {}
-    watch = Watchdog(cfg.train.stall_warning_s, log)
+    running: dict[ray.ObjectRef, tuple[Launch, StageRun, str]] = {}
+    watch = Watchdog(first.train.stall_warning_s if first is not None else 0, log)
     finished, failed = [], {}
     with console.relay(log):
         while queue or running:
             while queue and len(running) < max_concurrent:
-                job, sr = queue.pop(0)
+                r, sr = queue.pop(0)
+                job = r.job
                 started = sr.begin()
-                registry.drop(run, job.name)
-                _fresh_start(run, job, sr.config_hash, force, log)
+                registry.drop(r.run, job.name)
+                _fresh_start(r.run, job, sr.config_hash, force, log, r.label)
                 ooc, draw = ((sr.cfg.train.ooc_ratio, sr.cfg.train.data_seed)
                              if job.kind == "expert" else (0.0, 0))
                 samples = training_data.run_rows(sr.upstream["training_data"], job, ooc, draw)
                 # Launcher task and Ray Train controller on the driver's node (the head), not
                 # on a worker node that may be lost (README, "Losing nodes").
                 ref = _train_remote.options(scheduling_strategy=console.on_this_node()).remote(
-                    sr.cfg, run.uri, job, sr.upstream, samples, threads)
-                running[ref] = (job, sr, started, samples)
-                watch.started(job.name)
-                log(f"[{job.name}] running")
+                    sr.cfg, r.run.uri, job, sr.upstream, samples, threads, r.label)
+                running[ref] = (r, sr, started)
+                watch.started(r.label)
+                log(f"[{r.label}] running")
             ready, _ = ray.wait(list(running), num_returns=1, timeout=WATCH_EVERY_S)
             if not ready:
-                watch.check([j.name for j, *_ in running.values()])
+                watch.check([r.label for r, *_ in running.values()])
                 continue
-            job, sr, started, _ = running.pop(ready[0])
+            r, sr, started = running.pop(ready[0])
             try:
                 entry = ray.get(ready[0])
             except Exception as e:  # noqa: BLE001 - one failed run must not stop the others
-                failed[job.name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
-                log(f"[{job.name}] failed: {failed[job.name]}")
+                failed[r.label] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+                log(f"[{r.label}] failed: {failed[r.label]}")
                 continue
-            registry.put(run, entry)
+            registry.put(r.run, entry)
             sr.finish(StageOutput(entry["samples"], entry["samples"], {}, {"entry": entry}), started)
             finished.append(entry)
             m = entry["metrics"]
-            log(f"[{job.name}] done: {entry['samples']:,} samples, steps {m['start_step']}->{m['step']}, "
+            log(f"[{r.label}] done: {entry['samples']:,} samples, steps {m['start_step']}->{m['step']}, "
                 f"loss {m['first_loss']:.3f}->{m['final_loss']:.3f}, {entry['wall']['seconds']:.0f} s")
     return finished, failed
 

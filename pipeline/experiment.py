@@ -33,7 +33,7 @@ from pipeline import checkpoints, stages
 from pipeline import eval as evaluation
 from pipeline.config import Config, load_config
 from pipeline.rundir import MANIFEST, RunDir
-from pipeline.runs import plan, run_name, seed_job
+from pipeline.runs import Job, plan, run_name, seed_job
 from pipeline.storage import filesystem, join, write_bytes_atomic
 
 Log = Callable[[str], None]
@@ -74,20 +74,61 @@ def adopt(cfg: Config, run: RunDir, replica: RunDir, log: Log = print) -> list[s
     return adopted
 
 
-def train_and_evaluate(cfg: Config, run: RunDir, seed: int, eval_inputs: dict[str, Any],
-                       log: Log = print) -> dict[str, Any]:
-    """One seed: its replica's runs trained (or skipped, or adopted) and evaluated; its report."""
-    scfg = seed_config(cfg, seed)
-    replica = run.replica(f"seed-{seed}")
-    replica.write_config(scfg)
-    if seed == cfg.train.seed:
-        adopt(scfg, run, replica, log)
-    checkpoints.train_seed(scfg, replica, log=log)
-    jobs = plan(scfg.train, checkpoints.num_experts(run))
-    _, failed = checkpoints.launch(scfg, replica, jobs, scfg.train.max_concurrent, log=log)
+Replicas = dict[int, tuple[Config, RunDir]]     # training seed -> (its config, its replica)
+
+
+def replicas(cfg: Config, run: RunDir, seeds: Sequence[int], log: Log = print) -> Replicas:
+    """Each seed's config and replica (``experiment/seed-<s>/``, its config written); the run's
+    own seed adopts the run's complete runs."""
+    out = {}
+    for seed in seeds:
+        scfg = seed_config(cfg, seed)
+        replica = run.replica(f"seed-{seed}")
+        replica.write_config(scfg)
+        if seed == cfg.train.seed:
+            adopt(scfg, run, replica, log)
+        out[seed] = (scfg, replica)
+    return out
+
+
+def _launch(reps: Replicas, jobs: Callable[[Config], list[Job]], log: Log,
+            threads: int | None = None) -> None:
+    runs = [checkpoints.Launch(scfg, replica, job, f"seed-{seed}/{job.name}")
+            for seed, (scfg, replica) in reps.items() for job in jobs(scfg)]
+    cfg = next(iter(reps.values()))[0]
+    _, failed = checkpoints.launch_many(runs, cfg.train.max_concurrent, threads=threads, log=log)
     if failed:
-        raise RuntimeError(f"seed {seed}: runs failed: {failed} (rerun the job: finished runs "
-                           "are skipped, interrupted ones resume)")
+        raise RuntimeError(f"runs failed: {failed} (rerun the job: finished runs are skipped, "
+                           "interrupted ones resume)")
+
+
+def train_seed_models(reps: Replicas, log: Log = print) -> None:
+    """Every seed's seed model, in one queue (a seed model trains alone in a run: here up to
+    ``train.max_concurrent`` of them share the torch threads it would get)."""
+    cfg = next(iter(reps.values()))[0]
+    pending = sum(stages.StageRun(seed_job(scfg.train).unit, scfg, replica).completed() is None
+                  for scfg, replica in reps.values())
+    at_once = max(1, min(pending, cfg.train.max_concurrent))
+    threads = max(cfg.train.threads_per_worker, checkpoints.seed_threads(cfg.train) // at_once)
+    _launch(reps, lambda scfg: [seed_job(scfg.train)], log, threads=threads)
+
+
+def train_seeds(cfg: Config, run: RunDir, seeds: Sequence[int], log: Log = print) -> Replicas:
+    """Train (or skip, or adopt) every run of every seed: the seed models, then every expert,
+    random-split part and dense of all seeds in one queue, longest first, at most
+    ``train.max_concurrent`` at once. One queue keeps a cluster as full as the runs allow
+    (seeds do not wait for each other) and, on a small machine, leaves no slot idle at the end
+    of one seed while the next has not begun."""
+    reps = replicas(cfg, run, seeds, log)
+    train_seed_models(reps, log)
+    experts = checkpoints.num_experts(run)
+    _launch(reps, lambda scfg: plan(scfg.train, experts), log)
+    return reps
+
+
+def evaluate(scfg: Config, replica: RunDir, eval_inputs: dict[str, Any],
+             log: Log = print) -> dict[str, Any]:
+    """One seed's runs evaluated in its replica (skipped when complete); its report."""
     stages.run_stage("eval", scfg, replica, log=log, **eval_inputs)
     return evaluation.load_report(replica)
 

@@ -113,7 +113,7 @@ class TrainResult:
 def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: str,
           end_samples: int, *, schedule_total: int | None = None, threads: int | None = None,
           init_checkpoint: str | None = None, storage: StorageConfig | None = None,
-          crash_at_step: int | None = None) -> TrainResult:
+          crash_at_step: int | None = None, label: str | None = None) -> TrainResult:
     """Train (or resume) the run ``name`` until ``end_samples`` samples seen in total.
 
     Rerunning a name resumes from its latest checkpoint; a run already at ``end_samples``
@@ -137,6 +137,8 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         storage: S3 endpoint and region for ``storage_path`` and ``init_checkpoint``.
         crash_at_step: tests only: raise after this step in a worker group that did not resume
             from a checkpoint of the run's own, like a node lost mid-run.
+        label: what the run's log lines and heartbeats are prefixed with (default ``name``;
+            runs of several replicas launched together need a longer one, e.g. "seed-2/dense").
     """
     schedule_total = schedule_total or cfg.total_samples
     if end_samples > schedule_total:
@@ -153,7 +155,8 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
     inputs = dataset if cfg.decode_in_worker else model_inputs(dataset, cfg.model, cfg.augment,
                                                                 cpus=cfg.data_cpus)
     loop_config = {
-        "name": name, "train": cfg, "end_samples": end_samples, "schedule_total": schedule_total,
+        "name": name, "label": label or name, "train": cfg, "end_samples": end_samples,
+        "schedule_total": schedule_total,
         "threads": cfg.threads_per_worker if threads is None else threads,
         "init_checkpoint": init_checkpoint, "storage": dataclasses.asdict(storage),
         "crash_at_step": crash_at_step,

@@ -163,7 +163,8 @@ class Events:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker function. ``config`` (built by ``pipeline.train.train``): ``name``,
-    ``train`` (the TrainConfig, or a stage's view of it), ``end_samples``, ``schedule_total``,
+    ``label`` (its log lines' prefix and heartbeat key; default ``name``), ``train`` (the
+    TrainConfig, or a stage's view of it), ``end_samples``, ``schedule_total``,
     ``threads``, ``init_checkpoint``, ``storage``, ``crash_at_step``, and optionally ``starts_uri``
     and ``tensorboard_uri`` (rank 0 writes there, ``_record_start`` and ``Events``).
 
@@ -218,11 +219,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     shard = ray.train.get_dataset_shard("train")
     local_batch = cfg.batch_size // world
 
+    label = config.get("label", name)
+
     def say(text: str) -> None:
         if rank == 0:
-            console.say(f"[{name}] {text}")
+            console.say(f"[{label}] {text}")
 
-    beat = console.Heartbeat(name) if rank == 0 else (lambda _step: None)
+    beat = console.Heartbeat(label) if rank == 0 else (lambda _step: None)
     if rank == 0 and config.get("starts_uri"):
         _record_start(config["starts_uri"], config["storage"], step)
     events = Events(config["tensorboard_uri"], config["storage"]) \

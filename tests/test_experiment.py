@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import checkpoints, experiment, registry
+from pipeline import experiment, registry
 from pipeline.ensemble import run_config
 from pipeline.rundir import RunDir
 from tests.tiny import EXPERTS, copy_run, registry_of
@@ -45,23 +45,34 @@ def test_the_summary_gives_means_spreads_and_paired_intervals():
     assert experiment.plot(s)[:4] == b"\x89PNG"
 
 
-def test_a_replica_reads_the_runs_data_stages_and_trains_its_own_seed(seeded, tmp_path):
-    """Seed 1 of the tiny run: its seed model trains in experiment/seed-1/ on the run's
-    training data (no copy), from another initialisation."""
+def test_replicas_read_the_runs_data_stages_and_train_their_seeds_in_one_queue(seeded, tmp_path):
+    """Seeds 1 and 2 of the tiny run: their seed models train at once, one queue, each in its
+    experiment/seed-<s>/ on the run's training data (no copy), from its own initialisation;
+    their log lines say which seed they are."""
     run = copy_run(seeded, tmp_path / "run")
-    cfg = experiment.seed_config(run_config(run.uri), 1)
-    replica = run.replica("seed-1")
-    assert RunDir(replica.uri, cfg.storage).shared.uri == run.uri     # found again from its URI
-    assert replica.manifest("training_data") == run.manifest("training_data")
-    entry = checkpoints.train_seed(cfg, replica, log=lambda *_: None)
+    reps = experiment.replicas(run_config(run.uri), run, [1, 2])
+    for seed, (cfg, replica) in reps.items():
+        assert cfg.train.seed == seed
+        assert RunDir(replica.uri, cfg.storage).shared.uri == run.uri     # found again from its URI
+        assert replica.manifest("training_data") == run.manifest("training_data")
+    lines: list[str] = []
+    experiment.train_seed_models(reps, log=lines.append)
     own = registry_of(tmp_path / "run")["seed"]
-    assert entry["metrics"]["samples_seen"] == own["metrics"]["samples_seen"]
-    assert entry["sha256"] != own["sha256"]                         # another initialisation
-    assert entry["checkpoint"].startswith(replica.uri + "/checkpoints/seed/")
-    assert sorted(p.name for p in Path(replica.uri).iterdir()) == ["_replica.json", "checkpoints",
-                                                                    "registry"]
+    entries = {s: registry.finished(replica)["seed"] for s, (_, replica) in reps.items()}
+    for seed, entry in entries.items():
+        replica = reps[seed][1]
+        assert entry["metrics"]["samples_seen"] == own["metrics"]["samples_seen"]
+        assert entry["checkpoint"].startswith(replica.uri + "/checkpoints/seed/")
+        assert sorted(p.name for p in Path(replica.uri).iterdir()) == [
+            "_replica.json", "checkpoints", "config.yaml", "registry"]
+        for what in ("running", "done:", "step 12 samples 384/384"):
+            assert any(line.startswith(f"[seed-{seed}/seed] {what}") for line in lines), (what, lines)
+    # another initialisation each; both ran at once (one queue, max_concurrent 2 here)
+    assert len({own["sha256"], entries[1]["sha256"], entries[2]["sha256"]}) == 3
+    assert entries[1]["wall"]["start"] < entries[2]["wall"]["end"]
+    assert entries[2]["wall"]["start"] < entries[1]["wall"]["end"]
     with pytest.raises(ValueError, match="unknown stage folder 'generations'"):
-        replica.stage_path("generations")
+        reps[1][1].stage_path("generations")
 
 
 def test_the_experiment_adopts_the_runs_own_seed_and_writes_its_tables(trained, tiny_world, tmp_path,
