@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import fsspec
 
@@ -42,14 +43,32 @@ def checkpoint_file_uri(uri: str) -> str:
     return uri if uri.endswith(".pt") else uri.rstrip("/") + "/" + CHECKPOINT_FILE
 
 
-def read_checkpoint(uri: str, storage: StorageConfig) -> dict[str, Any]:
-    """Load ``checkpoint.pt`` from a checkpoint directory (or the file itself), local or S3."""
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file that holds more than tensors and plain values (refused unread)."""
+
+
+def load_state(source: str | BinaryIO, where: str | None = None) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint file, weights only: tensors, numbers, strings, lists and
+    dicts. A file that would run code or build other objects when unpickled (a planted
+    ``__reduce__``, any class) is refused with ``UnsafeCheckpoint`` before anything runs. Every
+    checkpoint this project reads goes through here (README, "Security")."""
     import torch  # late import: keeps torch out of the light processes that import this module
 
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpoint(f"{where or source}: refused, not a weights-only checkpoint "
+                               f"({first}); load only checkpoints you trust, and never with "
+                               "weights_only=False") from None
+
+
+def read_checkpoint(uri: str, storage: StorageConfig) -> dict[str, Any]:
+    """Load ``checkpoint.pt`` from a checkpoint directory (or the file itself), local or S3."""
     fs, path = filesystem(checkpoint_file_uri(uri), storage)
     with fs.open(path, "rb") as f:
         data = f.read()
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return load_state(io.BytesIO(data), checkpoint_file_uri(uri))
 
 
 def load_model(uri: str, storage: StorageConfig) -> tuple[torch.nn.Module, Callable, Callable]:

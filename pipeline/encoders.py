@@ -18,6 +18,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from pipeline.checkpoint_io import load_state
+
 OFFLINE_MINILM = "minilm-offline"
 OPEN_CLIP_PREFIX = "open_clip:"
 
@@ -60,7 +62,7 @@ class _OpenClipText:
         is_file = bool(pretrained) and os.path.isfile(pretrained)
         model = open_clip.create_model(arch, pretrained=None if is_file else (pretrained or None))
         if is_file:
-            state = torch.load(pretrained, map_location="cpu", weights_only=True)
+            state = load_state(pretrained)
             model.load_state_dict(state.get("model", state))
         self.model = model.to(self.device).eval()
         self.tokenizer = open_clip.get_tokenizer(arch)

@@ -36,7 +36,7 @@ from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.summary import scalar
 
 from pipeline import console
-from pipeline.checkpoint_io import CHECKPOINT_FILE, LOG_FILE, read_checkpoint, step_dir_name
+from pipeline.checkpoint_io import CHECKPOINT_FILE, LOG_FILE, load_state, read_checkpoint, step_dir_name
 from pipeline.config import StorageConfig, TrainConfig
 from pipeline.console import format_seconds
 from pipeline.inputs import preprocessor
@@ -185,8 +185,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu",
-                               weights_only=True)
+            state = load_state(os.path.join(d, CHECKPOINT_FILE))
             with open(os.path.join(d, LOG_FILE)) as f:
                 history = json.load(f)
     elif config["init_checkpoint"]:

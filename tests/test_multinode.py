@@ -221,11 +221,11 @@ def test_the_cluster_run_ends_in_a_report_and_holds_no_credential(cluster, seede
                      for stage in ("ingest", "embeddings", "assignments"))
     assert ing["rows_in"] == 600 and asg["rows_out"] == emb["rows_out"] == ing["rows_out"]
     assert "mn/run/assignments/_sizes.png" in written
-    # the keys every node had in its environment: in no manifest, config.yaml, registry
-    # entry, report, or any job's log
+    # the S3 keys and the Ray token every node had in its environment: in no manifest,
+    # config.yaml, registry entry, report, or any job's log (README, "Security")
     assert {"mn/run/config.yaml", "mn/run/registry/expert-1.json"} <= set(written)
     texts = [*written.values(), *(log.encode() for log in cluster.logs.values())]
-    for value in cluster.keys.values():
+    for value in [*cluster.keys.values(), cluster.env["RAY_AUTH_TOKEN"]]:
         for text in texts:
             at = text.find(value.encode())
             assert at < 0, text[max(0, at - 300):at + 60]
