@@ -287,10 +287,12 @@ def test_train_module_imports_neither_torch_nor_open_clip():
 @pytest.mark.parametrize("preset, expected", [(None, "1"), ("3", "3")])
 def test_local_ray_gets_one_parquet_footer_actor_unless_told(preset, expected):
     """A local Ray's driver and workers see RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1 (Ray Data's
-    default of 32 processes per read swamps a laptop); a value the user set is kept."""
+    default of 32 processes per read swamps a laptop); a value the user set is kept. And the
+    local Ray a job starts serves no dashboard (README, "Security")."""
     code = ("import os, ray; from pipeline.config import RayConfig; "
             "from pipeline.raycluster import init_ray; init_ray(RayConfig(), num_cpus=1); "
             "worker = ray.get(ray.remote(lambda: os.environ.get('RAY_DATA_PARQUET_FOOTER_NUM_ACTORS'))"
-            ".remote()); print(os.environ['RAY_DATA_PARQUET_FOOTER_NUM_ACTORS'], worker)")
+            ".remote()); print(os.environ['RAY_DATA_PARQUET_FOOTER_NUM_ACTORS'], worker, "
+            "ray._private.worker._global_node.webui_url or 'no-dashboard')")
     env = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": preset} if preset else {}
-    assert _python(code, **env) == f"{expected} {expected}"
+    assert _python(code, **env) == f"{expected} {expected} no-dashboard"
