@@ -210,11 +210,54 @@ class Watchdog:
 class Launch:
     """One run for ``launch_many``: its job, the config and run directory it trains in, and the
     label of its log lines (its name; "<replica>/<name>" where several run directories, such as
-    an experiment's training seeds, launch together and share run names)."""
+    an experiment's training seeds, launch together and share run names).
+
+    ``after``: the label of another run of the same call that must finish first (an
+    experiment's experts and baselines wait for their own seed model, not for every seed's);
+    ``threads``: torch threads for this run (default: ``launch_many``'s)."""
     cfg: Config
     run: RunDir
     job: Job
     label: str
+    after: str | None = None
+    threads: int | None = None
+
+
+def queue_order(runs: Sequence[Launch]) -> list[Launch]:
+    """``launch_many``'s queue: the runs others wait for (``after``) first, then longest first
+    (dense costs m expert runs: the last slot to free up should not be left running one long
+    job alone). Stable: equal runs keep their given order."""
+    awaited = {r.after for r in runs if r.after is not None}
+    unknown = awaited - {r.label for r in runs}
+    if unknown:
+        raise ValueError(f"runs wait for runs not in this launch: {sorted(unknown)}")
+    return sorted(runs, key=lambda r: (r.label not in awaited,
+                                       -(r.job.end_samples - seed_end(r.cfg.train))))
+
+
+def next_startable(queue: list[tuple[Launch, StageRun | None]], succeeded: set[str],
+                   failed: dict[str, str], log: Log = print) -> tuple[Launch, StageRun] | None:
+    """Take from ``queue`` the first run whose ``after`` has succeeded, its ``StageRun`` built
+    now where it waited (its inputs exist only now); None when every queued run still waits.
+    Runs whose ``after`` failed, or whose inputs do not check, are taken out and entered in
+    ``failed``."""
+    for i, (r, sr) in enumerate(queue):
+        if r.after in failed:
+            queue.pop(i)
+            failed[r.label] = f"not started: {r.after} failed"
+            log(f"[{r.label}] {failed[r.label]}")
+            return next_startable(queue, succeeded, failed, log)
+        if r.after is None or r.after in succeeded:
+            queue.pop(i)
+            if sr is None:
+                try:
+                    sr = StageRun(r.job.unit, r.cfg, r.run)
+                except Exception as e:  # noqa: BLE001 - fail this run, not the launch
+                    failed[r.label] = f"{type(e).__name__}: {e}"
+                    log(f"[{r.label}] failed: {failed[r.label]}")
+                    return next_startable(queue, succeeded, failed, log)
+            return r, sr
+    return None
 
 
 def launch(cfg: Config, run: RunDir, jobs: Sequence[Job], max_concurrent: int, *,
@@ -234,16 +277,23 @@ def launch_many(runs: Sequence[Launch], max_concurrent: int, *, threads: int | N
     ones).
 
     Every run's inputs are checked first (a missing or out-of-date seed fails the call before
-    anything starts). Complete runs are skipped; the others queue, longest first, and start as
-    slots free up (a Ray Train run short of CPUs also waits for them). A failed run is reported
-    and does not stop the others. The resource check reads the first queued run's ``train``
-    section (the runs of one call share their workers' shape).
+    anything starts), except those of a run whose ``after`` trains in this call: they are
+    checked when it has finished. Complete runs are skipped; the others queue (the runs others
+    wait for first, then longest first) and start as slots free up and their ``after`` has
+    finished (a Ray Train run short of CPUs also waits for them). A failed run is reported and
+    does not stop the others; the runs waiting for it are reported failed, not started. The
+    resource check reads the first queued run's ``train`` section (the runs of one call share
+    their workers' shape).
     """
-    # Longest first (dense costs m expert runs): the last slot to free up should not be left
-    # running one long job alone. sorted() is stable: equal runs keep their given order.
-    runs = sorted(runs, key=lambda r: r.job.end_samples - seed_end(r.cfg.train), reverse=True)
-    queue: list[tuple[Launch, StageRun]] = []
+    runs = queue_order(runs)
+    queue: list[tuple[Launch, StageRun | None]] = []
+    training: set[str] = set()      # labels of the runs this call trains
     for r in runs:
+        if r.after in training:     # its inputs do not exist yet: checked when it can start
+            queue.append((r, None))
+            training.add(r.label)
+            log(f"[{r.label}] queued, after {r.after}")
+            continue
         sr = StageRun(r.job.unit, r.cfg, r.run)
         done = sr.completed()
         if done is not None and not force:
@@ -252,6 +302,7 @@ def launch_many(runs: Sequence[Launch], max_concurrent: int, *, threads: int | N
             log(f"[{r.label}] complete for this config: skipped")
         else:
             queue.append((r, sr))
+            training.add(r.label)
             log(f"[{r.label}] queued")
     first = queue[0][0].cfg if queue else None
     if first is not None:
@@ -260,11 +311,20 @@ def launch_many(runs: Sequence[Launch], max_concurrent: int, *, threads: int | N
     running: dict[ray.ObjectRef, tuple[Launch, StageRun, str]] = {}
     watch = Watchdog(first.train.stall_warning_s if first is not None else 0, log)
     finished, failed = [], {}
+    succeeded: set[str] = set()
+
     with console.relay(log):
         while queue or running:
-            while queue and len(running) < max_concurrent:
-                r, sr = queue.pop(0)
+            while len(running) < max_concurrent and \
+                    (picked := next_startable(queue, succeeded, failed, log)) is not None:
+                r, sr = picked
                 job = r.job
+                done = None if force else sr.completed()
+                if done is not None:    # one that waited, complete already (a rerun)
+                    registry.put(r.run, done["stats"]["entry"])
+                    succeeded.add(r.label)
+                    log(f"[{r.label}] complete for this config: skipped")
+                    continue
                 started = sr.begin()
                 registry.drop(r.run, job.name)
                 _fresh_start(r.run, job, sr.config_hash, force, log, r.label)
@@ -274,10 +334,13 @@ def launch_many(runs: Sequence[Launch], max_concurrent: int, *, threads: int | N
                 # Launcher task and Ray Train controller on the driver's node (the head), not
                 # on a worker node that may be lost (README, "Losing nodes").
                 ref = _train_remote.options(scheduling_strategy=console.on_this_node()).remote(
-                    sr.cfg, r.run.uri, job, sr.upstream, samples, threads, r.label)
+                    sr.cfg, r.run.uri, job, sr.upstream, samples,
+                    threads if r.threads is None else r.threads, r.label)
                 running[ref] = (r, sr, started)
                 watch.started(r.label)
                 log(f"[{r.label}] running")
+            if not running:
+                continue    # the rest waited for runs that failed: failed in turn above
             ready, _ = ray.wait(list(running), num_returns=1, timeout=WATCH_EVERY_S)
             if not ready:
                 watch.check([r.label for r, *_ in running.values()])
@@ -292,6 +355,7 @@ def launch_many(runs: Sequence[Launch], max_concurrent: int, *, threads: int | N
             registry.put(r.run, entry)
             sr.finish(StageOutput(entry["samples"], entry["samples"], {}, {"entry": entry}), started)
             finished.append(entry)
+            succeeded.add(r.label)
             m = entry["metrics"]
             log(f"[{r.label}] done: {entry['samples']:,} samples, steps {m['start_step']}->{m['step']}, "
                 f"loss {m['first_loss']:.3f}->{m['final_loss']:.3f}, {entry['wall']['seconds']:.0f} s")

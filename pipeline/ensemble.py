@@ -183,6 +183,11 @@ class MoDEEnsemble:
         self._encoder = None
         self._heads: dict[tuple, Any] = {}        # (run, classes, templates) -> text head
         self._routes: dict[tuple, np.ndarray] = {}  # (classes, templates) -> class embeddings
+        # The last image list preprocessed, with its architecture and the tensor: a task's
+        # images go through every run, and runs of one architecture share open_clip's
+        # transform, so each task is transformed once, not once per run (one entry: a
+        # task's tensor at a time, as each run's features already need).
+        self._pixels: tuple[Any, str, Any] | None = None
 
     @property
     def encoder(self):
@@ -239,7 +244,10 @@ class MoDEEnsemble:
 
         model, preprocess, _ = self.model(name)
         if not isinstance(images, torch.Tensor):
-            images = torch.stack([preprocess(im.convert("RGB")) for im in images])
+            arch = self.registry[name].get("model") or name   # entries name their architecture
+            if self._pixels is None or self._pixels[0] is not images or self._pixels[1] != arch:
+                self._pixels = (images, arch, torch.stack([preprocess(im.convert("RGB")) for im in images]))
+            images = self._pixels[2]
         with torch.no_grad():
             return model.encode_image(images.to(self.device), normalize=True)
 

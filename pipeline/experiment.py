@@ -33,7 +33,7 @@ from pipeline import checkpoints, stages
 from pipeline import eval as evaluation
 from pipeline.config import Config, load_config
 from pipeline.rundir import MANIFEST, RunDir
-from pipeline.runs import Job, plan, run_name, seed_job
+from pipeline.runs import plan, run_name, seed_job
 from pipeline.storage import filesystem, join, write_bytes_atomic
 
 Log = Callable[[str], None]
@@ -91,38 +91,37 @@ def replicas(cfg: Config, run: RunDir, seeds: Sequence[int], log: Log = print) -
     return out
 
 
-def _launch(reps: Replicas, jobs: Callable[[Config], list[Job]], log: Log,
-            threads: int | None = None) -> None:
-    runs = [checkpoints.Launch(scfg, replica, job, f"seed-{seed}/{job.name}")
-            for seed, (scfg, replica) in reps.items() for job in jobs(scfg)]
-    cfg = next(iter(reps.values()))[0]
-    _, failed = checkpoints.launch_many(runs, cfg.train.max_concurrent, threads=threads, log=log)
-    if failed:
-        raise RuntimeError(f"runs failed: {failed} (rerun the job: finished runs are skipped, "
-                           "interrupted ones resume)")
-
-
-def train_seed_models(reps: Replicas, log: Log = print) -> None:
-    """Every seed's seed model, in one queue (a seed model trains alone in a run: here up to
-    ``train.max_concurrent`` of them share the torch threads it would get)."""
+def seed_queue(reps: Replicas, experts: int) -> list[checkpoints.Launch]:
+    """Every run of every seed for one ``launch_many``: each seed model, and each seed's
+    experts, random-split parts and dense after that seed's own seed model (labels
+    ``seed-<s>/<run>``). A seed model gets the torch threads a seed model alone would get
+    (``checkpoints.seed_threads``), shared with the runs it trains beside."""
     cfg = next(iter(reps.values()))[0]
     pending = sum(stages.StageRun(seed_job(scfg.train).unit, scfg, replica).completed() is None
                   for scfg, replica in reps.values())
     at_once = max(1, min(pending, cfg.train.max_concurrent))
     threads = max(cfg.train.threads_per_worker, checkpoints.seed_threads(cfg.train) // at_once)
-    _launch(reps, lambda scfg: [seed_job(scfg.train)], log, threads=threads)
+    runs = []
+    for seed, (scfg, replica) in reps.items():
+        seed_label = f"seed-{seed}/seed"
+        runs.append(checkpoints.Launch(scfg, replica, seed_job(scfg.train), seed_label, threads=threads))
+        runs += [checkpoints.Launch(scfg, replica, job, f"seed-{seed}/{job.name}", after=seed_label)
+                 for job in plan(scfg.train, experts)]
+    return runs
 
 
 def train_seeds(cfg: Config, run: RunDir, seeds: Sequence[int], log: Log = print) -> Replicas:
-    """Train (or skip, or adopt) every run of every seed: the seed models, then every expert,
-    random-split part and dense of all seeds in one queue, longest first, at most
-    ``train.max_concurrent`` at once. One queue keeps a cluster as full as the runs allow
-    (seeds do not wait for each other) and, on a small machine, leaves no slot idle at the end
-    of one seed while the next has not begun."""
+    """Train (or skip, or adopt) every run of every seed in one queue (``seed_queue``),
+    ``train.max_concurrent`` at once: the seed models first, then each seed's other runs,
+    longest first, as soon as that seed's own seed model has finished. One queue keeps a
+    cluster as full as the runs allow (seeds do not wait for each other) and, on a small
+    machine, leaves no slot idle while a last seed model trains alone."""
     reps = replicas(cfg, run, seeds, log)
-    train_seed_models(reps, log)
-    experts = checkpoints.num_experts(run)
-    _launch(reps, lambda scfg: plan(scfg.train, experts), log)
+    runs = seed_queue(reps, checkpoints.num_experts(run))
+    _, failed = checkpoints.launch_many(runs, cfg.train.max_concurrent, log=log)
+    if failed:
+        raise RuntimeError(f"runs failed: {failed} (rerun the job: finished runs are skipped, "
+                           "interrupted ones resume)")
     return reps
 
 

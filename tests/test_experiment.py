@@ -45,10 +45,57 @@ def test_the_summary_gives_means_spreads_and_paired_intervals():
     assert experiment.plot(s)[:4] == b"\x89PNG"
 
 
+def test_a_seeds_runs_wait_for_its_own_seed_model_only(tmp_path, monkeypatch):
+    """The experiment's queue: every seed model first; a seed's other runs (longest first)
+    start once that seed's own seed model has succeeded, whatever the other seeds do; the runs
+    of a failed seed model are failed, not started."""
+    from pipeline import checkpoints
+    from pipeline.config import load_config
+    from pipeline.runs import plan, seed_job
+
+    cfg = load_config("demo")
+    run = RunDir(str(tmp_path / "run"), cfg.storage)
+    launches = []
+    for seed in (0, 1):
+        launches.append(checkpoints.Launch(cfg, run, seed_job(cfg.train), f"seed-{seed}/seed"))
+        launches += [checkpoints.Launch(cfg, run, job, f"seed-{seed}/{job.name}", after=f"seed-{seed}/seed")
+                     for job in plan(cfg.train, 2)]
+    ordered = checkpoints.queue_order(launches)
+    assert [r.label for r in ordered][:4] == ["seed-0/seed", "seed-1/seed", "seed-0/dense", "seed-1/dense"]
+    # a run that waited gets its StageRun (its inputs checked) when it is taken
+    monkeypatch.setattr(checkpoints, "StageRun", lambda unit, cfg, run: ("checked", unit))
+    queue = [(r, None if r.after else "seed's") for r in ordered]
+    succeeded, failed, lines = set(), {}, []
+
+    def take():
+        picked = checkpoints.next_startable(queue, succeeded, failed, lines.append)
+        return None if picked is None else (picked[0].label, picked[1])
+
+    assert take() == ("seed-0/seed", "seed's") and take() == ("seed-1/seed", "seed's")
+    assert take() is None                            # the rest wait for their seed model
+    succeeded.add("seed-1/seed")
+    assert take() == ("seed-1/dense", ("checked", "checkpoints/dense"))
+    assert take() == ("seed-1/expert-0", ("checked", "checkpoints/expert-0"))
+    failed["seed-0/seed"] = "RuntimeError: lost"
+    assert [take() for _ in range(4)] == [
+        ("seed-1/expert-1", ("checked", "checkpoints/expert-1")),
+        ("seed-1/random-split-0", ("checked", "checkpoints/random-split-0")),
+        ("seed-1/random-split-1", ("checked", "checkpoints/random-split-1")), None]
+    assert not queue
+    assert {k: v for k, v in failed.items() if k != "seed-0/seed"} == {
+        f"seed-0/{n}": "not started: seed-0/seed failed"
+        for n in ("dense", "expert-0", "expert-1", "random-split-0", "random-split-1")}
+    with pytest.raises(ValueError, match="not in this launch"):
+        checkpoints.queue_order(launches[1:])
+
+
 def test_replicas_read_the_runs_data_stages_and_train_their_seeds_in_one_queue(seeded, tmp_path):
-    """Seeds 1 and 2 of the tiny run: their seed models train at once, one queue, each in its
-    experiment/seed-<s>/ on the run's training data (no copy), from its own initialisation;
-    their log lines say which seed they are."""
+    """Seeds 1 and 2 of the tiny run in the experiment's queue (its seed models and seed 1's
+    expert-0): the seed models train at once, each in its experiment/seed-<s>/ on the run's
+    training data (no copy), from its own initialisation; the expert starts from its own seed's
+    model once that has finished; log lines say which seed they are."""
+    from pipeline import checkpoints
+
     run = copy_run(seeded, tmp_path / "run")
     reps = experiment.replicas(run_config(run.uri), run, [1, 2])
     for seed, (cfg, replica) in reps.items():
@@ -56,7 +103,11 @@ def test_replicas_read_the_runs_data_stages_and_train_their_seeds_in_one_queue(s
         assert RunDir(replica.uri, cfg.storage).shared.uri == run.uri     # found again from its URI
         assert replica.manifest("training_data") == run.manifest("training_data")
     lines: list[str] = []
-    experiment.train_seed_models(reps, log=lines.append)
+    runs = [r for r in experiment.seed_queue(reps, EXPERTS)
+            if r.label in ("seed-1/seed", "seed-2/seed", "seed-1/expert-0")]
+    assert len(runs) == 3
+    _, failed = checkpoints.launch_many(runs, 2, log=lines.append)
+    assert not failed
     own = registry_of(tmp_path / "run")["seed"]
     entries = {s: registry.finished(replica)["seed"] for s, (_, replica) in reps.items()}
     for seed, entry in entries.items():
@@ -71,6 +122,10 @@ def test_replicas_read_the_runs_data_stages_and_train_their_seeds_in_one_queue(s
     assert len({own["sha256"], entries[1]["sha256"], entries[2]["sha256"]}) == 3
     assert entries[1]["wall"]["start"] < entries[2]["wall"]["end"]
     assert entries[2]["wall"]["start"] < entries[1]["wall"]["end"]
+    expert = registry.finished(reps[1][1])["expert-0"]
+    assert "[seed-1/expert-0] queued, after seed-1/seed" in lines
+    assert expert["init_checkpoint"] == entries[1]["checkpoint"]
+    assert expert["wall"]["start"] >= entries[1]["wall"]["end"]
     with pytest.raises(ValueError, match="unknown stage folder 'generations'"):
         reps[1][1].stage_path("generations")
 
