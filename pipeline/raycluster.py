@@ -19,6 +19,11 @@ from pipeline.storage import is_s3
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 LOCAL_FOOTER_ACTORS = "1"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# Ray's log monitor looks for new worker log files ten times a second while a node has fewer
+# than 1,000 of them (six globs of the log folder each time), to forward worker output to
+# drivers. A local Ray's jobs forward none unless verbose (``pipeline.console``), and each
+# training run adds a dozen log files; there it looks every 2 s instead (README, "Demo timings").
+LOG_MONITOR_ENV = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "2"}
 
 
 def init_ray(cfg: RayConfig, num_cpus: int | None = None) -> str:
@@ -52,6 +57,8 @@ def init_ray(cfg: RayConfig, num_cpus: int | None = None) -> str:
         # Ray Train's preemption watcher is one more actor process per worker-group start (2 s
         # of CPU on 2 cores) that polls for node drains, and one machine has no node to drain.
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+        for name, value in LOG_MONITOR_ENV.items():
+            os.environ.setdefault(name, value)
         context = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
                            object_store_memory=cfg.object_store_memory, include_dashboard=False,
                            runtime_env={"worker_process_setup_hook": quiet_workers}, **quiet)

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import ray.data
 from ray.data import SaveMode
 
-from pipeline import assignments, ingest
+from pipeline import ingest
 from pipeline.config import ConfigView
 from pipeline.console import Tally
 from pipeline.keys import key_rank, uniform
@@ -100,6 +100,11 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
     parts = max(1, int(np.ceil(assigned / cfg.train.rows_per_file)))
     samples = ingest.good_rows(ingest.read_samples(data_uri, cfg.data, cfg.storage, decode_images=False,
                                                    key_prefix=prefix))
+    # late import: assignments imports the clustering (faiss, scipy: 0.6 s), which the processes
+    # that only unpickle this module's row filters (a run's worker, its dataset manager, the
+    # read tasks) do not need
+    from pipeline import assignments
+
     labels = assignments.read(run).select_columns(["key", "fine_id", "expert_id"])
     counter = Tally()
     ratio, seed = cfg.train.ooc_ratio, cfg.train.data_seed

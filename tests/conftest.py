@@ -22,6 +22,10 @@ def ray_local():
     import ray
     from ray.data import DataContext
 
+    from pipeline.raycluster import LOG_MONITOR_ENV
+
+    for name, value in LOG_MONITOR_ENV.items():     # as init_ray sets them for a local Ray
+        os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024**2,
              include_dashboard=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
