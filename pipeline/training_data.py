@@ -103,9 +103,9 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
     # late import: assignments imports the clustering (faiss, scipy: 0.6 s), which the processes
     # that only unpickle this module's row filters (a run's worker, its dataset manager, the
     # read tasks) do not need
-    from pipeline import assignments
+    from pipeline.assignments import read as read_assignments
 
-    labels = assignments.read(run).select_columns(["key", "fine_id", "expert_id"])
+    labels = read_assignments(run).select_columns(["key", "fine_id", "expert_id"])
     counter = Tally()
     ratio, seed = cfg.train.ooc_ratio, cfg.train.data_seed
     samples.select_columns(["key", "caption", "image"]) \
