@@ -288,6 +288,7 @@ def launch_many(runs: Sequence[Launch], max_concurrent: int, *, threads: int | N
     runs = queue_order(runs)
     queue: list[tuple[Launch, StageRun | None]] = []
     training: set[str] = set()      # labels of the runs this call trains
+    succeeded: set[str] = set()     # labels of the runs done: skipped as complete, or trained
     for r in runs:
         if r.after in training:     # its inputs do not exist yet: checked when it can start
             queue.append((r, None))
@@ -300,6 +301,7 @@ def launch_many(runs: Sequence[Launch], max_concurrent: int, *, threads: int | N
             if r.job.name not in registry.finished(r.run):
                 registry.put(r.run, done["stats"]["entry"])
             log(f"[{r.label}] complete for this config: skipped")
+            succeeded.add(r.label)
         else:
             queue.append((r, sr))
             training.add(r.label)
@@ -311,7 +313,6 @@ def launch_many(runs: Sequence[Launch], max_concurrent: int, *, threads: int | N
     running: dict[ray.ObjectRef, tuple[Launch, StageRun, str]] = {}
     watch = Watchdog(first.train.stall_warning_s if first is not None else 0, log)
     finished, failed = [], {}
-    succeeded: set[str] = set()
 
     with console.relay(log):
         while queue or running:
@@ -339,8 +340,12 @@ def launch_many(runs: Sequence[Launch], max_concurrent: int, *, threads: int | N
                 running[ref] = (r, sr, started)
                 watch.started(r.label)
                 log(f"[{r.label}] running")
-            if not running:
-                continue    # the rest waited for runs that failed: failed in turn above
+            if not running:     # nothing runs and nothing can start: say so, never spin
+                for r, _ in queue:
+                    failed[r.label] = f"not started: {r.after} did not finish"
+                    log(f"[{r.label}] {failed[r.label]}")
+                queue.clear()
+                continue
             ready, _ = ray.wait(list(running), num_returns=1, timeout=WATCH_EVERY_S)
             if not ready:
                 watch.check([r.label for r, *_ in running.values()])

@@ -90,11 +90,12 @@ def test_a_seeds_runs_wait_for_its_own_seed_model_only(tmp_path, monkeypatch):
 
 
 def test_replicas_read_the_runs_data_stages_and_train_their_seeds_in_one_queue(seeded, tmp_path):
-    """Seeds 1 and 2 of the tiny run in the experiment's queue (its seed models and seed 1's
-    expert-0): the seed models train at once, each in its experiment/seed-<s>/ on the run's
+    """Replicas of seeds 1 and 2 of the tiny run; seed 1's seed model and expert-0 from the
+    experiment's queue, and the run's own expert-0: seed 1's seed model in experiment/seed-1/ on the run's
     training data (no copy), from its own initialisation; the expert starts from its own seed's
     model once that has finished; log lines say which seed they are."""
     from pipeline import checkpoints
+    from pipeline.runs import plan, seed_job
 
     run = copy_run(seeded, tmp_path / "run")
     reps = experiment.replicas(run_config(run.uri), run, [1, 2])
@@ -104,12 +105,20 @@ def test_replicas_read_the_runs_data_stages_and_train_their_seeds_in_one_queue(s
         assert replica.manifest("training_data") == run.manifest("training_data")
     lines: list[str] = []
     runs = [r for r in experiment.seed_queue(reps, EXPERTS)
-            if r.label in ("seed-1/seed", "seed-2/seed", "seed-1/expert-0")]
-    assert len(runs) == 3
+            if r.label in ("seed-1/seed", "seed-1/expert-0")]    # seed 2 is not trained here
+    assert len(runs) == 2
+    # and a run whose seed model is complete already (skipped): it starts without waiting
+    own_cfg = run_config(run.uri)
+    own_seed, own_expert = seed_job(own_cfg.train), plan(own_cfg.train, EXPERTS)[0]
+    runs += [checkpoints.Launch(own_cfg, run, own_seed, "seed-0/seed"),
+             checkpoints.Launch(own_cfg, run, own_expert, "seed-0/expert-0", after="seed-0/seed")]
     _, failed = checkpoints.launch_many(runs, 2, log=lines.append)
     assert not failed
+    assert "[seed-0/seed] complete for this config: skipped" in lines
+    assert registry.finished(run)["expert-0"]["init_checkpoint"] == \
+        registry.finished(run)["seed"]["checkpoint"]
     own = registry_of(tmp_path / "run")["seed"]
-    entries = {s: registry.finished(replica)["seed"] for s, (_, replica) in reps.items()}
+    entries = {1: registry.finished(reps[1][1])["seed"]}
     for seed, entry in entries.items():
         replica = reps[seed][1]
         assert entry["metrics"]["samples_seen"] == own["metrics"]["samples_seen"]
@@ -118,10 +127,14 @@ def test_replicas_read_the_runs_data_stages_and_train_their_seeds_in_one_queue(s
             "_replica.json", "checkpoints", "config.yaml", "registry"]
         for what in ("running", "done:", "step 12 samples 384/384"):
             assert any(line.startswith(f"[seed-{seed}/seed] {what}") for line in lines), (what, lines)
-    # another initialisation each; both ran at once (one queue, max_concurrent 2 here)
-    assert len({own["sha256"], entries[1]["sha256"], entries[2]["sha256"]}) == 3
-    assert entries[1]["wall"]["start"] < entries[2]["wall"]["end"]
-    assert entries[2]["wall"]["start"] < entries[1]["wall"]["end"]
+    # another initialisation each
+    assert own["sha256"] != entries[1]["sha256"]
+    assert "seed" not in registry.finished(reps[2][1])
+    # seed 1's seed model (awaited: first) and the run's own expert-0 (its seed model complete,
+    # so it does not wait; longer than a seed model) ran at once, two slots here
+    own_expert_entry = registry.finished(run)["expert-0"]
+    assert entries[1]["wall"]["start"] < own_expert_entry["wall"]["end"]
+    assert own_expert_entry["wall"]["start"] < entries[1]["wall"]["end"]
     expert = registry.finished(reps[1][1])["expert-0"]
     assert "[seed-1/expert-0] queued, after seed-1/seed" in lines
     assert expert["init_checkpoint"] == entries[1]["checkpoint"]
