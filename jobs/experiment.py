@@ -11,8 +11,9 @@ run's own train.seed, then the next ones; the random split and the out-of-cluste
 fixed by train.data_seed) in experiment/seed-<s>/, which reads the run's data stages; the runs
 of the run's own seed are taken from the run where complete. All seeds' runs share one queue
 (the seed models first; each seed's other runs, longest first, as soon as its own seed model
-has finished; train.max_concurrent at once), so seeds do not wait for each other. Each seed is then evaluated like jobs/evaluate.py (a task's val/
-split chooses the routing), and experiment/results.md, results.json and seeds.png are written.
+has finished; train.max_concurrent at once), so seeds do not wait for each other. Each seed is
+then evaluated like jobs/evaluate.py (a task's val/ split chooses the routing), and
+experiment/results.md, results.json and seeds.png are written.
 Rerunning skips what is complete and resumes interrupted runs; on a cluster it runs like any
 other job (`ray job submit`).
 """

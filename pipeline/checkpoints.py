@@ -100,6 +100,9 @@ def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
         # Worker-group restarts within this attempt (a lost node; train.max_failures) and where
         # each start ran: node id, the step it started from, where `pipeline` was imported.
         "restarts": result.restarts, "starts": list(result.starts),
+        # The rows its last worker group was fed in its first pass over the data, and their
+        # keys' digest (pipeline.keys.digest): which samples the run trained on.
+        "fed": result.fed,
         "started_at": started, "finished_at": now(),
         "wall": {"start": wall0, "end": wall0 + wall, "seconds": round(wall, 2)},
         # What this attempt reserved: its workers' CPU and GPU units times its wall time, Ray

@@ -60,6 +60,12 @@ class DataConfig:
     image_column: str = "jpg"
     # Parquet only: the sample key column.
     key_column: str = "key"
+    # Longer captions are kept, cut to this many characters (docs/bad_input.md); the encoders
+    # read less (open_clip's tokenizer 77 tokens, MiniLM 256 word pieces).
+    max_caption_chars: int = 2_000
+    # Images whose header claims more pixels are refused unread (image_too_large): a
+    # decompression bomb. Pillow's own default limit, about 9,459 x 9,459.
+    max_image_pixels: int = 89_478_485
 
 
 @dataclass(frozen=True)
@@ -570,6 +576,8 @@ def _check_ranges(cfg: Config) -> None:
         "cluster.fit_block_rows": cfg.cluster.fit_block_rows,
         "train.max_concurrent": cfg.train.max_concurrent, "train.data_cpus": cfg.train.data_cpus,
         "grow.min_novel_rows": cfg.grow.min_novel_rows,
+        "data.max_caption_chars": cfg.data.max_caption_chars,
+        "data.max_image_pixels": cfg.data.max_image_pixels,
     }
     parse_resources("train.worker_resources", cfg.train.worker_resources)
     parse_resources("embed.actor_resources", cfg.embed.actor_resources)

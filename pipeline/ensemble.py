@@ -21,6 +21,7 @@ from pipeline import clusters, registry
 from pipeline.checkpoint_io import load_model
 from pipeline.config import Config, StorageConfig, load_config
 from pipeline.encoders import CaptionEncoder
+from pipeline.images import to_rgb
 from pipeline.rundir import RunDir
 from pipeline.runs import run_name
 
@@ -246,7 +247,7 @@ class MoDEEnsemble:
         if not isinstance(images, torch.Tensor):
             arch = self.registry[name].get("model") or name   # entries name their architecture
             if self._pixels is None or self._pixels[0] is not images or self._pixels[1] != arch:
-                self._pixels = (images, arch, torch.stack([preprocess(im.convert("RGB")) for im in images]))
+                self._pixels = (images, arch, torch.stack([preprocess(to_rgb(im)) for im in images]))
             images = self._pixels[2]
         with torch.no_grad():
             return model.encode_image(images.to(self.device), normalize=True)

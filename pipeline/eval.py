@@ -44,6 +44,7 @@ from PIL import Image
 from pipeline import assignments, curves
 from pipeline.config import ConfigView, StorageConfig
 from pipeline.ensemble import MoDEEnsemble, routing_weights
+from pipeline.images import open_rgb
 from pipeline.rundir import RunDir, StageOutput
 from pipeline.runs import parse_name, run_name
 from pipeline.storage import filesystem, join, pyarrow_filesystem, write_bytes_atomic
@@ -107,7 +108,7 @@ def _rows(uri: str, storage: StorageConfig, split: str = "test") -> list[dict[st
 def _image(row: dict[str, Any], uri: str) -> Image.Image:
     for ext in IMAGE_EXTS:
         if row.get(ext) is not None:
-            return Image.open(io.BytesIO(row[ext])).convert("RGB")
+            return open_rgb(row[ext])     # any mode, 16-bit scaled; Pillow's size limit
     raise ValueError(f"{uri}: sample {row.get('__key__')!r} has no image ({'/'.join(IMAGE_EXTS)})")
 
 

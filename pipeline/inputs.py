@@ -11,17 +11,19 @@ torch and open_clip are imported by ``pipeline.model.tools`` when a ``Preprocess
 from __future__ import annotations
 
 import functools
-import io
 from typing import Any
 
 import numpy as np
-from PIL import Image
+
+from pipeline.images import open_rgb
+from pipeline.keys import key_rank
 
 
 class Preprocess:
     """Rows ``{caption, image bytes}`` to model inputs with open_clip's transform and tokenizer.
 
-    Returns ``{"image": float32 (N, 3, H, W), "text": int64 (N, context_length)}``. A row whose
+    Returns ``{"image": float32 (N, 3, H, W), "text": int64 (N, context_length)}``, and
+    ``key_hash`` (int64, ``pipeline.keys.key_rank`` with seed 0) where rows have keys. A row whose
     image does not decode or whose caption is missing raises: training data must come from
     ingest's good rows.
     """
@@ -40,12 +42,14 @@ class Preprocess:
                 raise ValueError(f"{len(missing)} rows without {column} (keys "
                                  f"{keys[missing[:5]].tolist()}): train on ingest's good rows")
         images = np.stack([self._image(b, k) for b, k in zip(batch["image"], keys.tolist(), strict=True)])
-        return {"image": images, "text": self.tokenizer(list(batch["caption"])).numpy()}
+        out = {"image": images, "text": self.tokenizer(list(batch["caption"])).numpy()}
+        if "key" in batch:  # the trainer fingerprints the keys it is fed (pipeline.keys.digest)
+            out["key_hash"] = key_rank(batch["key"], 0).view(np.int64)
+        return out
 
     def _image(self, data: bytes, key: Any) -> np.ndarray:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                return self.transform(im.convert("RGB")).numpy()
+        try:    # any mode to RGB, 16-bit scaled (pipeline.images); ingest refused the bombs
+            return self.transform(open_rgb(data, max_pixels=None)).numpy()
         except OSError as e:  # PIL's UnidentifiedImageError and truncated files
             raise ValueError(f"image of key {key!r} does not decode ({e}): train on ingest's "
                              f"good rows") from e

@@ -29,3 +29,16 @@ def below(keys: Any, share: float, seed: int) -> np.ndarray:
 def uniform(keys: Any, seed: int) -> np.ndarray:
     """A seeded uniform number in [0, 1) per key (float64)."""
     return key_rank(keys, seed).astype(np.float64) / 2.0**64
+
+
+def digest(keys: Any) -> str:
+    """An order-free fingerprint of a set of keys: the 64-bit sum (wrapping) of their hashes,
+    16 hex digits. Two collections of distinct keys with the same digest and count are, but
+    for a 2**-64 chance, the same keys; a trainer reports the digest of the keys it was fed
+    (``pipeline.train_loop``) and a test compares it with the rows it should have read."""
+    return f"{int(np.sum(key_rank(keys, 0), dtype=np.uint64)):016x}"
+
+
+def add_digests(*parts: str) -> str:
+    """The digest of the union of disjoint key sets, from their digests."""
+    return f"{sum(int(p, 16) for p in parts) % 2**64:016x}"

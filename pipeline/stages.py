@@ -31,7 +31,8 @@ from pipeline.runs import parse_name, plan, seed_job
 
 Log = Callable[[str], None]
 
-DATA_FIELDS = ("data.format", "data.caption_column", "data.image_column", "data.key_column")
+DATA_FIELDS = ("data.format", "data.caption_column", "data.image_column", "data.key_column",
+               "data.max_caption_chars", "data.max_image_pixels")
 # What decides a trained model: architecture, optimiser, schedule, data order and precision.
 TRAIN_FIELDS = ("train.model", "train.batch_size", "train.lr", "train.total_samples",
                 "train.seed_fraction", "train.warmup_samples", "train.weight_decay", "train.seed",
@@ -74,7 +75,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", (), DATA_FIELDS, (), ("data",),
-          "samples/ (key, caption, shard of every good row), skipped/ (key, shard, reason)",
+          "samples/ (key, caption, shard, pos of every good row), skipped/ (key, shard, pos, reason, detail)",
           "jobs/ingest.py"),
     Stage("embeddings", ("ingest",), ("embed.model",),
           ("embed.batch_size", "embed.rows_per_call", "embed.num_actors", "embed.num_gpus_per_actor",

@@ -30,6 +30,7 @@ from typing import Any
 
 import ray.data
 
+from pipeline.checkpoint_io import list_checkpoints
 from pipeline.config import StorageConfig, TrainConfig, parse_resources
 from pipeline.inputs import preprocess_batch
 from pipeline.storage import filesystem, is_s3, pyarrow_filesystem, scheme
@@ -103,6 +104,8 @@ class TrainResult:
     cached_rows: int = 0       # rows rank 0 held in memory for later epochs (cache_inputs)
     starts: tuple[dict, ...] = ()   # each start of the worker group in this call, oldest
                                # first: node_id, step, time, pipeline (where it was imported)
+    fed: dict | None = None    # the last worker group's first pass over the data: rows,
+                               # keys_digest (pipeline.keys.digest), complete
 
     @property
     def restarts(self) -> int:
@@ -135,8 +138,9 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         threads: torch threads per worker (default ``cfg.threads_per_worker``).
         init_checkpoint: checkpoint to start from when the run has none of its own.
         storage: S3 endpoint and region for ``storage_path`` and ``init_checkpoint``.
-        crash_at_step: tests only: raise after this step in a worker group that did not resume
-            from a checkpoint of the run's own, like a node lost mid-run.
+        crash_at_step: tests only: rank 0 kills its own worker process (SIGKILL) after this
+            step, in a worker group that did not resume from a checkpoint of the run's own, like
+            a worker lost mid-run; with ``cfg.max_failures`` >= 1 Ray Train restarts the group.
         label: what the run's log lines and heartbeats are prefixed with (default ``name``;
             runs of several replicas launched together need a longer one, e.g. "seed-2/dense").
     """
@@ -166,6 +170,8 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
     # Each start of the worker group leaves a file here (train_loop._record_start).
     starts_uri = f"{storage_path.rstrip('/')}/{name}/{STARTS}/{uuid.uuid4().hex[:12]}"
     loop_config["starts_uri"] = starts_uri
+    # The run's own folder: a resume whose latest checkpoint is damaged looks here for an older one.
+    loop_config["run_uri"] = f"{storage_path.rstrip('/')}/{name}"
     # Training curves, beside the checkpoints (train_loop's docstring says why there).
     loop_config["tensorboard_uri"] = f"{storage_path.rstrip('/')}/{name}/tensorboard"
     trainer = trainer_class(
@@ -189,14 +195,23 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training ended without a checkpoint")
+    _prune(fs, f"{path.rstrip('/')}/{name}", cfg.keep_checkpoints)
     done = result.return_value
     return TrainResult(
         name=name, checkpoint=scheme(storage_path) + result.checkpoint.path,
         step=int(result.metrics["step"]), samples_seen=int(result.metrics["samples_seen"]),
         start_step=done["start_step"], start_samples=done["start_samples"],
         steps_run=done["steps_run"], history=done["history"],
-        wall_s=time.perf_counter() - started, cached_rows=done["cached_rows"],
+        wall_s=time.perf_counter() - started, cached_rows=done["cached_rows"], fed=done.get("fed"),
         starts=tuple(_starts(starts_uri, storage)))
+
+
+def _prune(fs, run_path: str, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints of a finished run. Ray Train deletes the ones it
+    registered; a checkpoint written by a worker that died before its report was taken in was
+    never registered, though a restart resumed from it (``train_loop._resume``)."""
+    for old in list_checkpoints(fs, run_path)[:-keep]:
+        fs.rm(old, recursive=True)
 
 
 def _starts(uri: str, storage: StorageConfig) -> list[dict]:

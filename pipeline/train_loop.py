@@ -21,11 +21,13 @@ import contextlib
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 import uuid
 from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -36,7 +38,14 @@ from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.summary import scalar
 
 from pipeline import console
-from pipeline.checkpoint_io import CHECKPOINT_FILE, LOG_FILE, load_state, read_checkpoint, step_dir_name
+from pipeline.checkpoint_io import (
+    DamagedCheckpoint,
+    list_checkpoints,
+    load_dir,
+    read_checkpoint,
+    step_dir_name,
+    write_dir,
+)
 from pipeline.config import StorageConfig, TrainConfig
 from pipeline.console import format_seconds
 from pipeline.inputs import preprocessor
@@ -86,15 +95,16 @@ def _checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 # ----------------------------------------------------------------------------- the loop
 def _streamed_batches(shard, cfg: TrainConfig, local_batch: int, device: torch.device,
                       step: int):
-    """One pass over this worker's Ray Data shard. With ``cache_inputs`` the last partial
-    batch comes too (it is cached; the loop does not train on it). With ``decode_in_worker``
-    the shard holds raw rows, decoded here (``pipeline.inputs``)."""
-    order = {"batch_size": local_batch, "drop_last": not cfg.cache_inputs,
+    """One pass over this worker's Ray Data shard. The last partial batch comes too: the loop
+    counts its keys and caches it (``cache_inputs``) but does not train on it. With
+    ``decode_in_worker`` the shard holds raw rows, decoded here (``pipeline.inputs``)."""
+    order = {"batch_size": local_batch, "drop_last": False,
              "local_shuffle_buffer_size": cfg.shuffle_buffer or None,
              "local_shuffle_seed": (cfg.seed * 1_000_003 + step) if cfg.shuffle_buffer else None}
     if not cfg.decode_in_worker:
         return iter(shard.iter_torch_batches(device=device, **order,
-                                             dtypes={"image": torch.float32, "text": torch.long}))
+                                             dtypes={"image": torch.float32, "text": torch.long,
+                                                     "key_hash": torch.long}))
     preprocess = preprocessor(cfg.model, cfg.augment)
     return ({k: torch.from_numpy(v).to(device) for k, v in preprocess(rows).items()}
             for rows in shard.iter_batches(batch_format="numpy", **order))
@@ -117,6 +127,42 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def _resume(checkpoint: Checkpoint, config: dict[str, Any], rank: int) -> tuple[dict, list]:
+    """The state and log lines of the run's newest intact checkpoint in its folder.
+
+    Usually that is Ray Train's latest registered checkpoint. Two cases differ, both after a
+    worker died (docs/bad_input.md, "Killed workers and damaged checkpoints"):
+
+    - a newer one: the worker wrote it, then died (SIGKILL, OOM, a lost node) before Ray Train's
+      controller took in its report. It is whole, and it is what the run's TensorBoard events
+      were last copied with; resuming from the registered one would redo those steps and log
+      them twice;
+    - the registered one damaged: cut short by a crash during its upload, or not loadable. The
+      next older intact one is used.
+
+    Raises ``DamagedCheckpoint`` when no checkpoint in the folder is intact.
+    """
+    label = config.get("label", config["name"])
+    fs, run_path = filesystem(config["run_uri"], StorageConfig(**config["storage"]))
+    registered = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+    problems = []
+    for path in reversed(list_checkpoints(fs, run_path)):
+        name = path.rsplit("/", 1)[-1]
+        try:
+            found = load_dir(fs, path)
+        except DamagedCheckpoint as e:
+            problems.append(str(e))
+            continue
+        if rank == 0 and name != registered:
+            why = "newer than Ray Train's latest registered one, " \
+                  f"{registered} (the worker died before its report was taken in)" \
+                if name > registered else f"the later ones are damaged: {'; '.join(problems)}"
+            console.say(f"[{label}] resuming from {name}: {why}")
+        return found
+    raise DamagedCheckpoint(f"{config['name']}: no intact checkpoint to resume from in "
+                            f"{config['run_uri']} ({'; '.join(problems) or 'none found'})")
+
+
 def _record_start(uri: str, storage: dict[str, Any], step: int) -> None:
     """One small file per start of the worker group (``pipeline.train.train`` counts them):
     the node rank 0 started on, from which step, and where it imported ``pipeline`` from (a
@@ -125,7 +171,7 @@ def _record_start(uri: str, storage: dict[str, Any], step: int) -> None:
     node = ray.get_runtime_context().get_node_id()
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/{time.time_ns()}-{node[:12]}.json", "w") as f:
-        json.dump({"node_id": node, "step": step, "time": time.time(),
+        json.dump({"node_id": node, "step": step, "time": time.time(), "pid": os.getpid(),
                    "pipeline": os.path.dirname(console.__file__)}, f)
 
 
@@ -191,10 +237,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     state, history = None, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_state(os.path.join(d, CHECKPOINT_FILE))
-            with open(os.path.join(d, LOG_FILE)) as f:
-                history = json.load(f)
+        state, history = _resume(checkpoint, config, rank)
     elif config["init_checkpoint"]:
         state = read_checkpoint(config["init_checkpoint"], StorageConfig(**config["storage"]))
     if state is not None:
@@ -243,10 +286,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save(_checkpoint_state(core, optimizer, scaler, step, samples_seen, cfg.model),
-                           os.path.join(tmp, CHECKPOINT_FILE))
-                with open(os.path.join(tmp, LOG_FILE), "w") as f:
-                    json.dump(history, f)
+                write_dir(tmp, _checkpoint_state(core, optimizer, scaler, step, samples_seen,
+                                                 cfg.model), history)
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=step_dir_name(step))
         if events is not None:
@@ -263,6 +304,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     data_wait = 0.0  # seconds of the window spent waiting for the next batch
     cache: dict[str, torch.Tensor] | None = None   # this worker's whole shard (cache_inputs)
     done = samples_seen >= end_samples
+    # The keys of this worker group's first pass over its data: their count and digest
+    # (pipeline.keys.digest), so that a run can show which rows it was fed (docs/bad_input.md).
+    fed_rows, fed_digest, fed_complete = 0, 0, False
     while samples_seen < end_samples:
         epoch_steps = 0
         if cache is None:
@@ -275,7 +319,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             batch = next(batches, None)
             data_wait += time.perf_counter() - waited
             if batch is None:
+                fed_complete = fed_complete or epoch == 0
                 break
+            hashes = batch.pop("key_hash", None)
+            if epoch == 0 and hashes is not None:
+                fed_rows += len(hashes)
+                fed_digest = (fed_digest + int(np.sum(hashes.cpu().numpy().view(np.uint64),
+                                                      dtype=np.uint64))) % 2**64
             if cfg.cache_inputs and cache is None:
                 kept.append({k: v.cpu() for k, v in batch.items()})
             if len(batch["text"]) < local_batch:
@@ -320,8 +370,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 save()
                 # Checkpoint time is not training time: keep it out of samples/s.
                 window_start += time.perf_counter() - saving
-            if step == config["crash_at_step"] and checkpoint is None:
-                raise RuntimeError(f"{name}: crash_at_step={step} (simulated failure)")
+            if step == config["crash_at_step"] and checkpoint is None and rank == 0:
+                # A real kill of this worker process, as the OOM killer or a lost spot
+                # instance's agent would: no exception, no cleanup, Ray sees the process die.
+                console.say(f"[{label}] crash_at_step={step}: killing this worker (SIGKILL)")
+                os.kill(os.getpid(), signal.SIGKILL)
             if done:
                 break
         if epoch_steps == 0 and not done:
@@ -333,6 +386,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         epoch += 1
     if events is not None:
         events.close()
+    fed = _fed_keys(fed_rows, fed_digest, fed_complete, world, device)
     return {"start_step": start_step, "start_samples": start_samples,
             "steps_run": step - start_step, "history": history,
-            "cached_rows": len(cache["text"]) if cache is not None else 0}
+            "cached_rows": len(cache["text"]) if cache is not None else 0, "fed": fed}
+
+
+def _fed_keys(rows: int, digest: int, complete: bool, world: int,
+              device: torch.device) -> dict[str, Any]:
+    """This worker group's first pass over its data, summed over its ranks (their shards are
+    disjoint): rows, key digest, and whether every rank finished the pass before training
+    ended (a run shorter than an epoch sees part of its data)."""
+    if world > 1 and torch.distributed.is_initialized():
+        signed = digest - 2**64 if digest >= 2**63 else digest     # as int64; sums wrap alike
+        t = torch.tensor([rows, signed, int(complete)], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(t)
+        rows, digest, complete = int(t[0]), int(t[1]) % 2**64, int(t[2]) == world
+    return {"rows": int(rows), "keys_digest": f"{digest:016x}", "complete": bool(complete)}

@@ -100,6 +100,9 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
     parts = max(1, int(np.ceil(assigned / cfg.train.rows_per_file)))
     samples = ingest.good_rows(ingest.read_samples(data_uri, cfg.data, cfg.storage, decode_images=False,
                                                    key_prefix=prefix))
+    # The copies of a repeated key that ingest skipped (it keeps the first: docs/bad_input.md)
+    samples = ingest.mark_duplicates(samples, ingest.skipped_duplicates(run))
+    samples = ingest.good_rows(samples)
     # late import: assignments imports the clustering (faiss, scipy: 0.6 s), which the processes
     # that only unpickle this module's row filters (a run's worker, its dataset manager, the
     # read tasks) do not need

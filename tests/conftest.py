@@ -64,14 +64,35 @@ def tiny_world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def seeded(ray_local, tiny_world, tmp_path_factory):
-    """A tiny run up to a trained seed: ingest, embed, cluster, assign, training_data, seed."""
+def hostile_world(tiny_world, tmp_path_factory):
+    """The tiny world's training shards (linked) and hostile ones beside them
+    (tests/hostile.py): every kind of bad record, and good rows that need repairs. Returns
+    (folder, what was planted)."""
+    from tests import hostile
+
+    folder = tmp_path_factory.mktemp("hostile") / "train"
+    planted = hostile.write(folder, "webdataset")
+    for shard in sorted((tiny_world / "train").glob("*.tar")):
+        (folder / shard.name).symlink_to(shard)
+    return folder, planted
+
+
+@pytest.fixture(scope="session")
+def seeded_data(hostile_world):
+    """The shards the ``seeded`` run ingested."""
+    return hostile_world[0]
+
+
+@pytest.fixture(scope="session")
+def seeded(ray_local, seeded_data, tmp_path_factory):
+    """A tiny run up to a trained seed: ingest, embed, cluster, assign, training_data, seed,
+    over the tiny world's shards with hostile ones among them (``hostile_world``)."""
     from jobs import assign, cluster, embed, ingest, train_seed
     from tests.tiny import TINY
 
     run_dir = tmp_path_factory.mktemp("run")
     common = ["--run-dir", str(run_dir), *TINY]
-    assert ingest.main([*common, "--data", str(tiny_world / "train")]) == 0
+    assert ingest.main([*common, "--data", str(seeded_data)]) == 0
     assert embed.main(common) == 0
     assert cluster.main(common) == 0
     assert assign.main(common) == 0

@@ -3,6 +3,7 @@ import io
 import tarfile
 
 import boto3
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -125,3 +126,53 @@ def test_missing_data_fails_clearly(ray_local, tmp_path):
     (tmp_path / "x.parquet").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"no \.tar shards"):
         read_samples(str(tmp_path), DataConfig(), LOCAL)
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_every_hostile_record_is_counted_and_every_good_one_kept(ray_local, tmp_path, fmt):
+    """The bad-input matrix at ingest (tests/hostile.py; rules in docs/bad_input.md): each kind
+    of bad record counted under its reason, each unreadable file once by name, every good row
+    kept with its caption cleaned and its repairs counted; the counts add up."""
+    from pipeline import stages
+    from pipeline.config import load_config
+    from pipeline.rundir import RunDir
+    from tests import hostile
+
+    planted = hostile.write(tmp_path / "data", fmt)
+    cfg = load_config("demo", [f"data.format={fmt}"])
+    run = RunDir(str(tmp_path / "run"), LOCAL)
+    m = stages.run_stage("ingest", cfg, run, data=str(tmp_path / "data"), log=lambda *_: None)
+    assert m["rows_skipped"] == planted.skipped
+    assert m["rows_in"] == m["rows_out"] + sum(m["rows_skipped"].values())
+    samples = pd.read_parquet(tmp_path / "run" / "ingest" / "samples")
+    skipped = pd.read_parquet(tmp_path / "run" / "ingest" / "skipped")
+    assert set(samples.key) == planted.good and samples.key.is_unique and len(samples) == m["rows_out"]
+    assert skipped.skip_reason.value_counts().to_dict() == planted.skipped
+    assert (skipped.detail.str.len() > 0).all()      # each skip says why
+    assert m["stats"]["fixes"] == {f: planted.fixes.get(f, 0) for f in m["stats"]["fixes"]}
+    assert sorted(p.rsplit("/", 1)[1] for p in m["stats"]["unreadable_shards"]) == planted.unreadable
+    captions = samples.set_index("key").caption
+    assert len(captions["hx-caption-100k"]) == cfg.data.max_caption_chars
+    assert "\x00" not in captions["hx-caption-nul-rtl"] and "\u200f" in captions["hx-caption-nul-rtl"]
+    assert captions.str.strip().eq(captions).all() and captions.str.len().gt(0).all()
+    # the first copy of a repeated key is the one kept, and each skipped copy names it
+    dups = skipped[skipped.skip_reason == "duplicate_key"]
+    assert (dups.detail.str.contains("hostile-a")).all()
+    first = samples.set_index("key").loc["hx-good-03"]
+    assert first.shard.endswith("hostile-a." + ("tar" if fmt == "webdataset" else "parquet"))
+
+
+def test_any_decodable_image_becomes_8_bit_rgb_and_16_bit_is_scaled_not_clipped():
+    from pipeline.images import open_rgb, verdict
+    from tests import hostile
+
+    wide = np.array([[0, 257 * 100, 65535]], np.uint16)
+    b = io.BytesIO()
+    Image.fromarray(wide).save(b, "PNG")
+    assert verdict(b.getvalue())[2] == "I;16"
+    rgb = open_rgb(b.getvalue())
+    assert rgb.mode == "RGB" and np.asarray(rgb)[0, :, 0].tolist() == [0, 100, 255]
+    assert verdict(hostile.bomb_png())[0] == "image_too_large"
+    assert open_rgb(hostile._gif()).mode == "RGB"
+    assert verdict(b"")[0] == "empty_image" and verdict(b"GIF89a" + b"\0" * 20)[0] == "not_an_image"
+    assert verdict(hostile.records()[1].image)[0] == "corrupt_image"    # a JPEG cut in half

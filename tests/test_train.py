@@ -153,13 +153,13 @@ CFG = TrainConfig(model="mode-tiny", batch_size=BATCH, lr=3e-3, total_samples=20
                   log_every_steps=5, num_workers=1, cpus_per_worker=0.5, threads_per_worker=2,
                   seed=0)
 SEED_END = 100 * BATCH      # the "seed" run stops at step 100
-CRASH_AT = 50               # ... its first worker group failing at step 50 (checkpoint: step 40)
+CRASH_AT = 50               # ... its first worker killed (SIGKILL) after step 50 (checkpoint: step 40)
 EXPERT_END = 150 * BATCH    # the "expert" continues from the seed for 50 steps
 
 
 @pytest.fixture(scope="module")
 def runs(ray_local, tiny_world, tmp_path_factory, s3_endpoint):
-    """A seed run whose worker group fails at step 50 and restarts (train.max_failures=1) from
+    """A seed run whose worker is killed at step 50 and restarts (train.max_failures=1) from
     its step-40 checkpoint, and an expert started from its final checkpoint. The seed keeps its
     checkpoints in a local run directory, the expert in one on S3."""
     from pipeline.ingest import good_rows, read_samples
@@ -205,9 +205,13 @@ def _kept(run, name):
     return [uri.rsplit("/", 1)[1] for uri in found]
 
 
-def test_a_failed_worker_group_restarts_at_the_checkpointed_step(runs):
+def test_a_killed_worker_restarts_at_the_checkpointed_step(runs):
+    """Rank 0 is killed with SIGKILL after step 50 (a real process death: no exception, no
+    cleanup); with train.max_failures=1 Ray Train starts a new worker process, which resumes
+    from the step-40 checkpoint and ends at exactly the planned step and samples."""
     r = runs["resumed"]
     assert r.restarts == 1 and [st["step"] for st in r.starts] == [0, 40]
+    assert r.starts[0]["pid"] != r.starts[1]["pid"]
     assert (r.start_step, r.start_samples) == (40, 40 * BATCH)
     assert r.steps_run == 60  # steps 41..100; the 40 before the checkpoint are not redone
     assert (r.step, r.samples_seen) == (100, SEED_END)
@@ -216,6 +220,43 @@ def test_a_failed_worker_group_restarts_at_the_checkpointed_step(runs):
     assert [line["step"] for line in r.history] == list(range(5, 101, 5))
     assert _kept(runs["run"], "seed") == ["step_00000080", "step_00000100"]
     assert runs["expert"].restarts == 0
+
+
+def test_a_checkpoint_cut_short_is_found_and_the_one_before_is_resumed(tmp_path):
+    """A crash during an upload leaves the latest checkpoint file shorter than what its
+    integrity.json recorded: a resume finds it before loading and takes the previous one."""
+    from ray.train import Checkpoint
+
+    from pipeline.checkpoint_io import DamagedCheckpoint, step_dir_name, write_dir
+    from pipeline.train_loop import _resume
+
+    run = tmp_path / "run"
+    for step in (20, 40):
+        (run / step_dir_name(step)).mkdir(parents=True)
+        write_dir(str(run / step_dir_name(step)), {"step": step, "w": torch.ones(1000) * step},
+                  [{"step": step}])
+    config = {"run_uri": str(run), "storage": {}, "name": "r"}
+    latest = run / step_dir_name(40)
+    state, history = _resume(Checkpoint.from_directory(str(latest)), config, rank=1)
+    assert state["step"] == 40 and history == [{"step": 40}]
+    # Ray registered step 20 only (the worker died before its step-40 report was taken in):
+    # the newer, whole checkpoint is the one resumed
+    state, _ = _resume(Checkpoint.from_directory(str(run / step_dir_name(20))), config, rank=1)
+    assert state["step"] == 40
+    data = (latest / "checkpoint.pt").read_bytes()
+    (latest / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DamagedCheckpoint, match="cut short"):
+        read_checkpoint(str(latest), StorageConfig())
+    state, history = _resume(Checkpoint.from_directory(str(latest)), config, rank=1)
+    assert state["step"] == 20 and torch.equal(state["w"], torch.ones(1000) * 20)
+    # the same length, other bytes: the hash tells
+    (latest / "checkpoint.pt").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(DamagedCheckpoint, match="SHA-256"):
+        read_checkpoint(str(latest), StorageConfig())
+    first = run / step_dir_name(20) / "checkpoint.pt"
+    first.write_bytes(first.read_bytes()[:100])
+    with pytest.raises(DamagedCheckpoint, match="no intact checkpoint"):
+        _resume(Checkpoint.from_directory(str(latest)), config, rank=1)
 
 
 def test_cached_inputs_hold_every_row(runs):
