@@ -11,7 +11,10 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export PYTHONUNBUFFERED=1
 
-.PHONY: venv demo experiment test test-cluster lint bench clean
+CHAOS_RUNS ?= 5
+CHAOS_EVERY ?= 45
+
+.PHONY: venv demo experiment test test-cluster test-reliability lint bench chaos clean
 
 $(STAMP): requirements.txt requirements-test.txt constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,17 +38,23 @@ experiment: venv  ## the demo's data stages (skipped where complete), then 3 tra
 	$(BIN)/python jobs/experiment.py --run-dir $(DEMO_OUT)/run --seeds $(SEEDS)
 
 test: venv  ## the test suite, the 3-node cluster test first; all but the autoscaling one (`pytest -m "not slow"`: a quicker pass)
-	$(BIN)/python -m pytest tests -m "not cluster"
+	$(BIN)/python -m pytest tests -m "not cluster and not reliability"
 
 test-cluster: venv  ## autoscaling from zero on Ray's fake multi-node provider (3-4 min); `pytest -m multinode` adds the 3-node test
 	$(BIN)/python -m pytest tests -m cluster
 
+test-reliability: venv  ## the bad-input matrix through every stage and a job killed in each data stage (6 min; docs/bad_input.md)
+	$(BIN)/python -m pytest tests -m reliability
+
 lint: venv
 	$(BIN)/ruff check pipeline jobs tests bench
+
+chaos: venv  ## a small pipeline CHAOS_RUNS times while Ray worker processes are killed every ~CHAOS_EVERY s; each run checked against an undisturbed one (jobs/chaos.py)
+	$(BIN)/python jobs/chaos.py --out chaos_out --runs $(CHAOS_RUNS) --every $(CHAOS_EVERY)
 
 bench: venv  ## benchmarks print ratios against a reference run (added by the stages that need them)
 	@ls bench/bench_*.py >/dev/null 2>&1 && for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done \
 		|| echo "no benchmarks yet"
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache
+	rm -rf $(DEMO_OUT) chaos_out .pytest_cache

@@ -1,5 +1,5 @@
-"""The whole pipeline in one job: ingest, embed, cluster, assign, the seed, the experts and
-baselines, evaluate (or the parts up to --until).
+"""The whole pipeline in one job: ingest, embed, cluster, assign, training_data, the seed, the
+experts and baselines, evaluate (or the parts up to --until).
 
     python jobs/run_pipeline.py --run-dir s3://bucket/run --data s3://bucket/shards --config laion \\
         --tasks s3://bucket/eval/imagenet
@@ -20,8 +20,9 @@ from pipeline import checkpoints, cli, registry, stages
 from pipeline import eval as evaluation
 from pipeline.runs import BASELINES, plan
 
-PARTS = ("ingest", "embed", "cluster", "assign", "seed", "experts", "evaluate")
-STAGE = {"ingest": "ingest", "embed": "embeddings", "cluster": "clusters", "assign": "assignments"}
+PARTS = ("ingest", "embed", "cluster", "assign", "training_data", "seed", "experts", "evaluate")
+STAGE = {"ingest": "ingest", "embed": "embeddings", "cluster": "clusters", "assign": "assignments",
+         "training_data": "training_data"}
 
 
 def main(argv=None) -> int:
@@ -32,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", action="append", default=[], metavar="URI",
                    help="a clip_benchmark webdataset folder to evaluate on (repeatable)")
     p.add_argument("--retrieval", metavar="URI", help="held-out pairs (jpg + txt) for retrieval")
+    p.add_argument("--skip-baselines", action="store_true",
+                   help="train the experts only, not the random split and dense")
     args = p.parse_args(argv)
     cfg, run = cli.load(args, write_config=False)
     data = cli.data_uri(p, args, cfg)
@@ -43,14 +46,14 @@ def main(argv=None) -> int:
             p.error("nothing to evaluate: pass --tasks URI (or --retrieval URI), run next to a "
                     "demo world, or stop earlier with --until experts")
     print(cli.start(cfg, run, data, *(inputs[0] if inputs else ()), inputs and inputs[1]))
-    for part in parts[:4]:
+    for part in [p for p in parts if p in STAGE]:
         stages.run_stage(STAGE[part], cfg, run, force=args.force,
                          **({"data": data} if part == "ingest" else {}))
     if "seed" in parts:
-        stages.run_stage("training_data", cfg, run, force=args.force)
         checkpoints.train_seed(cfg, run, force=args.force)
     if "experts" in parts:
-        jobs = plan(cfg.train, checkpoints.num_experts(run), baselines=list(BASELINES))
+        jobs = plan(cfg.train, checkpoints.num_experts(run),
+                    baselines=[] if args.skip_baselines else list(BASELINES))
         done, failed = checkpoints.launch(cfg, run, jobs, cfg.train.max_concurrent, force=args.force)
         print(f"finished now: {[e['name'] for e in done]}; failed: {sorted(failed) or 'none'}; "
               f"registry: {registry.uri(run)}")

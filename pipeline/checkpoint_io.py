@@ -132,7 +132,11 @@ def load_dir(fs: fsspec.AbstractFileSystem, path: str) -> tuple[dict[str, Any], 
     """The state and log lines of the checkpoint directory at ``path`` (a path of ``fs``).
     Raises ``DamagedCheckpoint`` for a file that is not what ``integrity.json`` recorded or
     that does not load, and ``UnsafeCheckpoint`` for one that is not weights only."""
-    data = fs.cat_file(f"{path}/{CHECKPOINT_FILE}")
+    try:    # a directory whose upload stopped part way may lack any of its files
+        data = fs.cat_file(f"{path}/{CHECKPOINT_FILE}")
+        history = json.loads(fs.cat_file(f"{path}/{LOG_FILE}"))
+    except FileNotFoundError as e:
+        raise DamagedCheckpoint(f"{path}: incomplete, a file is missing ({e})"[:300]) from None
     record_path = f"{path}/{INTEGRITY_FILE}"
     record = json.loads(fs.cat_file(record_path)) if fs.exists(record_path) else None
     problem = damage(data, record)
@@ -144,7 +148,7 @@ def load_dir(fs: fsspec.AbstractFileSystem, path: str) -> tuple[dict[str, Any], 
         raise
     except Exception as e:  # torch raises RuntimeError, EOFError... for a broken zip
         raise DamagedCheckpoint(f"{path}: does not load ({type(e).__name__}: {e})"[:300]) from None
-    return state, json.loads(fs.cat_file(f"{path}/{LOG_FILE}"))
+    return state, history
 
 
 def sha256(fs: fsspec.AbstractFileSystem, checkpoint_uri: str) -> str:

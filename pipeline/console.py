@@ -160,17 +160,25 @@ class _Console:
 
     def __init__(self) -> None:
         self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.once: dict[str, dict[str, dict[str, int]]] = collections.defaultdict(dict)
         self.lines: list[str] = []
         self.steps: dict[str, tuple[int, float]] = {}
 
-    def add(self, scope: str, counts: dict[str, int]) -> None:
-        self.counts[scope].update({k: int(v) for k, v in counts.items()})
+    def add(self, scope: str, counts: dict[str, int], key: str | None = None) -> None:
+        if key is None:
+            self.counts[scope].update({k: int(v) for k, v in counts.items()})
+        else:   # a retried task reports the same key again: its counts replace, not add
+            self.once[scope][key] = {k: int(v) for k, v in counts.items()}
 
     def totals(self, scope: str) -> dict[str, int]:
-        return dict(self.counts.get(scope, {}))
+        total = collections.Counter(self.counts.get(scope, {}))
+        for counts in self.once.get(scope, {}).values():
+            total.update(counts)
+        return dict(total)
 
     def forget(self, scope: str) -> None:
         self.counts.pop(scope, None)
+        self.once.pop(scope, None)
 
     def say(self, line: str) -> None:
         self.lines.append(line)
@@ -219,9 +227,11 @@ class Tally:
     def __init__(self) -> None:
         self._actor, self._scope = _actor(), uuid.uuid4().hex
 
-    def add(self, counts: dict[str, int]) -> None:
-        """Add counts and wait until they are in (a batch's counts are not lost with its task)."""
-        ray.get(self._actor.add.remote(self._scope, counts))
+    def add(self, counts: dict[str, int], key: str | None = None) -> None:
+        """Add counts and wait until they are in (a batch's counts are not lost with its task).
+        With ``key`` (what the counts are of: a shard, a batch's first and last keys) a task
+        that Ray retries after its worker died counts once: the same key replaces its counts."""
+        ray.get(self._actor.add.remote(self._scope, counts, key))
 
     def totals(self) -> dict[str, int]:
         return ray.get(self._actor.totals.remote(self._scope))

@@ -37,8 +37,10 @@ class _EmbedBatches:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         before = self.encoder.encoded
         emb = self.encoder.encode(batch["caption"].tolist())
-        if self.counter is not None:
-            self.counter.add({"embedded": len(emb), "encoded": self.encoder.encoded - before})
+        if self.counter is not None and len(emb):   # keyed: a retried batch counts once
+            keys = batch["key"]
+            self.counter.add({"embedded": len(emb), "encoded": self.encoder.encoded - before},
+                             key=f"{keys[0]}|{keys[-1]}|{len(keys)}")
         return embedding_table(batch["key"], emb)
 
 

@@ -182,7 +182,7 @@ class SampleTarDatasource(FileBasedDatasource):
         if rows:
             yield _frame(rows)
         if self._counter is not None:
-            self._counter.add({"shards": 1})
+            self._counter.add({"shards": 1}, key=path)     # a retried read counts once
 
 
 def _raw_row(sample: dict[str, Any], path: str, pos: int, keep_images: bool) -> dict[str, Any]:
@@ -249,7 +249,7 @@ class SampleParquetDatasource(FileBasedDatasource):
             yield _frame([_marker(f"{path}#unreadable", path, pos if pos else -1,
                                   "unreadable_shard", f"{type(e).__name__}: {e}"[:300])])
         if self._counter is not None:
-            self._counter.add({"shards": 1})
+            self._counter.add({"shards": 1}, key=path)     # a retried read counts once
 
 
 def _parquet_rows(batch: pd.DataFrame, data: DataConfig, path: str, start: int,
@@ -449,7 +449,12 @@ def skipped_duplicates(run: RunDir) -> pd.DataFrame:
     """``shard, pos, kept`` of the rows ingest skipped as ``duplicate_key`` (read by
     training_data, which re-reads the shards and must drop the same copies)."""
     path = run.stage_path("ingest", "skipped")
-    table = pq.read_table(path, filesystem=pyarrow_filesystem(run.fs),
+    run.fs.invalidate_cache(path)
+    files = [f for f in run.fs.ls(path, detail=False) if f.endswith(".parquet")] \
+        if run.fs.exists(path) else []
+    if not files:       # no bad record at all: Ray Data wrote no file
+        return pd.DataFrame(columns=["shard", "pos", "kept"])
+    table = pq.read_table(files, filesystem=pyarrow_filesystem(run.fs),
                           columns=["shard", "pos", "skip_reason", "detail"],
                           filters=[("skip_reason", "=", "duplicate_key")])
     df = table.to_pandas()

@@ -21,7 +21,7 @@ import pandas as pd
 import ray.data
 
 from pipeline import clusters
-from pipeline.assignments import assign_table
+from pipeline.assignments import assign_dataset
 from pipeline.config import Config
 from pipeline.rundir import RunDir
 from pipeline.storage import filesystem, pyarrow_filesystem, write_bytes_atomic
@@ -67,10 +67,8 @@ def study(cfg: Config, run: RunDir, seeds: Sequence[int], truth_uri: str,
     for seed in seeds:
         c = dataclasses.replace(cfg.cluster, seed=seed)
         level = clusters.fit_level(ds, n, c, c.fine_k, c.num_experts, log=lambda *_: None)
-        assigned = ds.map_batches(assign_table, batch_format="pyarrow", batch_size=c.block_rows,
-                                  fn_kwargs={"fine": level.fine_centroids, "fine_to_expert": level.fine_to_expert,
-                                             "balanced": c.balanced, "slack": c.capacity_slack}
-                                  ).select_columns(["key", "expert_id"]).to_pandas()
+        assigned = assign_dataset(ds, n, level.fine_centroids, level.fine_to_expert, c) \
+            .select_columns(["key", "expert_id"]).to_pandas()
         table = purity(assigned, truth)
         rows.append({"seed": seed, "objective": level.stats["objective"],
                      "coarse_objective": level.stats["coarse_objective"],

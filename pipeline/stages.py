@@ -20,6 +20,8 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -31,6 +33,8 @@ from pipeline.runs import parse_name, plan, seed_job
 
 Log = Callable[[str], None]
 
+# Tests only: the unit whose driver kills itself (SIGKILL) just before writing its manifest.
+KILL_BEFORE_MANIFEST_ENV = "MODE_TEST_KILL_BEFORE_MANIFEST"
 DATA_FIELDS = ("data.format", "data.caption_column", "data.image_column", "data.key_column",
                "data.max_caption_chars", "data.max_image_pixels")
 # What decides a trained model: architecture, optimiser, schedule, data order and precision.
@@ -275,6 +279,10 @@ class StageRun:
 
     def finish(self, output: StageOutput, started_at: str) -> dict[str, Any]:
         """Write the manifest (refused when the counts do not add up)."""
+        if os.environ.get(KILL_BEFORE_MANIFEST_ENV) == self.unit:
+            # Tests only: the driver dies as SIGKILL leaves it, with every output of the unit
+            # written and no manifest: a rerun must redo the unit (tests/test_killed_jobs.py).
+            os.kill(os.getpid(), signal.SIGKILL)
         inputs = {"upstream": {u: m["config_hash"] for u, m in self.upstream.items()},
                   "external": self.external}
         return self.run.write_manifest(self.unit, config_hash=self.config_hash,

@@ -66,7 +66,9 @@ def _label(batch: pd.DataFrame, fractions: np.ndarray, seed: int, ratio: float,
     out["fine_id"] = out["fine_id"].astype(np.int32)
     out["expert_id"] = out["expert_id"].astype(np.int32)
     runs = _run_sizes(out, len(fractions), ratio, seed) if count_runs else {}
-    counter.add({"rows": len(out), **runs})
+    keys = out["key"]     # keyed by what the batch holds: a retried task counts once
+    counter.add({"rows": len(out), **runs},
+                key=f"{keys.iloc[0]}|{keys.iloc[-1]}|{len(keys)}" if len(keys) else None)
     return out[[*COLUMNS, "expert_id"]]
 
 

@@ -65,34 +65,47 @@ def tiny_world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hostile_world(tiny_world, tmp_path_factory):
-    """The tiny world's training shards (linked) and hostile ones beside them
-    (tests/hostile.py): every kind of bad record, and good rows that need repairs. Returns
-    (folder, what was planted)."""
+    """Hostile shards (tests/hostile.py: every kind of bad record, and good rows that need
+    repairs) beside one of the tiny world's tars (linked). Returns (folder, what was planted)."""
+    import tarfile
+
     from tests import hostile
 
+    first = tiny_world / "train" / "00000.tar"
+    with tarfile.open(first) as tar:     # the world's own captions for the good hostile rows
+        captions = [tar.extractfile(m).read().decode().strip() for m in tar.getmembers()
+                    if m.name.endswith(".txt")]
     folder = tmp_path_factory.mktemp("hostile") / "train"
-    planted = hostile.write(folder, "webdataset")
-    for shard in sorted((tiny_world / "train").glob("*.tar")):
-        (folder / shard.name).symlink_to(shard)
+    planted = hostile.write(folder, "webdataset", [c for c in captions if c][:40])
+    (folder / first.name).symlink_to(first)
     return folder, planted
 
 
 @pytest.fixture(scope="session")
-def seeded_data(hostile_world):
-    """The shards the ``seeded`` run ingested."""
-    return hostile_world[0]
+def hostile_run(ray_local, hostile_world, tmp_path_factory):
+    """The tiny run's jobs over ``hostile_world``: ingest, embed, cluster, assign,
+    training_data and the seed, which trains past one pass over its rows (384 samples of about
+    230), so that its ``fed`` keys are every good row."""
+    from jobs import assign, cluster, embed, ingest, train_seed
+    from tests.tiny import TINY
+
+    run_dir = tmp_path_factory.mktemp("hostile-run")
+    common = ["--run-dir", str(run_dir), *TINY]
+    assert ingest.main([*common, "--data", str(hostile_world[0])]) == 0
+    for job in (embed, cluster, assign, train_seed):
+        assert job.main(common) == 0
+    return run_dir
 
 
 @pytest.fixture(scope="session")
-def seeded(ray_local, seeded_data, tmp_path_factory):
-    """A tiny run up to a trained seed: ingest, embed, cluster, assign, training_data, seed,
-    over the tiny world's shards with hostile ones among them (``hostile_world``)."""
+def seeded(ray_local, tiny_world, tmp_path_factory):
+    """A tiny run up to a trained seed: ingest, embed, cluster, assign, training_data, seed."""
     from jobs import assign, cluster, embed, ingest, train_seed
     from tests.tiny import TINY
 
     run_dir = tmp_path_factory.mktemp("run")
     common = ["--run-dir", str(run_dir), *TINY]
-    assert ingest.main([*common, "--data", str(seeded_data)]) == 0
+    assert ingest.main([*common, "--data", str(tiny_world / "train")]) == 0
     assert embed.main(common) == 0
     assert cluster.main(common) == 0
     assert assign.main(common) == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import struct
 import tarfile
 import zlib
@@ -76,11 +77,20 @@ def _gif() -> bytes:
     return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
 
 
-def records() -> list[Record]:
+def _captions(captions: list[str] | None):
+    """Captions for the good rows: the given ones in turn (a world's own, so that the good
+    hostile rows cluster like its other samples), else made-up ones."""
+    if captions:
+        return itertools.cycle(captions)
+    return iter(f"a photo of a {WORDS[i % len(WORDS)]} number {i}" for i in range(1000))
+
+
+def records(captions: list[str] | None = None) -> list[Record]:
     """One shard's worth: a record of each row-level kind, between good ones."""
     jpg = [_encode(_picture(i), "JPEG", quality=90) for i in range(40)]
     wide = Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16))
-    caption = iter(f"a photo of a {WORDS[i % len(WORDS)]} number {i}" for i in range(1000))
+    caption = _captions(captions)
+    long_text, rtl_text = next(caption), next(caption)
     r = [
         Record("hx-empty-image", b"", next(caption), "empty_image"),
         Record("hx-truncated-jpeg", jpg[1][: len(jpg[1]) // 2], next(caption), "corrupt_image"),
@@ -94,9 +104,9 @@ def records() -> list[Record]:
         Record("hx-caption-empty", jpg[9], "", "empty_caption"),
         Record("hx-caption-space", jpg[10], " \t\n  ", "empty_caption"),
         Record("hx-caption-latin1", jpg[11], "caf\xe9 cr\xe8me".encode("latin-1"), "caption_not_utf8"),
-        Record("hx-caption-100k", jpg[12], ("a long caption about a red circle " * 3100)[:100_000],
+        Record("hx-caption-100k", jpg[12], ((long_text + " ") * (100_000 // len(long_text) + 1))[:100_000],
                fixes=("caption_truncated",)),
-        Record("hx-caption-nul-rtl", jpg[13], "a red\x00 circle \u200fشكل\u200e\x00 here",
+        Record("hx-caption-nul-rtl", jpg[13], rtl_text.replace(" ", "\x00 ", 1) + " \u200f\u200e\x00",
                fixes=("caption_control_chars",)),
         Record("hx-garbage-json", jpg[14], next(caption), json=b"{not json\xff"),
         Record("hx-no-image", None, next(caption), "missing_image"),
@@ -119,11 +129,12 @@ def _members(recs: list[Record]):
             yield f"{rec.key}.json", rec.json
 
 
-def _second_shard() -> list[Record]:
+def _second_shard(captions: list[str] | None) -> list[Record]:
     """Good rows and one key of the first shard again (another shard: skipped, the first kept)."""
     jpg = [_encode(_picture(100 + i), "JPEG") for i in range(6)]
-    recs = [Record(f"hx-b-{i}", jpg[i], f"a photo of a {WORDS[i]} on a table") for i in range(5)]
-    return [*recs[:2], Record("hx-good-03", jpg[5], "a copy elsewhere", "duplicate_key"), *recs[2:]]
+    caption = _captions(captions[20:] if captions else None)
+    recs = [Record(f"hx-b-{i}", jpg[i], next(caption)) for i in range(5)]
+    return [*recs[:2], Record("hx-good-03", jpg[5], next(caption), "duplicate_key"), *recs[2:]]
 
 
 def _cut(data: bytes, member: int, inside: str) -> bytes:
@@ -134,20 +145,21 @@ def _cut(data: bytes, member: int, inside: str) -> bytes:
     return data[: info.offset + 200]                  # 200 bytes into its 512-byte header
 
 
-def write(folder: str | Path, fmt: str = "webdataset") -> Planted:
-    """Hostile shards in ``folder`` (created): webdataset tars or parquet files."""
+def write(folder: str | Path, fmt: str = "webdataset", captions: list[str] | None = None) -> Planted:
+    """Hostile shards in ``folder`` (created): webdataset tars or parquet files. ``captions``:
+    what the good rows say (a world's own captions keep them from skewing its clustering)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    first, second = records(), _second_shard()
+    first, second = records(captions), _second_shard(captions)
     expected = Counter(r.reason for r in [*first, *second] if r.reason)
     fixes = Counter(f for r in [*first, *second] if not r.reason for f in r.fixes)
     good = {r.key for r in [*first, *second] if not r.reason}
     if fmt == "webdataset":
-        return _write_tars(folder, first, second, expected, fixes, good)
+        return _write_tars(folder, first, second, expected, fixes, good, captions)
     return _write_parquet(folder, first, second, expected, fixes, good)
 
 
-def _write_tars(folder, first, second, expected, fixes, good) -> Planted:
+def _write_tars(folder, first, second, expected, fixes, good, captions=None) -> Planted:
     # "hx-good-07" twice in a row: the second copy's files follow the first's directly
     order = [r for r in first if r.key != "hx-good-07" or r.reason]
     i = next(j for j, r in enumerate(order) if r.key == "hx-good-07")
@@ -155,8 +167,8 @@ def _write_tars(folder, first, second, expected, fixes, good) -> Planted:
     (folder / "hostile-a.tar").write_bytes(tar_bytes(_members(order)))
     (folder / "hostile-b.tar").write_bytes(tar_bytes(_members(second)))
     # cut inside the payload of the 3rd sample's image, and inside the 3rd sample's header
-    cut = [Record(f"hx-cut-{i}", _encode(_picture(200 + i), "JPEG"), f"a photo of a {WORDS[i]}")
-           for i in range(4)]
+    caption = _captions(captions[30:] if captions else None)
+    cut = [Record(f"hx-cut-{i}", _encode(_picture(200 + i), "JPEG"), next(caption)) for i in range(4)]
     whole = tar_bytes(_members(cut))
     (folder / "hostile-c.tar").write_bytes(_cut(whole, 4, "payload"))
     cut2 = [dataclasses.replace(r, key=r.key.replace("cut", "hdr")) for r in cut]

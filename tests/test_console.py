@@ -46,3 +46,16 @@ def test_the_console_actor_outlives_each_use(ray_local):
     time.sleep(2)
     assert ray.get(console._actor().drain.remote()) == ["kept"]
     assert console.Tally().totals() == {}
+
+
+def test_a_retried_task_counts_once(ray_local):
+    """Counts reported with a key (a shard, a batch's keys) replace an earlier report under the
+    same key: a task Ray retries after its worker died adds nothing twice (issue 16, item 4)."""
+    tally = console.Tally()
+    tally.add({"rows": 5, "encoded": 4}, key="a|z|5")
+    tally.add({"rows": 5, "encoded": 5}, key="a|z|5")    # the retry, on an actor with a colder cache
+    tally.add({"rows": 2}, key="b|c|2")
+    tally.add({"rows": 1})
+    tally.add({"rows": 1})                                # unkeyed counts add up, as before
+    assert tally.totals() == {"rows": 9, "encoded": 5}
+    tally.close()

@@ -253,6 +253,10 @@ def test_a_checkpoint_cut_short_is_found_and_the_one_before_is_resumed(tmp_path)
     (latest / "checkpoint.pt").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(DamagedCheckpoint, match="SHA-256"):
         read_checkpoint(str(latest), StorageConfig())
+    # a directory whose upload stopped before its checkpoint file: incomplete, skipped
+    (latest / "checkpoint.pt").unlink()
+    state, _ = _resume(Checkpoint.from_directory(str(latest)), config, rank=1)
+    assert state["step"] == 20
     first = run / step_dir_name(20) / "checkpoint.pt"
     first.write_bytes(first.read_bytes()[:100])
     with pytest.raises(DamagedCheckpoint, match="no intact checkpoint"):

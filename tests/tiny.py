@@ -15,7 +15,10 @@ TINY = ["--set", "cluster.fine_k=8", "--set", f"cluster.num_experts={EXPERTS}", 
         "--set", "train.checkpoint_every_steps=4", "--set", "train.log_every_steps=4",
         "--set", "train.cpus_per_worker=0.5", "--set", "train.augment=false",
         "--set", "train.shuffle_buffer=0", "--set", "train.rows_per_file=100",
-        "--set", "cluster.rows_per_file=100"]
+        "--set", "cluster.rows_per_file=100",
+        # sentence-transformers pads a batch to its longest caption: the hostile shards' 2,000-
+        # character caption would pad 256 short ones to 256 tokens (72 s of embedding, not 23)
+        "--set", "embed.batch_size=32"]
 
 
 def copy_run(src: Path, dst: Path) -> RunDir:

@@ -1,0 +1,217 @@
+"""Chaos: the pipeline while its Ray workers are killed (`make chaos`; README, "Reliability").
+
+    python jobs/chaos.py --out chaos_out [--runs 5] [--every 45] [--seed 0]
+
+Generates a small demo world once (<out>/data). Then it runs the data stages, the seed and two
+experts (`jobs/run_pipeline.py --until experts --skip-baselines`, the demo preset made small:
+CHAOS_SET below):
+- once undisturbed, into <out>/reference;
+- then --runs times, into <out>/run-<i>, while a helper thread SIGKILLs one Ray worker process
+  of that run at a time: a training worker, a Ray Data task or an embedding actor, the kind
+  drawn first and then the process.
+
+Kills come every --every seconds on average (uniform in 0.5-1.5 x every, the first after one
+interval), never faster: a training run takes about 40 s to restart on 2 cores. Only processes
+descended from that run's driver are touched; the driver, the raylet and other people's Ray are
+not.
+
+Each run must:
+- finish (exit 0);
+- have data stages equal to the reference's (`pipeline.compare.differences`: the same rows,
+  embeddings within 1e-5, clusters and assignments bit-identical when the embeddings are);
+- end every training run at exactly its planned samples.
+
+Writes <out>/chaos.json and prints one line per run: wall time, kills by kind, worker-group
+restarts, outcome. Exits 1 if a run failed a check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from pipeline import cli, demo_world, registry
+from pipeline.compare import differences
+from pipeline.config import DemoConfig, StorageConfig, load_config
+from pipeline.rundir import RunDir
+from pipeline.runs import plan, seed_job
+
+REPO = Path(__file__).resolve().parents[1]
+# The demo preset, small: 2,000 pairs, two experts, 2,048 samples per training run.
+CHAOS_SET = ["cluster.fine_k=16", "cluster.num_experts=2", "cluster.restarts=1",
+             "train.total_samples=4096", "train.batch_size=64", "train.warmup_samples=512",
+             "train.seed_fraction=0.5", "train.checkpoint_every_steps=4",
+             "train.log_every_steps=4", "train.max_failures=10"]
+WORLD = DemoConfig(samples=2_000, samples_per_shard=250, new_domain_samples=0, eval_per_class=2)
+# What a process's title (Ray sets it: ray::<what it runs>) says it is.
+KINDS = {"training worker": ("RayTrainWorker",),
+         "embedding actor": ("EmbedBatches", "MapWorker"),
+         # tasks only: a hash-shuffle aggregator is an actor whose state a kill would lose
+         "data task": ("ray::Read", "ray::MapBatches", "ray::Map(", "ray::Write", "ray::Filter",
+                       "ray::Project", "ray::_map_task", "ray::Sort")}
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, title) of every process on the machine (Linux /proc)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:     # gone meanwhile
+            continue
+        found[int(entry)] = (ppid, title)
+    return found
+
+
+def targets(root: int) -> dict[str, list[tuple[int, str]]]:
+    """The processes below ``root`` that may be killed, by kind."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    below, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            below.append(child)
+            todo.append(child)
+    out: dict[str, list[tuple[int, str]]] = {}
+    for pid in below:
+        title = procs[pid][1]
+        if not title.startswith("ray::") or title.startswith("ray::IDLE"):
+            continue
+        for kind, marks in KINDS.items():
+            if any(m in title for m in marks):
+                out.setdefault(kind, []).append((pid, title[:80]))
+                break
+    return out
+
+
+class Killer(threading.Thread):
+    """Kill one worker process of the run below ``root`` about every ``every`` seconds."""
+
+    def __init__(self, root: int, every: float, rng: random.Random, start: float) -> None:
+        super().__init__(daemon=True, name="chaos-killer")
+        self.root, self.every, self.rng, self.t0 = root, every, rng, start
+        self.stop = threading.Event()
+        self.kills: list[dict] = []
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every * self.rng.uniform(0.5, 1.5)):
+            found = targets(self.root)
+            if not found:
+                continue
+            kind = self.rng.choice(sorted(found))
+            pid, title = self.rng.choice(found[kind])
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            self.kills.append({"t": round(time.time() - self.t0, 1), "kind": kind, "pid": pid,
+                               "title": title})
+            print(f"  [chaos] {time.time() - self.t0:6.1f} s: killed {kind} {pid} ({title})",
+                  flush=True)
+
+
+def pipeline_job(run_dir: Path, data: Path, log: Path, overrides: list[str],
+                 verbose: bool) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)         # its own local Ray: its processes are its descendants
+    cmd = [sys.executable, "jobs/run_pipeline.py", "--run-dir", str(run_dir), "--data", str(data),
+           "--until", "experts", "--skip-baselines"]
+    for item in [*CHAOS_SET, *overrides]:    # --set on chaos.py goes to every run
+        cmd += ["--set", item]
+    if verbose:
+        cmd.append("--verbose")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def check(run_dir: Path, reference: Path | None, overrides: list[str]) -> list[str]:
+    """What is wrong with a finished run: data stages unlike the reference's (when given), a
+    training run missing or not at its planned samples."""
+    problems = differences(run_dir, reference) if reference else []
+    cfg = load_config("demo", [*CHAOS_SET, *overrides]).train
+    entries = registry.finished(RunDir(str(run_dir), StorageConfig()))
+    for job in [seed_job(cfg), *plan(cfg, 2, baselines=False)]:
+        entry = entries.get(job.name)
+        if entry is None:
+            problems.append(f"{job.name}: not in the registry")
+        elif entry["metrics"]["samples_seen"] != job.end_samples:
+            problems.append(f"{job.name}: {entry['metrics']['samples_seen']} samples seen, "
+                            f"{job.end_samples} planned")
+    return problems
+
+
+def restarts(run_dir: Path) -> int:
+    entries = registry.finished(RunDir(str(run_dir), StorageConfig()))
+    return sum(e.get("restarts", 0) for e in entries.values())
+
+
+def main(argv=None) -> int:
+    p = cli.parser(__doc__, run_dir=False)
+    p.add_argument("--out", default="chaos_out", help="where the world, the runs and chaos.json go")
+    p.add_argument("--runs", type=int, default=5, help="disturbed runs (default 5)")
+    p.add_argument("--every", type=float, default=45.0,
+                   help="mean seconds between kills (default 45; a training run restarts in ~40)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    data = out / "data"
+    if not (data / "world.json").exists():
+        demo_world.generate(str(data), WORLD, StorageConfig(), log=lambda *_: None)
+    rng = random.Random(args.seed)
+    results = []
+    for i in range(args.runs + 1):
+        name = "reference" if i == 0 else f"run-{i}"
+        run_dir = out / name
+        if i and run_dir.exists():
+            shutil.rmtree(run_dir)      # a disturbed run starts afresh; the reference is reused
+        started = time.time()
+        job = pipeline_job(run_dir, data / "train", out / f"{name}.log", args.overrides,
+                           args.verbose)
+        killer = Killer(job.pid, args.every, rng, started) if i else None
+        if killer:
+            killer.start()
+        rc = job.wait()
+        if killer:
+            killer.stop.set()
+            killer.join()
+        wall = time.time() - started
+        kills = killer.kills if killer else []
+        if rc != 0:
+            problems = [f"exit {rc}: see {out / (name + '.log')}"]
+        else:
+            problems = check(run_dir, out / "reference" if i else None, args.overrides)
+        result = {"run": name, "wall_s": round(wall, 1), "exit": rc, "kills": kills,
+                  "kills_by_kind": dict(Counter(k["kind"] for k in kills)),
+                  "restarts": restarts(run_dir) if rc == 0 else None, "problems": problems}
+        results.append(result)
+        print(f"[chaos] {name}: {wall:.0f} s, {len(kills)} kills {result['kills_by_kind']}, "
+              f"{result['restarts']} worker-group restarts: "
+              f"{'OK' if not problems else 'FAILED ' + '; '.join(problems)}", flush=True)
+        if i == 0 and problems:
+            print("[chaos] the undisturbed reference run failed: nothing to compare with")
+            break
+    (out / "chaos.json").write_text(json.dumps(results, indent=1))
+    bad = [r["run"] for r in results if r["problems"]]
+    print(f"[chaos] {len(results) - 1} disturbed runs, "
+          f"{sum(len(r['kills']) for r in results)} kills, failed: {bad or 'none'}; {out / 'chaos.json'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
