@@ -195,7 +195,7 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training ended without a checkpoint")
-    _prune(fs, f"{path.rstrip('/')}/{name}", cfg.keep_checkpoints)
+    _prune(fs, f"{path.rstrip('/')}/{name}", cfg.keep_checkpoints, result.checkpoint.path)
     done = result.return_value
     return TrainResult(
         name=name, checkpoint=scheme(storage_path) + result.checkpoint.path,
@@ -206,12 +206,14 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         starts=tuple(_starts(starts_uri, storage)))
 
 
-def _prune(fs, run_path: str, keep: int) -> None:
+def _prune(fs, run_path: str, keep: int, result: str) -> None:
     """Keep the newest ``keep`` checkpoints of a finished run. Ray Train deletes the ones it
     registered; a checkpoint written by a worker that died before its report was taken in was
-    never registered, though a restart resumed from it (``train_loop._resume``)."""
+    never registered, though a restart resumed from it (``train_loop._resume``). The run's
+    result checkpoint, ``result``, is never deleted."""
     for old in list_checkpoints(fs, run_path)[:-keep]:
-        fs.rm(old, recursive=True)
+        if old.rstrip("/") != result.rstrip("/"):
+            fs.rm(old, recursive=True)
 
 
 def _starts(uri: str, storage: StorageConfig) -> list[dict]:

@@ -127,8 +127,10 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _resume(checkpoint: Checkpoint, config: dict[str, Any], rank: int) -> tuple[dict, list]:
-    """The state and log lines of the run's newest intact checkpoint in its folder.
+def _resume(checkpoint: Checkpoint, config: dict[str, Any],
+            rank: int) -> tuple[dict, list, bool]:
+    """The state and log lines of the run's newest intact checkpoint in its folder, and whether
+    it is Ray Train's latest registered one.
 
     Usually that is Ray Train's latest registered checkpoint. Two cases differ, both after a
     worker died (docs/bad_input.md, "Killed workers and damaged checkpoints"):
@@ -158,7 +160,7 @@ def _resume(checkpoint: Checkpoint, config: dict[str, Any], rank: int) -> tuple[
                   f"{registered} (the worker died before its report was taken in)" \
                 if name > registered else f"the later ones are damaged: {'; '.join(problems)}"
             console.say(f"[{label}] resuming from {name}: {why}")
-        return found
+        return (*found, name == registered)
     raise DamagedCheckpoint(f"{config['name']}: no intact checkpoint to resume from in "
                             f"{config['run_uri']} ({'; '.join(problems) or 'none found'})")
 
@@ -234,10 +236,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
 
     model, *_ = create(cfg.model)
-    state, history = None, []
+    state, history, registered = None, [], True
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state, history = _resume(checkpoint, config, rank)
+        state, history, registered = _resume(checkpoint, config, rank)
     elif config["init_checkpoint"]:
         state = read_checkpoint(config["init_checkpoint"], StorageConfig(**config["storage"]))
     if state is not None:
@@ -307,6 +309,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # The keys of this worker group's first pass over its data: their count and digest
     # (pipeline.keys.digest), so that a run can show which rows it was fed (docs/bad_input.md).
     fed_rows, fed_digest, fed_complete = 0, 0, False
+    if done and not registered:
+        # Resumed at the end from a checkpoint Ray Train never took in (its worker died after
+        # writing it): report it now, or the run's result would be the older registered one,
+        # which the final prune may already have deleted.
+        say(f"already at {samples_seen:,} samples: registering step {step}'s checkpoint")
+        save()
     while samples_seen < end_samples:
         epoch_steps = 0
         if cache is None:

@@ -237,17 +237,18 @@ def test_a_checkpoint_cut_short_is_found_and_the_one_before_is_resumed(tmp_path)
                   [{"step": step}])
     config = {"run_uri": str(run), "storage": {}, "name": "r"}
     latest = run / step_dir_name(40)
-    state, history = _resume(Checkpoint.from_directory(str(latest)), config, rank=1)
-    assert state["step"] == 40 and history == [{"step": 40}]
+    state, history, registered = _resume(Checkpoint.from_directory(str(latest)), config, rank=1)
+    assert state["step"] == 40 and history == [{"step": 40}] and registered
     # Ray registered step 20 only (the worker died before its step-40 report was taken in):
     # the newer, whole checkpoint is the one resumed
-    state, _ = _resume(Checkpoint.from_directory(str(run / step_dir_name(20))), config, rank=1)
-    assert state["step"] == 40
+    state, _, registered = _resume(Checkpoint.from_directory(str(run / step_dir_name(20))),
+                                   config, rank=1)
+    assert state["step"] == 40 and not registered
     data = (latest / "checkpoint.pt").read_bytes()
     (latest / "checkpoint.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(DamagedCheckpoint, match="cut short"):
         read_checkpoint(str(latest), StorageConfig())
-    state, history = _resume(Checkpoint.from_directory(str(latest)), config, rank=1)
+    state, history, _ = _resume(Checkpoint.from_directory(str(latest)), config, rank=1)
     assert state["step"] == 20 and torch.equal(state["w"], torch.ones(1000) * 20)
     # the same length, other bytes: the hash tells
     (latest / "checkpoint.pt").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
@@ -255,7 +256,7 @@ def test_a_checkpoint_cut_short_is_found_and_the_one_before_is_resumed(tmp_path)
         read_checkpoint(str(latest), StorageConfig())
     # a directory whose upload stopped before its checkpoint file: incomplete, skipped
     (latest / "checkpoint.pt").unlink()
-    state, _ = _resume(Checkpoint.from_directory(str(latest)), config, rank=1)
+    state, _, _ = _resume(Checkpoint.from_directory(str(latest)), config, rank=1)
     assert state["step"] == 20
     first = run / step_dir_name(20) / "checkpoint.pt"
     first.write_bytes(first.read_bytes()[:100])
