@@ -208,6 +208,7 @@ def test_experts_train_concurrently_and_each_owns_its_data(trained, tmp_path):
     assert complete == {"seed", "dense", *(f"random-split-{e}" for e in ids)}
 
 
+@pytest.mark.reliability
 def test_experts_flag_trains_only_those_and_a_failing_one_leaves_the_others_done(seeded, tmp_path,
                                                                                   capsys):
     """``--experts 0,1`` with expert 0's data broken: expert 1 trains and is registered, expert 0

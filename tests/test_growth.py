@@ -73,16 +73,17 @@ def add_killed_then_rerun(run_dir: Path, data: Path) -> None:
 
 @pytest.fixture(scope="module")
 def grown(trained, tiny_world, tmp_path_factory):
-    """The trained tiny run, evaluated, then grown by the held-out domain (arrows): the
-    add_experts job killed mid-training and run again; then evaluated again. With the digests of
-    its files before the growth and the report before it."""
+    """The trained tiny run, evaluated, then grown by the held-out domain (arrows) by one
+    add_experts job, then evaluated again. With the digests of its files before the growth and
+    the report before it. (A killed add_experts job: make test-reliability.)"""
     run_dir = tmp_path_factory.mktemp("grown") / "run"
     copy_run(trained, run_dir)
     tasks = [arg for t in ("shapes", "digits", "arrows") for arg in ("--tasks", str(tiny_world / "eval" / t))]
     assert evaluate_job.main(["--run-dir", str(run_dir), *tasks]) == 0
     before = digests(run_dir)
     report_before = evaluation.load_report(RunDir(str(run_dir), StorageConfig()))
-    add_killed_then_rerun(run_dir, tiny_world / "new_domain")
+    assert add_job.main(["--run-dir", str(run_dir), "--data", str(tiny_world / "new_domain"),
+                         "--name", "arrows", *GROW]) == 0
     assert evaluate_job.main(["--run-dir", str(run_dir), *tasks]) == 0
     return run_dir, before, report_before
 
@@ -320,11 +321,18 @@ def test_add_experts_while_train_experts_runs(seeded, tiny_world, tmp_path):
     assert began < reg["expert-0"]["wall"]["end"] and reg["expert-0"]["wall"]["start"] < reg[NEW]["wall"]["end"]
 
 
-def test_a_killed_add_experts_reruns_to_the_end_without_duplicates(grown):
-    """The grown run's add_experts was SIGKILLed with a checkpoint of the new expert (fixture
-    ``grown``): the rerun completed the generation, its expert resumed and ended at the planned
-    step, nothing twice (the other tests of ``grown`` check nothing earlier was rewritten)."""
-    run_dir, _, _ = grown
+@pytest.mark.reliability
+def test_a_killed_add_experts_reruns_to_the_end_without_duplicates(trained, tiny_world, tmp_path):
+    """add_experts SIGKILLed once its new expert has a checkpoint, then run again: the rerun
+    completes the generation, its expert resumes and ends at the planned step, nothing twice,
+    and nothing of the run before the growth is rewritten."""
+    run_dir = tmp_path / "run"
+    copy_run(trained, run_dir)
+    before = digests(run_dir)
+    add_killed_then_rerun(run_dir, tiny_world / "new_domain")
+    after = digests(run_dir)
+    changed = sorted(p for p, h in before.items() if after.get(p) != h)
+    assert all(p == "config.yaml" for p in changed), changed
     gen = run_dir / "generations" / "arrows"
     run = RunDir(str(run_dir), StorageConfig())
     entry = registry_of(run_dir)[NEW]
