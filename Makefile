@@ -37,13 +37,13 @@ experiment: venv  ## the demo's data stages (skipped where complete), then 3 tra
 	$(BIN)/python jobs/demo.py --out $(DEMO_OUT) --skip-training
 	$(BIN)/python jobs/experiment.py --run-dir $(DEMO_OUT)/run --seeds $(SEEDS)
 
-test: venv  ## the test suite, the 3-node cluster test first; all but the autoscaling one (`pytest -m "not slow"`: a quicker pass)
+test: venv  ## the test suite, the 3-node cluster test first; all but the autoscaling test and the fault tests (`make test-cluster`, `make test-reliability`)
 	$(BIN)/python -m pytest tests -m "not cluster and not reliability"
 
 test-cluster: venv  ## autoscaling from zero on Ray's fake multi-node provider (3-4 min); `pytest -m multinode` adds the 3-node test
 	$(BIN)/python -m pytest tests -m cluster
 
-test-reliability: venv  ## the bad-input matrix through every stage and a job killed in each data stage (6 min; docs/bad_input.md)
+test-reliability: venv  ## the faults: bad input through every stage, a job killed in each data stage, a killed add_experts job, a failing expert, the 3-node run losing a node and a stopped job (README, "Reliability")
 	$(BIN)/python -m pytest tests -m reliability
 
 lint: venv

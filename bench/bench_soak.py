@@ -3,7 +3,8 @@ clusters (K = 1,024) and assignments stages, at N/2 and at N, each size in a pro
 with its own local Ray; the peak memory of the driver and of every Ray process, against N.
 
 What runs is the stages themselves (``pipeline.stages.run_stage``: manifests, counters, Ray Data,
-the distributed k-means), on the demo preset with a tiny encoder (``open_clip:mode-tiny``, random
+the distributed k-means), on the demo preset with the clustering of the library defaults (fit on
+a sample of 256 rows per centre, one restart) and a tiny encoder (``open_clip:mode-tiny``, random
 weights: 64-d; the memory of the stream does not depend on the weights). Only the shards are
 skipped: ``ingest/`` is written directly (key, caption, shard, pos), under a manifest like the
 stage's own, since the soak is about the stages after it.
@@ -45,7 +46,10 @@ K = int(os.environ.get("BENCH_SOAK_K", 1024))
 OBJECT_STORE_MB = int(os.environ.get("BENCH_SOAK_OBJECT_STORE_MB", 1024))
 FLAT = 1.10
 ROWS_PER_FILE = 100_000
-OVERRIDES = [f"cluster.fine_k={K}", "cluster.num_experts=8", "embed.model=open_clip:mode-tiny",
+# The clustering of the laion preset and of the library defaults: a 256-rows-per-centre sample
+# for the fit (the demo preset fits on every row), one restart, capacity slack 0.003.
+OVERRIDES = [f"cluster.fine_k={K}", "cluster.num_experts=8", "cluster.sample_per_centre=256",
+             "cluster.restarts=1", "cluster.capacity_slack=0.003", "embed.model=open_clip:mode-tiny",
              "embed.batch_size=1024", "embed.rows_per_call=8192", "embed.num_cpus_per_actor=1"]
 STAGES = ("embeddings", "clusters", "assignments")
 

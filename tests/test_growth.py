@@ -322,6 +322,7 @@ def test_add_experts_while_train_experts_runs(seeded, tiny_world, tmp_path):
 
 
 @pytest.mark.reliability
+@pytest.mark.timeout(1200)   # run alone (make test-reliability), it sets up ``trained`` too
 def test_a_killed_add_experts_reruns_to_the_end_without_duplicates(trained, tiny_world, tmp_path):
     """add_experts SIGKILLed once its new expert has a checkpoint, then run again: the rerun
     completes the generation, its expert resumes and ends at the planned step, nothing twice,

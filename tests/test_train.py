@@ -159,9 +159,9 @@ EXPERT_END = 150 * BATCH    # the "expert" continues from the seed for 50 steps
 
 @pytest.fixture(scope="module")
 def runs(ray_local, tiny_world, tmp_path_factory, s3_endpoint):
-    """A seed run whose worker is killed at step 50 and restarts (train.max_failures=1) from
-    its step-40 checkpoint, and an expert started from its final checkpoint. The seed keeps its
-    checkpoints in a local run directory, the expert in one on S3."""
+    """A seed run of 100 steps and an expert started from its final checkpoint. The seed keeps
+    its checkpoints in a local run directory, the expert in one on S3. (A seed run whose worker
+    is killed: ``killed``, in make test-reliability.)"""
     from pipeline.ingest import good_rows, read_samples
     from pipeline.rundir import RunDir
     from pipeline.train import train
@@ -170,12 +170,11 @@ def runs(ray_local, tiny_world, tmp_path_factory, s3_endpoint):
                                   decode_images=False))
     run = RunDir(str(tmp_path_factory.mktemp("run")), StorageConfig())
     out = {"run": run, "n_rows": rows.count()}
-    out["resumed"] = train("seed", rows, dataclasses.replace(CFG, max_failures=1),
-                           run.stage_uri("checkpoints"), SEED_END, crash_at_step=CRASH_AT)
+    out["seed"] = train("seed", rows, CFG, run.stage_uri("checkpoints"), SEED_END)
     out["s3"] = StorageConfig(s3_endpoint_url=s3_endpoint)
     out["run_s3"] = RunDir("s3://mode/train-test", out["s3"])
     out["expert"] = train("expert", rows, CFG, out["run_s3"].stage_uri("checkpoints"), EXPERT_END,
-                          init_checkpoint=out["resumed"].checkpoint, storage=out["s3"])
+                          init_checkpoint=out["seed"].checkpoint, storage=out["s3"])
     return out
 
 
@@ -205,11 +204,27 @@ def _kept(run, name):
     return [uri.rsplit("/", 1)[1] for uri in found]
 
 
-def test_a_killed_worker_restarts_at_the_checkpointed_step(runs):
+@pytest.fixture(scope="module")
+def killed(ray_local, tiny_world, tmp_path_factory):
+    """The seed run of ``runs``, its worker killed at step 50: it restarts (train.max_failures=1)
+    from its step-40 checkpoint."""
+    from pipeline.ingest import good_rows, read_samples
+    from pipeline.rundir import RunDir
+    from pipeline.train import train
+
+    rows = good_rows(read_samples(str(tiny_world / "train"), DataConfig(), StorageConfig(),
+                                  decode_images=False))
+    run = RunDir(str(tmp_path_factory.mktemp("killed")), StorageConfig())
+    return run, train("seed", rows, dataclasses.replace(CFG, max_failures=1),
+                      run.stage_uri("checkpoints"), SEED_END, crash_at_step=CRASH_AT)
+
+
+@pytest.mark.reliability
+def test_a_killed_worker_restarts_at_the_checkpointed_step(killed, tmp_path):
     """Rank 0 is killed with SIGKILL after step 50 (a real process death: no exception, no
     cleanup); with train.max_failures=1 Ray Train starts a new worker process, which resumes
     from the step-40 checkpoint and ends at exactly the planned step and samples."""
-    r = runs["resumed"]
+    run, r = killed
     assert r.restarts == 1 and [st["step"] for st in r.starts] == [0, 40]
     assert r.starts[0]["pid"] != r.starts[1]["pid"]
     assert (r.start_step, r.start_samples) == (40, 40 * BATCH)
@@ -218,8 +233,13 @@ def test_a_killed_worker_restarts_at_the_checkpointed_step(runs):
     assert r.checkpoint.endswith("/checkpoints/seed/step_00000100")
     # the log carries over from the checkpoint: the lost steps 41-50 are logged once, afresh
     assert [line["step"] for line in r.history] == list(range(5, 101, 5))
-    assert _kept(runs["run"], "seed") == ["step_00000080", "step_00000100"]
-    assert runs["expert"].restarts == 0
+    assert _kept(run, "seed") == ["step_00000080", "step_00000100"]
+    # each worker group left an event file; merged, they hold every log line once: the failed
+    # group copied only the lines up to its step-40 checkpoint, so the lines 45 and 50 it logged
+    # before it was killed are not drawn twice
+    files, scalars = _scalars(run.fs, run.stage_path("checkpoints", "seed", "tensorboard"), tmp_path)
+    assert files == 2
+    _same_as_history(scalars, r)
 
 
 def test_a_checkpoint_cut_short_is_found_and_the_one_before_is_resumed(tmp_path):
@@ -265,14 +285,15 @@ def test_a_checkpoint_cut_short_is_found_and_the_one_before_is_resumed(tmp_path)
 
 
 def test_cached_inputs_hold_every_row(runs):
-    r = runs["resumed"]
+    r = runs["seed"]
+    assert r.restarts == 0 and runs["expert"].restarts == 0
     # every good row, the last partial batch too, and training went on past the first epoch
     assert r.cached_rows == runs["n_rows"]
     assert r.steps_run * BATCH > runs["n_rows"]
 
 
 def test_loss_falls(runs):
-    losses = [line["loss"] for line in runs["resumed"].history]
+    losses = [line["loss"] for line in runs["seed"].history]
     assert abs(losses[0] - math.log(BATCH)) < 0.5  # about chance at the start
     assert np.mean(losses[-3:]) < losses[0] - 0.5, losses
 
@@ -287,7 +308,7 @@ def test_expert_continues_the_seed(runs):
                                                  CFG.total_samples))
     assert r.checkpoint == "s3://mode/train-test/checkpoints/expert/step_00000150"
     assert _kept(runs["run_s3"], "expert") == ["step_00000140", "step_00000150"]
-    seed = read_checkpoint(runs["resumed"].checkpoint, StorageConfig())
+    seed = read_checkpoint(runs["seed"].checkpoint, StorageConfig())
     expert = read_checkpoint(r.checkpoint, runs["s3"])
     assert expert["model_name"] == "mode-tiny" and expert["samples_seen"] == EXPERT_END
     assert seed["optimizer"]["state"][0]["step"] + 50 == expert["optimizer"]["state"][0]["step"]
@@ -310,15 +331,18 @@ def _scalars(fs, folder: str, tmp_path) -> tuple[int, dict[str, list[tuple[int, 
                         for tag in acc.Tags()["scalars"]}
 
 
-@pytest.mark.parametrize("name", ["resumed", "expert"])
+@pytest.mark.parametrize("name", ["seed", "expert"])
 def test_tensorboard_events_are_the_history(runs, name, tmp_path):
-    """Each worker group leaves an event file beside the checkpoints (locally and on S3); merged,
-    they hold every log line once: the seed's failed group copied only the lines up to its
-    step-40 checkpoint, so the lines 45 and 50 it logged before failing are not drawn twice."""
-    run, result = (runs["run"], runs["resumed"]) if name == "resumed" else (runs["run_s3"], runs["expert"])
+    """A worker group leaves an event file beside the checkpoints (locally and on S3) holding
+    every log line once. (Two groups, the first killed: the killed-worker test.)"""
+    run, result = (runs["run"], runs["seed"]) if name == "seed" else (runs["run_s3"], runs["expert"])
     files, scalars = _scalars(run.fs, run.stage_path("checkpoints", result.name, "tensorboard"),
                               tmp_path)
-    assert files == len(result.starts) == (2 if name == "resumed" else 1)
+    assert files == len(result.starts) == 1
+    _same_as_history(scalars, result)
+
+
+def _same_as_history(scalars: dict, result) -> None:
     keys = ("loss", "lr", "samples_per_s", "data_wait")
     assert set(scalars) == {f"train/{k}" for k in keys}
     for key in keys:
@@ -330,7 +354,7 @@ def test_tensorboard_events_are_the_history(runs, name, tmp_path):
 def test_curves_plot_every_run_with_a_history(runs):
     from pipeline.curves import plot
 
-    seed = {"kind": "seed", "history": runs["resumed"].history}
+    seed = {"kind": "seed", "history": runs["seed"].history}
     expert = {"kind": "expert", "expert_id": 0, "history": runs["expert"].history}
     png = plot({"seed": seed, "expert-0": expert})
     assert png.startswith(b"\x89PNG")
