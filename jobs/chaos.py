@@ -7,8 +7,9 @@ experts (`jobs/run_pipeline.py --until experts --skip-baselines`, the demo prese
 CHAOS_SET below):
 - once undisturbed, into <out>/reference;
 - then --runs times, into <out>/run-<i>, while a helper thread SIGKILLs one Ray worker process
-  of that run at a time: a training worker, a Ray Data task or an embedding actor, the kind
-  drawn first and then the process.
+  of that run at a time: a training worker, a Ray Data task or an embedding actor. The kind is
+  drawn first, then awaited (polled every 0.1 s for up to one interval, since data tasks are
+  short-lived), then the process; a kind not seen in time is counted as a miss.
 
 Kills come every --every seconds on average (uniform in 0.5-1.5 x every, the first after one
 interval), never faster: a training run takes about 40 s to restart on 2 cores. Only processes
@@ -58,6 +59,7 @@ KINDS = {"training worker": ("RayTrainWorker",),
          # tasks only: a hash-shuffle aggregator is an actor whose state a kill would lose
          "data task": ("ray::Read", "ray::MapBatches", "ray::Map(", "ray::Write", "ray::Filter",
                        "ray::Project", "ray::_map_task", "ray::Sort")}
+POLL_S = 0.1    # how often the killer looks for a process of the kind it drew
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -108,17 +110,29 @@ class Killer(threading.Thread):
         self.root, self.every, self.rng, self.t0 = root, every, rng, start
         self.stop = threading.Event()
         self.kills: list[dict] = []
+        self.misses: Counter = Counter()
 
     def run(self) -> None:
         while not self.stop.wait(self.every * self.rng.uniform(0.5, 1.5)):
-            found = targets(self.root)
+            # The kind is drawn first, among all three, and then awaited: Ray Data tasks live for
+            # a fraction of a second, so a kill drawn among the processes alive at one instant
+            # would almost never reach one. A kind that does not show up within one interval
+            # (no data task runs while the experts train) is a miss, counted.
+            kind = self.rng.choice(sorted(KINDS))
+            deadline = time.time() + self.every
+            found: list[tuple[int, str]] = []
+            while not found and time.time() < deadline and not self.stop.is_set():
+                found = targets(self.root).get(kind, [])
+                if not found:
+                    time.sleep(POLL_S)
             if not found:
+                self.misses[kind] += 1
                 continue
-            kind = self.rng.choice(sorted(found))
-            pid, title = self.rng.choice(found[kind])
+            pid, title = self.rng.choice(found)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
+                self.misses[kind] += 1
                 continue
             self.kills.append({"t": round(time.time() - self.t0, 1), "kind": kind, "pid": pid,
                                "title": title})
@@ -198,9 +212,11 @@ def main(argv=None) -> int:
             problems = check(run_dir, out / "reference" if i else None, args.overrides)
         result = {"run": name, "wall_s": round(wall, 1), "exit": rc, "kills": kills,
                   "kills_by_kind": dict(Counter(k["kind"] for k in kills)),
+                  "misses_by_kind": dict(killer.misses) if killer else {},
                   "restarts": restarts(run_dir) if rc == 0 else None, "problems": problems}
         results.append(result)
-        print(f"[chaos] {name}: {wall:.0f} s, {len(kills)} kills {result['kills_by_kind']}, "
+        print(f"[chaos] {name}: {wall:.0f} s, {len(kills)} kills {result['kills_by_kind']} "
+              f"(drawn but never seen: {result['misses_by_kind'] or 'none'}), "
               f"{result['restarts']} worker-group restarts: "
               f"{'OK' if not problems else 'FAILED ' + '; '.join(problems)}", flush=True)
         if i == 0 and problems:
