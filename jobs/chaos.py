@@ -7,9 +7,10 @@ experts (`jobs/run_pipeline.py --until experts --skip-baselines`, the demo prese
 CHAOS_SET below):
 - once undisturbed, into <out>/reference;
 - then --runs times, into <out>/run-<i>, while a helper thread SIGKILLs one Ray worker process
-  of that run at a time: a training worker, a Ray Data task or an embedding actor. The kind is
-  drawn first, then awaited (polled every 0.1 s for up to one interval, since data tasks are
-  short-lived), then the process; a kind not seen in time is counted as a miss.
+  of that run at a time: a training worker, a Ray Data task or an embedding actor. At each
+  kill the helper watches the run's processes for 5 s (polling every 0.1 s: data tasks live for
+  a fraction of a second), draws a kind among those it saw, waits for a live process of that
+  kind and kills it; one that does not come back within an interval is counted as a miss.
 
 Kills come every --every seconds on average (uniform in 0.5-1.5 x every, the first after one
 interval), never faster: a training run takes about 40 s to restart on 2 cores. Only processes
@@ -59,7 +60,8 @@ KINDS = {"training worker": ("RayTrainWorker",),
          # tasks only: a hash-shuffle aggregator is an actor whose state a kill would lose
          "data task": ("ray::Read", "ray::MapBatches", "ray::Map(", "ray::Write", "ray::Filter",
                        "ray::Project", "ray::_map_task", "ray::Sort")}
-POLL_S = 0.1    # how often the killer looks for a process of the kind it drew
+POLL_S = 0.1    # how often the killer looks at the processes
+WATCH_S = 5.0   # how long it watches before it draws a kind among those it saw
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -114,30 +116,40 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.wait(self.every * self.rng.uniform(0.5, 1.5)):
-            # The kind is drawn first, among all three, and then awaited: Ray Data tasks live for
-            # a fraction of a second, so a kill drawn among the processes alive at one instant
-            # would almost never reach one. A kind that does not show up within one interval
-            # (no data task runs while the experts train) is a miss, counted.
-            kind = self.rng.choice(sorted(KINDS))
-            deadline = time.time() + self.every
-            found: list[tuple[int, str]] = []
-            while not found and time.time() < deadline and not self.stop.is_set():
-                found = targets(self.root).get(kind, [])
-                if not found:
-                    time.sleep(POLL_S)
-            if not found:
-                self.misses[kind] += 1
+            # Ray Data tasks live for a fraction of a second: a kind drawn among the processes
+            # alive at one instant would almost never be a data task. So the killer watches for
+            # WATCH_S, draws the kind among those it saw, and then waits for a live one of it.
+            seen = self._watch()
+            if not seen:
                 continue
-            pid, title = self.rng.choice(found)
+            kind = self.rng.choice(sorted(seen))
+            deadline = time.time() + self.every
+            live = []
+            while not live and time.time() < deadline and not self.stop.is_set():
+                live = targets(self.root).get(kind, [])
+                if not live:
+                    time.sleep(POLL_S)
             try:
+                if not live:
+                    raise ProcessLookupError
+                pid, title = self.rng.choice(live)
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
-                self.misses[kind] += 1
+                self.misses[kind] += 1      # none came back in time, or it ended meanwhile
                 continue
             self.kills.append({"t": round(time.time() - self.t0, 1), "kind": kind, "pid": pid,
                                "title": title})
             print(f"  [chaos] {time.time() - self.t0:6.1f} s: killed {kind} {pid} ({title})",
                   flush=True)
+
+    def _watch(self) -> set[str]:
+        """The kinds of process seen below the root over WATCH_S seconds."""
+        seen: set[str] = set()
+        until = time.time() + WATCH_S
+        while time.time() < until and not self.stop.is_set():
+            seen |= set(targets(self.root))
+            time.sleep(POLL_S)
+        return seen
 
 
 def pipeline_job(run_dir: Path, data: Path, log: Path, overrides: list[str],
@@ -216,7 +228,7 @@ def main(argv=None) -> int:
                   "restarts": restarts(run_dir) if rc == 0 else None, "problems": problems}
         results.append(result)
         print(f"[chaos] {name}: {wall:.0f} s, {len(kills)} kills {result['kills_by_kind']} "
-              f"(drawn but never seen: {result['misses_by_kind'] or 'none'}), "
+              f"(missed: {result['misses_by_kind'] or 'none'}), "
               f"{result['restarts']} worker-group restarts: "
               f"{'OK' if not problems else 'FAILED ' + '; '.join(problems)}", flush=True)
         if i == 0 and problems:

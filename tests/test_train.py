@@ -1,5 +1,7 @@
 import dataclasses
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -169,7 +171,7 @@ def runs(ray_local, tiny_world, tmp_path_factory, s3_endpoint):
     rows = good_rows(read_samples(str(tiny_world / "train"), DataConfig(), StorageConfig(),
                                   decode_images=False))
     run = RunDir(str(tmp_path_factory.mktemp("run")), StorageConfig())
-    out = {"run": run, "n_rows": rows.count()}
+    out = {"run": run, "rows": rows, "n_rows": rows.count()}
     out["seed"] = train("seed", rows, CFG, run.stage_uri("checkpoints"), SEED_END)
     out["s3"] = StorageConfig(s3_endpoint_url=s3_endpoint)
     out["run_s3"] = RunDir("s3://mode/train-test", out["s3"])
@@ -282,6 +284,35 @@ def test_a_checkpoint_cut_short_is_found_and_the_one_before_is_resumed(tmp_path)
     first.write_bytes(first.read_bytes()[:100])
     with pytest.raises(DamagedCheckpoint, match="no intact checkpoint"):
         _resume(Checkpoint.from_directory(str(latest)), config, rank=1)
+
+
+def test_a_rerun_at_its_end_registers_a_checkpoint_ray_never_took_in(runs, tmp_path):
+    """A worker killed after writing its final checkpoint but before Ray Train took in its
+    report leaves Ray's latest registered checkpoint at the one before. A rerun resumes from the
+    newer one (``_resume``), trains no step, and reports it once: the result is the final
+    checkpoint, and the prune that follows keeps it. (Stop 27's CI failure: the result was the
+    older one, already pruned.) The kill is made here by taking the last report out of Ray's
+    checkpoint-manager snapshot, as it stands when the report never arrived."""
+    from pipeline.train import train
+
+    storage = tmp_path / "checkpoints"
+    shutil.copytree(runs["run"].stage_path("checkpoints", "seed"), storage / "seed")
+    snapshot_file = storage / "seed" / "checkpoint_manager_snapshot.json"
+    snapshot = json.loads(snapshot_file.read_text())
+    assert [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]] == \
+        ["step_00000080", "step_00000100"]
+    snapshot["checkpoint_results"].pop()
+    snapshot["checkpoint_report_indices"].pop()
+    snapshot["latest_checkpoint_result"] = snapshot["checkpoint_results"][-1]
+    snapshot_file.write_text(json.dumps(snapshot))
+
+    r = train("seed", runs["rows"], CFG, str(storage), SEED_END)
+    assert (r.start_step, r.steps_run, r.step, r.samples_seen) == (100, 0, 100, SEED_END)
+    assert r.checkpoint == str(storage / "seed" / "step_00000100")
+    assert sorted(p.name for p in (storage / "seed").glob("step_*")) == \
+        ["step_00000080", "step_00000100"]
+    after = json.loads(snapshot_file.read_text())
+    assert after["latest_checkpoint_result"]["checkpoint_dir_name"] == "step_00000100"
 
 
 def test_cached_inputs_hold_every_row(runs):
