@@ -26,6 +26,12 @@ Prints one table and the driver's ratio at N against N/2, with the target "flat"
 the driver must not hold the dataset. Exits non-zero only if something crashes. Sizes:
 BENCH_SOAK_N (default 2,000,000), BENCH_SOAK_ROWS_PER_CAPTION (8), BENCH_SOAK_K (1,024),
 BENCH_SOAK_OBJECT_STORE_MB (1,024: the object store each size's Ray gets).
+
+``--encoder-only`` runs the same captions through ``CaptionEncoder`` alone, each size in a process
+of its own without Ray, in the embed stage's calls (embed.rows_per_call rows each): the
+process's RSS after loading the model, at the end, and with the caption cache emptied and
+glibc's ``malloc_trim``; the cache's and the tokenizer's word cache's sizes. It splits the
+embedding actor's memory into the encoder's and the Ray actor's around it (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -198,28 +204,86 @@ def one_size(n: int, out: Path) -> dict:
     return result
 
 
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def encoder_only(n: int) -> dict:
+    """The embed stage's encoder over n rows, in this process, no Ray: its memory."""
+    import ctypes
+    import gc
+
+    import numpy as np
+
+    from pipeline.config import load_config
+    from pipeline.encoders import CaptionEncoder
+
+    cfg = load_config("demo", OVERRIDES).embed
+    encoder = CaptionEncoder(cfg.model, batch_size=cfg.batch_size, cache_size=cfg.cache_size)
+    out = {"n": n, "rss_mb": {"model loaded": round(rss_mb())}}
+    distinct = captions(max(1, n // ROWS_PER_CAPTION), seed=n)
+    which = np.random.default_rng(0).integers(len(distinct), size=n)
+    for lo in range(0, n, cfg.rows_per_call):
+        encoder.encode([distinct[j] for j in which[lo:lo + cfg.rows_per_call]])
+    del distinct, which
+    gc.collect()
+    out["rss_mb"]["at the end"] = round(rss_mb())
+    out["cached"], out["encoded"] = len(encoder._cache), encoder.encoded
+    out["tokenizer_words"] = len(getattr(encoder._backend.tokenizer, "cache", ()))
+    encoder._cache.clear()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    out["rss_mb"]["cache emptied, malloc_trim"] = round(rss_mb())
+    return out
+
+
+def _sizes(flag: str, env: dict) -> list[dict] | None:
+    """Run this file with ``flag`` for N/2 and N, each in its own process (and, for the stages,
+    its own run directory); their results."""
+    results = []
+    for n in (N // 2, N):
+        print(f"soak: {n:,} rows (its own process)", flush=True)
+        with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+            extra = [tmp] if flag == "--one" else []
+            proc = subprocess.run([sys.executable, __file__, flag, str(n), *extra], env=env,
+                                  stdout=subprocess.PIPE, text=True)
+        lines = proc.stdout.splitlines()
+        print("\n".join(line for line in lines if not line.startswith("RESULT ")))
+        if proc.returncode != 0:
+            print(f"soak at {n:,} rows failed (exit {proc.returncode})")
+            return None
+        results.append(json.loads(next(line for line in lines
+                                       if line.startswith("RESULT "))[len("RESULT "):]))
+    return results
+
+
 def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--one":
         print("RESULT " + json.dumps(one_size(int(sys.argv[2]), Path(sys.argv[3]))), flush=True)
         return 0
+    if len(sys.argv) == 3 and sys.argv[1] == "--one-encoder":
+        print("RESULT " + json.dumps(encoder_only(int(sys.argv[2]))), flush=True)
+        return 0
     from benchlib import print_table
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                          os.environ.get("PYTHONPATH", "")])}
-    results = []
-    for n in (N // 2, N):
-        with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-            print(f"soak: {n:,} rows (its own process and Ray)", flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--one", str(n), tmp], env=env,
-                                  stdout=subprocess.PIPE, text=True)
-            lines = proc.stdout.splitlines()
-            print("\n".join(line for line in lines if not line.startswith("RESULT ")))
-            if proc.returncode != 0:
-                print(f"soak at {n:,} rows failed (exit {proc.returncode})")
-                return 1
-            results.append(json.loads(next(line for line in lines
-                                           if line.startswith("RESULT "))[len("RESULT "):]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if sys.argv[1:] == ["--encoder-only"]:
+        results = _sizes("--one-encoder", env)
+        if results is None:
+            return 1
+        half, full = results
+        rows = [(f"RSS {what}", half["rss_mb"][what], full["rss_mb"][what],
+                 f"{full['rss_mb'][what] / half['rss_mb'][what]:.2f}") for what in half["rss_mb"]]
+        rows += [(what, half[key], full[key], "") for what, key in (
+            ("captions cached", "cached"), ("captions through the model", "encoded"),
+            ("tokenizer word cache", "tokenizer_words"))]
+        print_table(("CaptionEncoder alone (MB)", f"N={half['n']:,}", f"N={full['n']:,}", "ratio"),
+                    rows)
+        return 0
+    results = _sizes("--one", env)
+    if results is None:
+        return 1
     half, full = results
     rows = []
     for what in ["start", "ingest (written directly)", *STAGES]:
