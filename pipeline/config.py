@@ -216,6 +216,19 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     # torch threads per worker; 0 keeps Ray's default (the worker's whole CPUs, at least 1).
     threads_per_worker: int = 0
+    # Batches Ray Data prepares ahead of the step (pinned, and copied to the GPU, in the
+    # background). docs/training_speed.md.
+    prefetch_batches: int = 2
+    # torch.compile the model; its compile time shows as the run's first step (log line).
+    compile: bool = False
+    # Images and convolution weights in channels-last layout (the patch embedding's conv).
+    channels_last: bool = False
+    # Recompute activations in backward instead of keeping them (open_clip's gradient
+    # checkpointing): about a third more compute for much less memory, for large models.
+    grad_checkpointing: bool = False
+    # Micro-batches per step (open_clip's accum_freq): the same gradients as the whole batch,
+    # in one micro-batch's activation memory; each worker's batch must divide by it.
+    accum_steps: int = 1
     # Worker-group failures retried from the latest checkpoint within one run (a lost node,
     # a preempted spot instance); the registry counts the restarts a run took.
     max_failures: int = 0
@@ -569,6 +582,8 @@ def _check_ranges(cfg: Config) -> None:
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "train.log_every_steps": cfg.train.log_every_steps,
         "train.num_workers": cfg.train.num_workers,
+        "train.prefetch_batches": cfg.train.prefetch_batches,
+        "train.accum_steps": cfg.train.accum_steps,
         "embed.rows_per_file": cfg.embed.rows_per_file, "cluster.restarts": cfg.cluster.restarts,
         "cluster.coarse_restarts": cfg.cluster.coarse_restarts,
         "cluster.rows_per_file": cfg.cluster.rows_per_file, "train.rows_per_file": cfg.train.rows_per_file,
@@ -619,6 +634,10 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.train.batch_size % cfg.train.num_workers:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
                           f"train.num_workers ({cfg.train.num_workers})")
+    if (cfg.train.batch_size // cfg.train.num_workers) % cfg.train.accum_steps:
+        raise ConfigError(f"train.accum_steps ({cfg.train.accum_steps}) must divide each "
+                          f"worker's batch (train.batch_size / train.num_workers = "
+                          f"{cfg.train.batch_size // cfg.train.num_workers})")
     if not 0 <= cfg.cluster.capacity_slack <= 0.5:
         raise ConfigError(f"cluster.capacity_slack: must be in [0, 0.5], got "
                           f"{cfg.cluster.capacity_slack}")

@@ -41,11 +41,14 @@ DATA_FIELDS = ("data.format", "data.caption_column", "data.image_column", "data.
 TRAIN_FIELDS = ("train.model", "train.batch_size", "train.lr", "train.total_samples",
                 "train.seed_fraction", "train.warmup_samples", "train.weight_decay", "train.seed",
                 "train.precision", "train.augment", "train.shuffle_buffer", "train.cache_inputs")
-# How a run uses the cluster: neither changes the model it trains beyond float rounding.
+# How a run uses the cluster and its devices: none changes the model it trains beyond float
+# rounding (accumulation included: docs/training_speed.md).
 TRAIN_KNOBS = ("train.checkpoint_every_steps", "train.keep_checkpoints", "train.log_every_steps",
                "train.num_workers", "train.use_gpu", "train.cpus_per_worker",
                "train.threads_per_worker", "train.max_failures", "train.decode_in_worker",
-               "train.data_cpus", "train.worker_resources", "train.stall_warning_s")
+               "train.data_cpus", "train.worker_resources", "train.stall_warning_s",
+               "train.prefetch_batches", "train.compile", "train.channels_last",
+               "train.grad_checkpointing", "train.accum_steps")
 CLUSTER_FIT_FIELDS = ("cluster.fine_k", "cluster.num_experts", "cluster.balanced",
                       "cluster.capacity_slack", "cluster.iterations", "cluster.sample_per_centre",
                       "cluster.seed", "cluster.restarts", "cluster.fit_block_rows",

@@ -25,6 +25,7 @@ import signal
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,7 @@ from pipeline.checkpoint_io import (
 )
 from pipeline.config import StorageConfig, TrainConfig
 from pipeline.console import format_seconds
-from pipeline.inputs import preprocessor
+from pipeline.inputs import DeviceNormalize, preprocessor
 from pipeline.model import create
 from pipeline.schedule import lr_at
 from pipeline.storage import filesystem
@@ -101,12 +102,16 @@ def _streamed_batches(shard, cfg: TrainConfig, local_batch: int, device: torch.d
     order = {"batch_size": local_batch, "drop_last": False,
              "local_shuffle_buffer_size": cfg.shuffle_buffer or None,
              "local_shuffle_seed": (cfg.seed * 1_000_003 + step) if cfg.shuffle_buffer else None}
+    cuda = device.type == "cuda"
     if not cfg.decode_in_worker:
-        return iter(shard.iter_torch_batches(device=device, **order,
-                                             dtypes={"image": torch.float32, "text": torch.long,
+        # Ray Data gathers the next batches in a background thread (prefetch_batches) into
+        # pinned memory and copies them to the device there: the copy overlaps the step.
+        return iter(shard.iter_torch_batches(device=device, **order, pin_memory=cuda,
+                                             prefetch_batches=cfg.prefetch_batches,
+                                             dtypes={"image": torch.uint8, "text": torch.long,
                                                      "key_hash": torch.long}))
     preprocess = preprocessor(cfg.model, cfg.augment)
-    return ({k: torch.from_numpy(v).to(device) for k, v in preprocess(rows).items()}
+    return ({k: torch.from_numpy(v).to(device, non_blocking=cuda) for k, v in preprocess(rows).items()}
             for rows in shard.iter_batches(batch_format="numpy", **order))
 
 
@@ -114,10 +119,21 @@ def _cached_batches(cache: dict[str, torch.Tensor], local_batch: int, device: to
                     seed: int, rank: int, epoch: int):
     """Full batches of a seeded permutation of the cached rows (one epoch)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 10_007 + epoch)
-    order = torch.randperm(len(cache["text"]), generator=g)
+    order = torch.randperm(len(cache["text"]), generator=g).to(cache["text"].device)
     for start in range(0, len(order) - local_batch + 1, local_batch):
         idx = order[start:start + local_batch]
-        yield {k: v[idx].to(device) for k, v in cache.items()}
+        yield {k: v[idx].to(device, non_blocking=True) for k, v in cache.items()}
+
+
+def _keep_cache(kept: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    """The first epoch's batches as one tensor per column: on the training device when they
+    take less than a quarter of its free memory (no copy per step), else in host memory."""
+    cache = {k: torch.cat([b[k] for b in kept]) for k in ("image", "text")}
+    if device.type == "cuda":
+        size = sum(v.numel() * v.element_size() for v in cache.values())
+        if size < torch.cuda.mem_get_info(device)[0] / 4:
+            cache = {k: v.to(device) for k, v in cache.items()}
+    return cache
 
 
 def _autocast(precision: str, device: torch.device):
@@ -125,6 +141,56 @@ def _autocast(precision: str, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
     return torch.autocast("cuda", dtype=dtype)
+
+
+def clip_loss(rank: int, world: int) -> ClipLoss:
+    """open_clip's contrastive loss for one of ``world`` data-parallel ranks: local_loss +
+    gather_with_grad, open_clip's multi-GPU recommendation. Each rank scores its own rows
+    against the whole global batch and gradients flow back through the gather, so the ranks'
+    mean loss and DDP's mean gradient are those of one worker on the whole batch
+    (tests/test_train.py runs two gloo workers against one)."""
+    return ClipLoss(local_loss=world > 1, gather_with_grad=world > 1, cache_labels=True,
+                    rank=rank, world_size=world)
+
+
+def train_step(model: torch.nn.Module, loss_fn: ClipLoss, images: torch.Tensor,
+               texts: torch.Tensor, scaler: torch.amp.GradScaler,
+               autocast: Callable[[], contextlib.AbstractContextManager],
+               accum_steps: int = 1,
+               no_sync: Callable[[], contextlib.AbstractContextManager] | None = None
+               ) -> torch.Tensor:
+    """The gradients of one optimiser step on a batch: open_clip's contrastive loss over the
+    whole batch, backpropagated (through ``scaler``). Returns the loss, detached.
+
+    Args:
+        model: the CLIP (DDP-wrapped or compiled is fine); ``images`` are normalised.
+        autocast: a fresh autocast context per use (``_autocast``).
+        accum_steps: split the batch into this many micro-batches, as open_clip's trainer does
+            (its ``accum_freq``): first the features of every micro-batch without gradients,
+            then each micro-batch again with gradients, its live features put in place of its
+            cached ones. Every micro-batch's loss still has the whole batch as negatives, so
+            the summed gradients are the whole batch's (tests/test_train.py), in one
+            micro-batch's activation memory. The temperature's gradient is taken once, in the
+            first micro-batch: every pass's loss depends on it the same way.
+        no_sync: DDP's ``no_sync`` (gradients all-reduced once, after the last micro-batch).
+    """
+    if accum_steps == 1:
+        with autocast():
+            loss = loss_fn(*model(images, texts))
+        scaler.scale(loss).backward()
+        return loss.detach()
+    image_parts, text_parts = images.chunk(accum_steps), texts.chunk(accum_steps)
+    with torch.no_grad(), autocast():
+        cached = [model(i, t)[:2] for i, t in zip(image_parts, text_parts, strict=True)]
+    for j in range(accum_steps):
+        last = j == accum_steps - 1
+        with (contextlib.nullcontext() if last or no_sync is None else no_sync()), autocast():
+            image_j, text_j, scale = model(image_parts[j], text_parts[j])
+            image_all = torch.cat([c[0] for c in cached[:j]] + [image_j] + [c[0] for c in cached[j + 1:]])
+            text_all = torch.cat([c[1] for c in cached[:j]] + [text_j] + [c[1] for c in cached[j + 1:]])
+            loss = loss_fn(image_all, text_all, scale if j == 0 else scale.detach())
+            scaler.scale(loss).backward()
+    return loss.detach()
 
 
 def _resume(checkpoint: Checkpoint, config: dict[str, Any],
@@ -247,8 +313,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{name}: checkpoint holds a {state['model_name']!r} model but "
                              f"train.model is {cfg.model!r}")
         model.load_state_dict(state["model"])
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
+    no_sync = model.no_sync if hasattr(model, "no_sync") else None
+    # torch.compile wraps the DDP model (PyTorch's advice); the checkpoint keeps core's weights.
+    forward = torch.compile(model) if cfg.compile else model
+    preprocess = preprocessor(cfg.model, cfg.augment)
+    normalize = DeviceNormalize(preprocess.mean, preprocess.std)
     optimizer = make_optimizer(core, cfg.lr, cfg.weight_decay)
     use_scaler = device.type == "cuda" and cfg.precision == "amp"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -263,10 +338,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{name}: the init checkpoint has seen {samples_seen:,} samples already, "
                          f"not fewer than end_samples = {end_samples:,}")
 
-    # local_loss + gather_with_grad: each rank scores its own rows against the whole global
-    # batch and gradients flow through the gather (open_clip's multi-GPU recommendation).
-    loss_fn = ClipLoss(local_loss=world > 1, gather_with_grad=world > 1, cache_labels=True,
-                       rank=rank, world_size=world)
+    loss_fn = clip_loss(rank, world)
     shard = ray.train.get_dataset_shard("train")
     local_batch = cfg.batch_size // world
 
@@ -303,6 +375,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         f"on {world} worker(s), {local_batch} samples each per step, device {device}")
     loss_sum = torch.zeros((), device=device)
     loss_steps, window_start, window_samples, epoch = 0, time.perf_counter(), 0, 0
+    first_step_s: float | None = None   # this worker group's first step, compile included
     data_wait = 0.0  # seconds of the window spent waiting for the next batch
     cache: dict[str, torch.Tensor] | None = None   # this worker's whole shard (cache_inputs)
     done = samples_seen >= end_samples
@@ -341,15 +414,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             lr = lr_at(samples_seen + cfg.batch_size, cfg.lr, cfg.warmup_samples, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with _autocast(cfg.precision, device):
-                image_features, text_features, logit_scale = model(batch["image"], batch["text"])
-                loss = loss_fn(image_features, text_features, logit_scale)
+            images = normalize(batch["image"])
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            first = step == start_step
+            began = time.perf_counter()
+            loss = train_step(forward, loss_fn, images, batch["text"], scaler,
+                              lambda: _autocast(cfg.precision, device), cfg.accum_steps, no_sync)
             scaler.step(optimizer)
             scaler.update()
             with torch.no_grad():
                 core.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            if first:
+                # The first step carries torch.compile's compilation (train.compile): timed
+                # apart, and kept out of samples/s like a checkpoint's time.
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                first_step_s = time.perf_counter() - began
+                window_start += first_step_s
+                window_samples -= cfg.batch_size
+                say(f"first step: {first_step_s:.1f} s" + (" (torch.compile included)"
+                                                          if cfg.compile else ""))
             step += 1
             beat(step)
             epoch_steps += 1
@@ -389,15 +475,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"{name}: the dataset yields no full batch of {local_batch} rows "
                                f"per worker; it cannot train to {end_samples:,} samples")
         if cfg.cache_inputs and cache is None and not done:
-            cache = {k: torch.cat([b[k] for b in kept]) for k in ("image", "text")}
-            say(f"cached {len(cache['text']):,} rows of model inputs in memory for later epochs")
+            cache = _keep_cache(kept, device)
+            where = "device" if cache["text"].device.type == "cuda" else "host"
+            say(f"cached {len(cache['text']):,} rows of model inputs in {where} memory for later "
+                f"epochs")
         epoch += 1
     if events is not None:
         events.close()
     fed = _fed_keys(fed_rows, fed_digest, fed_complete, world, device)
     return {"start_step": start_step, "start_samples": start_samples,
             "steps_run": step - start_step, "history": history,
-            "cached_rows": len(cache["text"]) if cache is not None else 0, "fed": fed}
+            "cached_rows": len(cache["text"]) if cache is not None else 0, "fed": fed,
+            "first_step_s": first_step_s}
 
 
 def _fed_keys(rows: int, digest: int, complete: bool, world: int,

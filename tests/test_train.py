@@ -9,7 +9,7 @@ import torch
 
 from pipeline.checkpoint_io import list_checkpoints, load_model, read_checkpoint
 from pipeline.config import DataConfig, StorageConfig, TrainConfig
-from pipeline.inputs import Preprocess
+from pipeline.inputs import DeviceNormalize, Preprocess
 from pipeline.schedule import lr_at
 from pipeline.train_loop import param_groups
 
@@ -101,11 +101,13 @@ def test_preprocess_uses_open_clip_transform_and_tokenizer():
     jpgs = [render(_rng(0, "t", i), "shapes", "circle", 32)[0] for i in range(3)]
     batch = {"key": np.array(["a", "b", "c"]), "caption": np.array(["a red circle", "x", "a b c"], dtype=object),
              "image": np.array(jpgs, dtype=object)}
-    out = Preprocess("mode-tiny")(batch)
-    assert out["image"].shape == (3, 3, 32, 32) and out["image"].dtype == np.float32
+    preprocess = Preprocess("mode-tiny")
+    out = preprocess(batch)
+    assert out["image"].shape == (3, 3, 32, 32) and out["image"].dtype == np.uint8
     assert out["text"].shape == (3, 16) and out["text"].dtype == np.int64
-    # open_clip's normalisation: a roughly zero-centred image, not [0, 1] pixels
-    assert out["image"].min() < -0.5
+    # normalised on the device: open_clip's statistics, a roughly zero-centred image
+    images = DeviceNormalize(preprocess.mean, preprocess.std)(torch.from_numpy(out["image"]))
+    assert images.dtype == torch.float32 and images.min() < -0.5
     assert (out["text"][:, 0] == out["text"][0, 0]).all()  # start-of-text token
     batch["image"][2] = jpgs[2][:40]  # a truncated JPEG
     with pytest.raises(ValueError, match=r"image of key 'c' does not decode"):
@@ -113,6 +115,108 @@ def test_preprocess_uses_open_clip_transform_and_tokenizer():
     batch["caption"][1] = None
     with pytest.raises(ValueError, match=r"without caption \(keys \['b'\]\)"):
         Preprocess("mode-tiny")(batch)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_uint8_images_normalised_on_the_device_are_open_clips_inputs(augment):
+    """Images travel as uint8 and are normalised on the device (docs/training_speed.md): the
+    tensors equal open_clip's own transform's to float rounding, with its random crops too
+    (the same torch seed draws the same crop), and a CLIP's loss on them is the same."""
+    from open_clip.loss import ClipLoss
+
+    from pipeline.demo_world import _rng, render
+    from pipeline.images import open_rgb
+    from pipeline.model import create
+
+    jpgs = [render(_rng(0, "u", i), "shapes", "circle", 48)[0] for i in range(8)]
+    batch = {"caption": np.array([f"a circle {i}" for i in range(8)], dtype=object),
+             "image": np.array(jpgs, dtype=object)}
+    preprocess = Preprocess("mode-tiny", augment)
+    torch.manual_seed(0)
+    out = preprocess(batch)
+    torch.manual_seed(0)
+    reference = torch.stack([preprocess.transform(open_rgb(j, max_pixels=None)) for j in jpgs])
+    images = DeviceNormalize(preprocess.mean, preprocess.std)(torch.from_numpy(out["image"]))
+    assert images.dtype == reference.dtype and images.shape == reference.shape
+    torch.testing.assert_close(images, reference, rtol=0, atol=1e-6)
+    torch.manual_seed(1)
+    model, *_ = create("mode-tiny")
+    texts = torch.from_numpy(out["text"])
+    with torch.no_grad():
+        ours, theirs = (ClipLoss()(*model(x, texts)) for x in (images, reference))
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def _grads(model, images, texts, **step_args):
+    from open_clip.loss import ClipLoss
+
+    from pipeline.train_loop import _autocast, train_step
+
+    model.zero_grad(set_to_none=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    loss = train_step(model, ClipLoss(), images, texts, scaler,
+                      lambda: _autocast("fp32", torch.device("cpu")), **step_args)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulation_checkpointing_and_channels_last_keep_the_gradients():
+    """train.accum_steps (open_clip's accum_freq: micro-batches with the whole batch as
+    negatives), train.grad_checkpointing and train.channels_last change how a step runs, not
+    what it computes: the loss and every parameter's gradient equal the plain step's to float
+    rounding (1e-5 of the largest gradient). A micro-batch loss of its own (what plain
+    accumulation would do) is far off, so the comparison can tell."""
+    from open_clip.loss import ClipLoss
+
+    from pipeline.model import create
+
+    torch.manual_seed(0)
+    images, texts = torch.randn(16, 3, 32, 32), torch.randint(0, 400, (16, 16))
+    torch.manual_seed(1)
+    model, *_ = create("mode-tiny")
+    loss, grads = _grads(model, images, texts)
+    scale = max(g.abs().max() for g in grads.values())
+
+    def same(other_loss, other_grads):
+        torch.testing.assert_close(other_loss, loss, rtol=1e-5, atol=1e-6)
+        assert other_grads.keys() == grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(other_grads[name], g, rtol=0, atol=1e-5 * scale, msg=name)
+
+    same(*_grads(model, images, texts, accum_steps=4))
+    model.set_grad_checkpointing(True)
+    same(*_grads(model, images, texts))
+    model.set_grad_checkpointing(False)
+    last = model.to(memory_format=torch.channels_last)
+    same(*_grads(last, images.contiguous(memory_format=torch.channels_last), texts))
+    # the control: four separate micro-batch losses, averaged, are another objective
+    model.zero_grad(set_to_none=True)
+    for i, t in zip(images.chunk(4), texts.chunk(4), strict=True):
+        (ClipLoss()(*model(i, t)) / 4).backward()
+    naive = model.visual.conv1.weight.grad
+    assert (naive - grads["visual.conv1.weight"]).abs().max() > 1e-3 * scale
+
+
+def test_attention_runs_through_pytorchs_sdpa(monkeypatch):
+    """open_clip's attention blocks (torch's MultiheadAttention, asked for no weights) call
+    PyTorch's fused scaled_dot_product_attention in training: nothing to switch on."""
+    import torch.nn.functional as F
+
+    from pipeline.model import create
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    model, *_ = create("mode-tiny")
+    model.train()
+    image, text, _ = model(torch.randn(2, 3, 32, 32), torch.randint(0, 400, (2, 16)))
+    (image.sum() + text.sum()).backward()
+    layers = len(model.visual.transformer.resblocks) + len(model.transformer.resblocks)
+    assert len(calls) == layers
 
 
 def test_models_are_open_clip_configs():
@@ -199,6 +303,69 @@ def test_decoding_in_the_worker_gives_the_tasks_inputs(ray_local, tiny_world):
     assert len(both[0]["text"]) == 100     # cache_inputs: the partial last batch comes too
     for k in ("image", "text"):
         assert both[0][k].dtype == both[1][k].dtype and torch.equal(both[0][k], both[1][k])
+
+
+DP_STEPS, DP_BATCH = 8, 16
+
+
+def _fixed_batches(rank: int, world: int, wrap=lambda model: model) -> list[float]:
+    """DP_STEPS steps of the training loop's maths (``create``, ``make_optimizer``,
+    ``clip_loss``, ``train_step``) on seeded global batches of DP_BATCH, rank ``rank`` of
+    ``world`` taking its contiguous share of each; the global batch's loss at every step (the
+    mean of the ranks' losses)."""
+    from pipeline.model import create
+    from pipeline.train_loop import _autocast, clip_loss, make_optimizer, train_step
+
+    torch.set_num_threads(1)
+    torch.manual_seed(1)
+    model, *_ = create("mode-tiny")
+    model = wrap(model)
+    core = model.module if hasattr(model, "module") else model
+    optimizer = make_optimizer(core, 3e-3, 0.1)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    loss_fn = clip_loss(rank, world)
+    share = slice(rank * DP_BATCH // world, (rank + 1) * DP_BATCH // world)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(DP_STEPS):
+        images = torch.randn(DP_BATCH, 3, 32, 32, generator=g)
+        texts = torch.randint(0, 400, (DP_BATCH, 16), generator=g)
+        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, loss_fn, images[share], texts[share], scaler,
+                          lambda: _autocast("fp32", torch.device("cpu")))
+        optimizer.step()
+        if world > 1:
+            torch.distributed.all_reduce(loss)
+            loss /= world
+        losses.append(loss.item())
+    return losses
+
+
+def _two_rank_worker(config):
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return _fixed_batches(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.prepare_model)
+
+
+def test_two_gloo_workers_follow_one_worker_on_the_same_global_batches(ray_local, tmp_path):
+    """Data parallel training proven on CPU before it runs on GPUs: two Ray Train workers
+    (TorchTrainer, gloo), each fed half of every global batch, give the loss curve of one
+    worker on the whole batch, through the loop's own optimiser, loss and step. Tolerance: 1e-5
+    relative over 8 steps; measured 2.5e-7 (the all-reduce sums in another order). Every loss
+    after the first follows updates made from the ranks' gradients: with open_clip's gather
+    without grad (each rank's gradient missing the other's rows) the curve was 7% off."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    one = _fixed_batches(0, 1)
+    result = TorchTrainer(_two_rank_worker, scaling_config=ScalingConfig(
+        num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="dp", storage_path=str(tmp_path))).fit()
+    two = result.return_value
+    assert len(two) == DP_STEPS and one[-1] < one[0] - 0.1     # it learns something
+    np.testing.assert_allclose(two, one, rtol=1e-5)
 
 
 def _kept(run, name):
