@@ -232,6 +232,7 @@ def encoder_only(n: int) -> dict:
     out["cached"], out["encoded"] = len(encoder._cache), encoder.encoded
     out["tokenizer_words"] = len(getattr(encoder._backend.tokenizer, "cache", ()))
     encoder._cache.clear()
+    encoder._vectors = None
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     out["rss_mb"]["cache emptied, malloc_trim"] = round(rss_mb())

@@ -106,6 +106,8 @@ class TrainResult:
                                # first: node_id, step, time, pipeline (where it was imported)
     fed: dict | None = None    # the last worker group's first pass over the data: rows,
                                # keys_digest (pipeline.keys.digest), complete
+    first_step_s: float | None = None   # the last worker group's first step (torch.compile's
+                               # compilation included with train.compile), kept out of samples/s
 
     @property
     def restarts(self) -> int:
@@ -203,6 +205,7 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         start_step=done["start_step"], start_samples=done["start_samples"],
         steps_run=done["steps_run"], history=done["history"],
         wall_s=time.perf_counter() - started, cached_rows=done["cached_rows"], fed=done.get("fed"),
+        first_step_s=done.get("first_step_s"),
         starts=tuple(_starts(starts_uri, storage)))
 
 

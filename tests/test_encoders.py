@@ -38,6 +38,22 @@ def test_repeated_captions_go_through_the_model_once():
     assert no_cache.encoded == 2                     # de-duplicated within a batch only
 
 
+def test_the_cache_evicts_the_least_recently_used_caption():
+    """The LRU cache keeps cache_size captions in one matrix: a hit refreshes a caption, a miss
+    past the size takes the oldest one's row, and what comes out of the cache is what the
+    model gave."""
+    enc = CaptionEncoder("open_clip:mode-tiny", batch_size=4, cache_size=2)
+    first = dict(zip("ab", enc.encode(["a", "b"]), strict=True))
+    enc.encode(["a"])                                  # a hit: "a" is now the newest
+    enc.encode(["c"])                                  # evicts "b"
+    assert enc.encoded == 3
+    assert np.array_equal(enc.encode(["a"])[0], first["a"]) and enc.encoded == 3
+    assert np.array_equal(enc.encode(["b"])[0], first["b"]) and enc.encoded == 4
+    fresh = enc.encode(["p", "q", "r", "s"])            # more than the cache: the last two stay
+    assert list(enc._cache) == ["r", "s"] and enc.encoded == 8
+    assert np.array_equal(enc.encode(["s", "r"]), fresh[[3, 2]]) and enc.encoded == 8
+
+
 def test_open_clip_text_tower_is_pluggable(tmp_path):
     import open_clip
     import torch
