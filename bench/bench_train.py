@@ -65,6 +65,8 @@ MODEL = os.environ.get("BENCH_TRAIN_MODEL")               # default: the demo pr
 BATCH = int(os.environ.get("BENCH_TRAIN_BATCH", 0))       # default: the demo preset's
 IMAGE = int(os.environ.get("BENCH_TRAIN_IMAGE", 32))      # pixels of the generated images
 COMPILE = os.environ.get("BENCH_TRAIN_COMPILE", "0") == "1"   # train.compile on both sides
+PROFILE = os.environ.get("BENCH_TRAIN_PROFILE", "")   # GPU: write a torch profile of the bare
+                                                     # cached loop there (a .txt and a trace)
 # Dense bf16 tensor-core peak from NVIDIA's datasheets (SXM parts), TFLOP/s.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 LOG = 20                        # steps per timing window
@@ -185,6 +187,48 @@ def decode_rates(rows: dict[str, np.ndarray], cfg, n: int = 512) -> list[tuple[s
     torch.cuda.synchronize()
     return [("CPU: PIL decode + resize (1 process)", cpu),
             ("GPU: nvjpeg decode_jpeg + resize", n / (time.perf_counter() - t))]
+
+
+def profile_steps(cfg, tensors: dict[str, np.ndarray], path: str, steps: int = 12) -> None:
+    """Where a cached step's time goes on the GPU: torch's profiler over ``steps`` steps of the
+    bare loop's maths after two warm-ups; the operators by CUDA time to ``path``.txt and a
+    Chrome trace to ``path``.json."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.inputs import DeviceNormalize, Preprocess
+    from pipeline.model import create
+    from pipeline.train_loop import _autocast, clip_loss, make_optimizer, train_step
+
+    device = torch.device("cuda")
+    torch.manual_seed(cfg.seed)
+    model = create(cfg.model)[0].to(device)
+    forward = torch.compile(model) if cfg.compile else model
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    preprocess = Preprocess(cfg.model, cfg.augment)
+    normalize = DeviceNormalize(preprocess.mean, preprocess.std)
+    images = torch.from_numpy(tensors["image"][:cfg.batch_size]).to(device)
+    texts = torch.from_numpy(tensors["text"][:cfg.batch_size]).to(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        train_step(forward, clip_loss(0, 1), normalize(images), texts, scaler,
+                   lambda: _autocast(cfg.precision, device), cfg.accum_steps)
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    with open(f"{path}.txt", "w") as f:
+        f.write(table)
+    prof.export_chrome_trace(f"{path}.json")
+    print(table)
 
 
 def train_flops_per_sample(cfg) -> float:
@@ -340,6 +384,8 @@ def main() -> int:
         print_gpu_share(cfg, [(mode, b, r[0]) for mode, b, r in results])
         print_table(("input path", "images/s"),
                     [(what, f"{rate:.0f}") for what, rate in decode_rates(rows, cfg)])
+        if PROFILE:
+            profile_steps(cfg, tensors, PROFILE)
     print()
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores: "
           f"above ~{os.cpu_count()} means other work shared the CPUs); wall time {time.perf_counter() - wall:.0f} s")

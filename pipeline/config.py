@@ -183,8 +183,9 @@ class TrainConfig:
     # Rows in each worker's local shuffle buffer; 0 keeps the stream order.
     shuffle_buffer: int = 10_000
     # Decode the data once: each worker keeps its shard's model inputs in memory after the
-    # first epoch (about 12 KB a sample at 32 px, 600 KB at 224 px) and later epochs permute
-    # them. Not with augment, whose random crops would then never change.
+    # first epoch (uint8 images: about 3 KB a sample at 32 px, 150 KB at 224 px; on the GPU
+    # when they fit) and later epochs permute them. Not with augment, whose random crops would
+    # then never change.
     cache_inputs: bool = False
     # Decode and tokenize in the Ray Train worker instead of in Ray Data tasks: no extra
     # processes (each imports torch and open_clip, ~7 s of CPU), but no decoding in parallel
