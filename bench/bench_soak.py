@@ -217,15 +217,16 @@ def encoder_only(n: int) -> dict:
     import numpy as np
 
     from pipeline.config import load_config
-    from pipeline.encoders import CaptionEncoder
+    from pipeline.encoders import CaptionEncoder, release_free_memory
 
     cfg = load_config("demo", OVERRIDES).embed
     encoder = CaptionEncoder(cfg.model, batch_size=cfg.batch_size, cache_size=cfg.cache_size)
     out = {"n": n, "rss_mb": {"model loaded": round(rss_mb())}}
     distinct = captions(max(1, n // ROWS_PER_CAPTION), seed=n)
     which = np.random.default_rng(0).integers(len(distinct), size=n)
-    for lo in range(0, n, cfg.rows_per_call):
+    for lo in range(0, n, cfg.rows_per_call):      # as the embed stage's actor calls it
         encoder.encode([distinct[j] for j in which[lo:lo + cfg.rows_per_call]])
+        release_free_memory()
     del distinct, which
     gc.collect()
     out["rss_mb"]["at the end"] = round(rss_mb())

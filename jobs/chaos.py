@@ -10,7 +10,7 @@ CHAOS_SET below):
   of that run at a time: a training worker, a Ray Data task or an embedding actor. At each
   kill the helper watches the run's processes for 5 s (polling every 0.1 s: data tasks live for
   a fraction of a second), draws a kind among those it saw, waits for a live process of that
-  kind and kills it; one that does not come back within an interval is counted as a miss.
+  kind and kills it; one that does not come back within 10 s is counted as a miss.
 
 Kills come every --every seconds on average (uniform in 0.5-1.5 x every, the first after one
 interval), never faster: a training run takes about 40 s to restart on 2 cores. Only processes
@@ -123,7 +123,9 @@ class Killer(threading.Thread):
             if not seen:
                 continue
             kind = self.rng.choice(sorted(seen))
-            deadline = time.time() + self.every
+            # A short wait: a data task comes back within seconds while its stage runs; an
+            # embedding actor seen during the watch may have finished for good.
+            deadline = time.time() + 2 * WATCH_S
             live = []
             while not live and time.time() < deadline and not self.stop.is_set():
                 live = targets(self.root).get(kind, [])

@@ -21,7 +21,7 @@ from ray.data import ActorPoolStrategy, SaveMode
 
 from pipeline.config import ConfigView, EmbedConfig, parse_resources
 from pipeline.console import Progress, Tally
-from pipeline.encoders import CaptionEncoder
+from pipeline.encoders import CaptionEncoder, release_free_memory
 from pipeline.rundir import RunDir, StageOutput
 from pipeline.storage import pyarrow_filesystem
 from pipeline.tables import count_rows, embedding_table, parquet_schema
@@ -37,6 +37,7 @@ class _EmbedBatches:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         before = self.encoder.encoded
         emb = self.encoder.encode(batch["caption"].tolist())
+        release_free_memory()   # the call's temporaries, back to the system (docs/memory.md)
         if self.counter is not None and len(emb):   # keyed: a retried batch counts once
             keys = batch["key"]
             self.counter.add({"embedded": len(emb), "encoded": self.encoder.encoded - before},
