@@ -133,8 +133,10 @@ def _kind(title: str) -> str:
         return "GCS"
     if "raylet" in title:
         return "raylet"
+    if "_EmbedBatches" in title:
+        return "embedding actor"
     if title.startswith("ray::"):
-        return "worker"
+        return "other worker"
     return "other Ray process"
 
 
@@ -292,7 +294,7 @@ def main() -> int:
         rows.append((f"driver peak RSS after {what}", half["driver_mb"][what],
                      full["driver_mb"][what],
                      f"{full['driver_mb'][what] / half['driver_mb'][what]:.2f}"))
-    for kind in ("worker", "raylet", "GCS"):
+    for kind in ("embedding actor", "other worker", "raylet", "GCS"):
         if kind in half["processes"] and kind in full["processes"]:
             for field, label in (("hwm_mb", "peak RSS"), ("anon_mb", "peak private RSS")):
                 a, b = half["processes"][kind][field], full["processes"][kind][field]
@@ -307,7 +309,7 @@ def main() -> int:
     ratio = full["driver_mb"]["assignments"] / half["driver_mb"]["assignments"]
     print(f"\ndriver peak at N={full['n']:,} / at N={half['n']:,}: {ratio:.2f} "
           f"(target: flat, <= {FLAT}): {'PASS' if ratio <= FLAT else 'MISS'}")
-    print(f"largest worker at N={full['n']:,}: {full['processes']['worker']['title']}")
+    print(f"largest other worker at N={full['n']:,}: {full['processes']['other worker']['title']}")
     print(f"object store per size: {OBJECT_STORE_MB} MB; K={K}; "
           f"{ROWS_PER_CAPTION} rows per distinct caption on average")
     return 0
