@@ -247,6 +247,11 @@ def test_train_config_is_checked():
         load_config("demo", ["train.cpus_per_worker=-1"])
     with pytest.raises(ConfigError, match=r"train\.warmup_samples"):
         load_config("demo", ["train.warmup_samples=240000"])
+    with pytest.raises(ConfigError, match=r"train\.accum_steps \(3\) must divide each worker's "
+                                          r"batch .* = 64\)"):
+        load_config("demo", ["train.num_workers=2", "train.accum_steps=3"])
+    with pytest.raises(ConfigError, match=r"train\.prefetch_batches: must be > 0"):
+        load_config("demo", ["train.prefetch_batches=0"])
 
 
 # ----------------------------------------------------------------------------- Ray Train runs
