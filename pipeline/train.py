@@ -107,7 +107,8 @@ class TrainResult:
     fed: dict | None = None    # the last worker group's first pass over the data: rows,
                                # keys_digest (pipeline.keys.digest), complete
     first_step_s: float | None = None   # the last worker group's first step (torch.compile's
-                               # compilation included with train.compile), kept out of samples/s
+                               # compilation included with train.compile, and then kept out
+                               # of samples/s)
 
     @property
     def restarts(self) -> int:

@@ -105,7 +105,8 @@ def _streamed_batches(shard, cfg: TrainConfig, local_batch: int, device: torch.d
     cuda = device.type == "cuda"
     if not cfg.decode_in_worker:
         # Ray Data gathers the next batches in a background thread (prefetch_batches) into
-        # pinned memory and copies them to the device there: the copy overlaps the step.
+        # pinned memory and starts their non-blocking copy to the device there, so the step
+        # never waits on the host side (docs/training_speed.md).
         return iter(shard.iter_torch_batches(device=device, **order, pin_memory=cuda,
                                              prefetch_batches=cfg.prefetch_batches,
                                              dtypes={"image": torch.uint8, "text": torch.long,
@@ -427,15 +428,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             with torch.no_grad():
                 core.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             if first:
-                # The first step carries torch.compile's compilation (train.compile): timed
-                # apart, and kept out of samples/s like a checkpoint's time.
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 first_step_s = time.perf_counter() - began
-                window_start += first_step_s
-                window_samples -= cfg.batch_size
-                say(f"first step: {first_step_s:.1f} s" + (" (torch.compile included)"
-                                                          if cfg.compile else ""))
+                if cfg.compile:
+                    # The first step carries torch.compile's compilation: logged apart, and
+                    # kept out of samples/s like a checkpoint's time.
+                    window_start += first_step_s
+                    window_samples -= cfg.batch_size
+                    say(f"first step: {first_step_s:.1f} s (torch.compile included)")
             step += 1
             beat(step)
             epoch_steps += 1
