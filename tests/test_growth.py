@@ -126,7 +126,10 @@ def test_the_new_expert_owns_the_new_fine_centres_and_takes_the_arrows_task(grow
             assert w.argmax() == EXPERTS, w
         else:   # an old task keeps its expert, before and after
             assert w.argmax() == np.argmax(report_before["zero_shot"][task]["weights"][label]), task
-            assert result["growth"][label]["weights_before"] == report_before["zero_shot"][task]["weights"][label]
+            # recomputed by a later process, whose encoder may batch the prompts otherwise:
+            # the same weights to float rounding (a weight is in [0, 1])
+            assert result["growth"][label]["weights_before"] == pytest.approx(
+                report_before["zero_shot"][task]["weights"][label], rel=0, abs=1e-4)
     table = (run_dir / "eval" / "report.md").read_text()
     assert "## Growth: before and after generation `arrows`" in table
     assert evaluation.growth_table(report).loc["arrows"].notna().all()
