@@ -26,43 +26,14 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import ray.data
 from ray.data import SaveMode
-from ray.data.context import ShuffleStrategy
 
-from pipeline import clusters, kmeans
+from pipeline import clusters, kmeans_ray
 from pipeline.config import ConfigView
-from pipeline.keys import key_rank
 from pipeline.rundir import RunDir, StageOutput
 from pipeline.storage import pyarrow_filesystem, write_bytes_atomic
-from pipeline.tables import count_rows, embedding_matrix, read_by_expert
+from pipeline.tables import count_rows, read_by_expert
 
 STAGE = "assignments"
-
-
-def assign_table(batch: pa.Table, fine: np.ndarray, fine_to_expert: np.ndarray,
-                 balanced: bool, slack: float = 0.0) -> pa.Table:
-    """One block of embeddings to its assignment rows (capacity-limited when ``balanced``).
-    The rows are put in key order first: under capacities a row's centre depends on the rows
-    assigned before it, and the order Ray Data delivers them in is not fixed."""
-    batch = batch.take(pa.compute.sort_indices(batch, sort_keys=[("key", "ascending")]))
-    if "block" in batch.column_names:
-        batch = batch.drop_columns(["block"])
-    keys = batch.column("key")
-    # The block's first key decides which centres take the remainder rows: fixed per block.
-    offset = int(key_rank(keys.slice(0, 1).to_numpy(zero_copy_only=False), 0)[0] % 2**31)
-    labels, d2 = kmeans.assign_block(embedding_matrix(batch), fine, balanced, offset, slack)
-    return pa.table({"key": keys, "fine_id": pa.array(labels.astype(np.int32)),
-                     "expert_id": pa.array(fine_to_expert[labels].astype(np.int32)),
-                     "distance": pa.array(np.sqrt(np.maximum(d2, 0)).astype(np.float32))})
-
-
-# Seed of the hash that puts a row in its assignment block (another draw than the others').
-_BLOCK_SALT = 524_287
-
-
-def _block_of(batch: pa.Table, blocks: int) -> pa.Table:
-    keys = batch.column("key").to_numpy(zero_copy_only=False)
-    block = (key_rank(keys, _BLOCK_SALT) % np.uint64(blocks)).astype(np.int32)
-    return batch.append_column("block", pa.array(block))
 
 
 def _fine_counts(batch: pd.DataFrame) -> pd.DataFrame:
@@ -103,30 +74,13 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
                             arrays["fine_centroids"], arrays["fine_to_expert"], cfg.cluster, log)
 
 
-def assign_dataset(ds: ray.data.Dataset, rows_in: int, fine: np.ndarray, fine_to_expert: np.ndarray,
-                   c: Any) -> ray.data.Dataset:
-    """The assignment rows of ``ds`` (key, embedding), lazily, in blocks of about
-    ``c.block_rows`` rows: one block when every row fits, else blocks decided by the keys'
-    hashes (a sort-based groupby: plain tasks, no aggregator actors), so that the same rows
-    make the same blocks however the files lay them out."""
-    kwargs = {"fine": fine, "fine_to_expert": fine_to_expert, "balanced": c.balanced,
-              "slack": c.capacity_slack}
-    blocks = int(np.ceil(rows_in / c.block_rows))
-    if blocks <= 1:     # one batch of every row, whatever order they come in
-        return ds.map_batches(assign_table, batch_format="pyarrow", batch_size=c.block_rows,
-                              fn_kwargs=kwargs)
-    ds = ds.map_batches(_block_of, batch_format="pyarrow", fn_kwargs={"blocks": blocks})
-    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    return ds.groupby("block").map_groups(assign_table, batch_format="pyarrow", fn_kwargs=kwargs)
-
-
 def assign_and_write(run: RunDir, ds: ray.data.Dataset, rows_in: int, fine: np.ndarray,
                      fine_to_expert: np.ndarray, c: Any, log=print, fine_offset: int = 0) -> StageOutput:
     """Assign the rows of ``ds`` (key, embedding) to ``fine`` (balanced per ``c.balanced``) and
     write ``assignments/`` by expert. A generation (docs/growth.md) passes its own new centres,
     their expert ids and ``fine_offset``, the fine id its first centre has in the run."""
     experts = np.unique(fine_to_expert)
-    assigned = assign_dataset(ds, rows_in, fine, fine_to_expert, c).materialize()
+    assigned = kmeans_ray.assign_dataset(ds, rows_in, fine, fine_to_expert, c).materialize()
     tally = assigned.map_batches(_fine_counts, batch_format="pandas").to_pandas()
     fine_counts = np.zeros(len(fine), np.int64)
     np.add.at(fine_counts, tally["fine_id"].to_numpy(), tally["n"].to_numpy())

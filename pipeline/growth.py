@@ -33,7 +33,7 @@ import pyarrow as pa
 import ray.data
 from ray.data import SaveMode
 
-from pipeline import assignments, clusters, kmeans, levels
+from pipeline import assignments, clusters, kmeans, kmeans_ray, levels
 from pipeline.config import ConfigView
 from pipeline.rundir import RunDir, StageOutput
 from pipeline.storage import pyarrow_filesystem
@@ -181,13 +181,13 @@ def new_clusters(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=pri
     how = f"auto: about {base_rows // base_experts:,} rows per expert" if new_experts == "auto" \
         else "as asked"
     ds = ray.data.read_parquet(run.stage_uri(NOVEL), filesystem=pyarrow_filesystem(run.fs))
-    level = clusters.fit_level(ds, novel, cfg.cluster, k, n, log)
+    level = kmeans_ray.fit_level(ds, novel, cfg.cluster, k, n, log)
     # The ids come last, claimed once per generation: another add_experts may be numbering its
     # own level at the same moment (pipeline/levels.py, docs/growth.md "Numbering").
     first, first_fine = levels.claim(root, run.generation_name, n, k,
                                      len(clusters.load_level(root, "coarse_centroids")),
                                      len(clusters.load_level(root, "fine_centroids")))
-    level = clusters.numbered(level, first)
+    level = kmeans_ray.numbered(level, first)
     why = (f"{novel:,} novel samples -> {k} fine centres (about {base_rows // base_fine:,} rows "
            f"each, as the original level) -> {n} new expert(s) ({how}), ids "
            f"{list(range(first, first + n))}")

@@ -20,8 +20,7 @@ from typing import Any
 import pandas as pd
 import ray.data
 
-from pipeline import clusters
-from pipeline.assignments import assign_dataset
+from pipeline import kmeans_ray
 from pipeline.config import Config
 from pipeline.rundir import RunDir
 from pipeline.storage import filesystem, pyarrow_filesystem, write_bytes_atomic
@@ -66,8 +65,8 @@ def study(cfg: Config, run: RunDir, seeds: Sequence[int], truth_uri: str,
     rows = []
     for seed in seeds:
         c = dataclasses.replace(cfg.cluster, seed=seed)
-        level = clusters.fit_level(ds, n, c, c.fine_k, c.num_experts, log=lambda *_: None)
-        assigned = assign_dataset(ds, n, level.fine_centroids, level.fine_to_expert, c) \
+        level = kmeans_ray.fit_level(ds, n, c, c.fine_k, c.num_experts, log=lambda *_: None)
+        assigned = kmeans_ray.assign_dataset(ds, n, level.fine_centroids, level.fine_to_expert, c) \
             .select_columns(["key", "expert_id"]).to_pandas()
         table = purity(assigned, truth)
         rows.append({"seed": seed, "objective": level.stats["objective"],

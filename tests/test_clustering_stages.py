@@ -13,7 +13,7 @@ from jobs import assign as assign_job
 from jobs import cluster as cluster_job
 from jobs import embed as embed_job
 from jobs import ingest as ingest_job
-from pipeline import clusters, kmeans, stages
+from pipeline import clusters, kmeans, kmeans_ray, stages
 from pipeline.config import DemoConfig, StorageConfig, load_config
 from pipeline.demo_world import generate
 from pipeline.rundir import RunDir
@@ -179,12 +179,12 @@ def test_sample_is_seeded_uniform_and_layout_independent():
     keys = np.array([f"{i:09d}" for i in range(20000)], dtype=object)
     x = np.zeros((len(keys), 2), np.float32)
     table = embedding_table(keys, x)
-    whole = clusters._sample(table, 0.25, seed=3).column("key").to_pylist()
-    parts = [clusters._sample(table.slice(i, 3000), 0.25, seed=3).column("key").to_pylist()
+    whole = kmeans_ray._sample(table, 0.25, seed=3).column("key").to_pylist()
+    parts = [kmeans_ray._sample(table.slice(i, 3000), 0.25, seed=3).column("key").to_pylist()
              for i in range(0, len(keys), 3000)]
     assert whole == sum(parts, [])
     assert abs(len(whole) / len(keys) - 0.25) < 0.02
-    other = clusters._sample(table, 0.25, seed=4).column("key").to_pylist()
+    other = kmeans_ray._sample(table, 0.25, seed=4).column("key").to_pylist()
     assert len(set(whole) & set(other)) < 0.4 * len(whole)      # a different seed, another draw
 
 
@@ -221,8 +221,8 @@ def test_the_same_embeddings_in_another_layout_get_the_same_assignments(ray_loca
     rerun job writes its embeddings in another layout: docs/bad_input.md)."""
     import ray.data
 
-    from pipeline.assignments import assign_dataset
     from pipeline.config import ClusterConfig
+    from pipeline.kmeans_ray import assign_dataset
 
     rng = np.random.default_rng(0)
     keys = np.array([f"{i:09d}" for i in range(1000)], dtype=object)

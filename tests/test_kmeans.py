@@ -145,7 +145,7 @@ def test_the_coarse_level_groups_fine_centres_by_direction_not_length():
     """Two topics, each with tight (long) and diffuse (short) fine centres: on the raw centres
     k-means groups long with long and short with short, across topics; the coarse level,
     on the unit sphere, groups by topic (docs/clustering.md)."""
-    from pipeline.clusters import coarse_level
+    from pipeline.kmeans_ray import coarse_level
 
     rng = np.random.default_rng(0)
     rows, topic = [], []
