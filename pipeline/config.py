@@ -82,6 +82,8 @@ class DemoConfig:
     image_size: int = 32
     # Seed of the world; the same seed gives byte-identical shards.
     seed: int = 0
+    # Draw each image as a digit or shape over a texture or scene, its caption naming one of the two.
+    composite: bool = False
 
 
 @dataclass(frozen=True)

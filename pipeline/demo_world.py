@@ -11,8 +11,29 @@ duplicates, empty captions), and one zero-shot task per domain. Output layout (a
     eval/<task>/val/0.tar      a validation split: other images of the same classes, as many;
                                what the report tunes its routing on (pipeline/eval.py)
     eval/retrieval/test/0.tar  held-out clean pairs ({key}.jpg, {key}.txt) for retrieval
-    truth.parquet              key, split, domain, label, noise for every web pair
-    world.json                 what was generated: domains, classes, counts, seed
+    truth.parquet              one row per web pair, columns below
+    world.json                 what was generated: domains, classes, counts, seed, composite
+
+With ``DemoConfig.composite`` every image of a training domain holds two concepts, as web images
+do: a foreground (a digit or a shape) drawn over a background that fills the image (a texture or
+a scene). Its caption names one of them, drawn as in the plain world (DOMAIN_SHARES stay the
+shares of captions naming each domain); the other is drawn uniformly from the other layer.
+Similar-looking images then carry different captions, the false negatives MoDE's caption
+clustering separates. Zero-shot images are composites too, labelled with the task's concept,
+and retrieval pairs are composites with their captions. Arrows (the held-out domain) are drawn
+on plain colours in either world, so new_domain stays one concept per image.
+
+truth.parquet::
+
+    key, split
+    domain, label          the concept the image was captioned with: the plain world's only
+                           concept; a mismatched pair keeps it while carrying another's caption
+    noise                  clean | mismatch | junk | duplicate | empty
+    caption_domain,        what the caption the pair carries names: for a mismatch the other
+    caption_label          pair's concept; "junk" / "empty" and "" for captions naming nothing
+    fg_domain, fg_label,   the concepts the image holds, by layer; "" for a layer of plain
+    bg_domain, bg_label    colour. Plain shapes, digits and arrows are foregrounds on a plain
+                           colour; plain textures and scenes are backgrounds filling the image
 
 Every random draw comes from a generator seeded by (seed, split, index), and the tar headers
 carry fixed metadata, so the same seed gives byte-identical files.
@@ -25,8 +46,9 @@ import io
 import json
 import math
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -37,6 +59,9 @@ from pipeline.storage import expand_shards, filesystem, join
 
 TRAIN_DOMAINS = ("shapes", "digits", "textures", "scenes")
 NEW_DOMAIN = "arrows"
+# The layers of a composite image: a foreground concept drawn over a background concept.
+FOREGROUND_DOMAINS = ("shapes", "digits")
+BACKGROUND_DOMAINS = ("textures", "scenes")
 # Web data is not uniform over topics: unequal shares make unequal experts, as in the paper.
 DOMAIN_SHARES = {"shapes": 0.30, "digits": 0.25, "textures": 0.25, "scenes": 0.20}
 NOISE_SHARES = {"mismatch": 0.15, "junk": 0.05, "duplicate": 0.03, "empty": 0.02}
@@ -126,52 +151,60 @@ def _regular_polygon(cx, cy, r, n, rot):
             for k in range(n)]
 
 
-def _draw_shape(rng, size, label, color, bg):
-    s = size * SUPER
-    im = Image.new("RGB", (s, s), _jitter(rng, BACKGROUNDS[bg]))
-    d = ImageDraw.Draw(im)
+def _shape_mask(rng, s, label):
+    mask = Image.new("L", (s, s), 0)
+    d = ImageDraw.Draw(mask)
     r = s * rng.uniform(0.22, 0.42)
     cx, cy = s / 2 + rng.uniform(-0.12, 0.12) * s, s / 2 + rng.uniform(-0.12, 0.12) * s
     rot = rng.uniform(0, 2 * math.pi)
-    fill = _jitter(rng, COLORS[color])
     if label == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     elif label == "ring":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(r * 0.35)))
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=255, width=max(2, int(r * 0.35)))
     elif label == "square":
-        d.polygon(_regular_polygon(cx, cy, r * 1.2, 4, rot), fill=fill)
+        d.polygon(_regular_polygon(cx, cy, r * 1.2, 4, rot), fill=255)
     elif label == "diamond":
         pts = _regular_polygon(cx, cy, r * 1.2, 4, rot)
-        d.polygon([(cx + (x - cx) * 0.6, y) for x, y in pts], fill=fill)
+        d.polygon([(cx + (x - cx) * 0.6, y) for x, y in pts], fill=255)
     elif label == "triangle":
-        d.polygon(_regular_polygon(cx, cy, r * 1.2, 3, rot), fill=fill)
+        d.polygon(_regular_polygon(cx, cy, r * 1.2, 3, rot), fill=255)
     elif label == "hexagon":
-        d.polygon(_regular_polygon(cx, cy, r * 1.1, 6, rot), fill=fill)
+        d.polygon(_regular_polygon(cx, cy, r * 1.1, 6, rot), fill=255)
     elif label == "star":
         outer = _regular_polygon(cx, cy, r * 1.25, 5, rot)
         inner = _regular_polygon(cx, cy, r * 0.5, 5, rot + math.pi / 5)
-        d.polygon([p for pair in zip(outer, inner, strict=True) for p in pair], fill=fill)
+        d.polygon([p for pair in zip(outer, inner, strict=True) for p in pair], fill=255)
     elif label == "cross":
         w = r * 0.35
         arm = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w),
                (-r, w), (-r, -w), (-w, -w)]
         c, sn = math.cos(rot), math.sin(rot)
-        d.polygon([(cx + x * c - y * sn, cy + x * sn + y * c) for x, y in arm], fill=fill)
-    return im
+        d.polygon([(cx + x * c - y * sn, cy + x * sn + y * c) for x, y in arm], fill=255)
+    return mask
 
 
-def _draw_digit(rng, size, label, color, bg):
-    s = size * SUPER
-    im = Image.new("RGB", (s, s), _jitter(rng, BACKGROUNDS[bg]))
+def _digit_mask(rng, s, label):
     font = ImageFont.load_default(size=int(s * rng.uniform(0.55, 0.85)))
     glyph = Image.new("L", (s, s), 0)
     gd = ImageDraw.Draw(glyph)
     text = str(DIGIT_WORDS.index(label))
     gd.text((s / 2 + rng.uniform(-0.1, 0.1) * s, s / 2 + rng.uniform(-0.1, 0.1) * s), text,
             fill=255, font=font, anchor="mm")
-    glyph = glyph.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR)
-    im.paste(Image.new("RGB", (s, s), _jitter(rng, COLORS[color])), (0, 0), glyph)
-    return im
+    return glyph.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR)
+
+
+# Foreground concepts are masks, so the same draw lands on a plain colour or on a background concept.
+MASKS = {"shapes": _shape_mask, "digits": _digit_mask}
+
+
+def _on_plain(mask_fn):
+    def draw(rng, size, label, color, bg):
+        s = size * SUPER
+        im = Image.new("RGB", (s, s), _jitter(rng, BACKGROUNDS[bg]))
+        mask = mask_fn(rng, s, label)
+        im.paste(_jitter(rng, COLORS[color]), (0, 0, s, s), mask)
+        return im
+    return draw
 
 
 def _draw_texture(rng, size, label, color, bg):
@@ -279,18 +312,75 @@ def _draw_arrow(rng, size, label, color, bg):
 
 
 RENDERERS: dict[str, Callable[..., Image.Image]] = {
-    "shapes": _draw_shape, "digits": _draw_digit, "textures": _draw_texture,
+    "shapes": _on_plain(_shape_mask), "digits": _on_plain(_digit_mask), "textures": _draw_texture,
     "scenes": _draw_scene, "arrows": _draw_arrow,
 }
+
+
+def _jpeg(rng: np.random.Generator, im: Image.Image, size: int) -> bytes:
+    buf = io.BytesIO()
+    im.resize((size, size), Image.LANCZOS).save(buf, format="JPEG", quality=int(rng.integers(75, 96)))
+    return buf.getvalue()
 
 
 def render(rng: np.random.Generator, domain: str, label: str, size: int) -> tuple[bytes, str, str]:
     """Draw one image; returns (JPEG bytes, colour name, background name)."""
     color, bg = _colors(rng)
-    im = RENDERERS[domain](rng, size, label, color, bg).resize((size, size), Image.LANCZOS)
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=int(rng.integers(75, 96)))
-    return buf.getvalue(), color, bg
+    return _jpeg(rng, RENDERERS[domain](rng, size, label, color, bg), size), color, bg
+
+
+def _dilate(mask: Image.Image, r: int) -> Image.Image:
+    """``mask`` grown by ``r`` pixels on every side: PIL's MaxFilter(2r + 1) as two 1-D maxima,
+    because the square filter took longer than drawing both concepts of the image."""
+    a = np.pad(np.asarray(mask), r)
+    n = a.shape[0] - 2 * r
+    a = np.max([a[i:i + n] for i in range(2 * r + 1)], axis=0)
+    return Image.fromarray(np.max([a[:, i:i + n] for i in range(2 * r + 1)], axis=0))
+
+
+def render_composite(rng: np.random.Generator, fg: tuple[str, str], bg: tuple[str, str],
+                     size: int) -> tuple[bytes, str, str, str]:
+    """A foreground concept (domain, label) drawn over a background concept that fills the image;
+    returns (JPEG bytes, foreground colour, background's colour, background's base colour)."""
+    color, base = _colors(rng)
+    im = RENDERERS[bg[0]](rng, size, bg[1], color, base)
+    s = size * SUPER
+    mask = MASKS[fg[0]](rng, s, fg[1])
+    fg_color = _pick(rng, list(COLORS))
+    fill = _jitter(rng, COLORS[fg_color])
+    # A one-pixel rim of the opposite lightness keeps a digit readable on stripes of its own colour.
+    rim = (20, 20, 20) if 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2] > 128 else (245, 245, 245)
+    im.paste(rim, (0, 0, s, s), _dilate(mask, SUPER))
+    im.paste(fill, (0, 0, s, s), mask)
+    return _jpeg(rng, im, size), fg_color, color, base
+
+
+def _layers(rng: np.random.Generator, domain: str, label: str,
+            composite: bool) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(foreground, background) concepts of an image that shows ``label`` of ``domain``; a layer
+    that is a plain colour is ``("", "")``. Composite images add a random concept of the other
+    layer; arrows are drawn on plain colours in either world."""
+    if domain in BACKGROUND_DOMAINS:
+        if not composite:
+            return ("", ""), (domain, label)
+        other = _pick(rng, FOREGROUND_DOMAINS)
+        return (other, _pick(rng, DOMAINS[other].classes)), (domain, label)
+    if composite and domain in FOREGROUND_DOMAINS:
+        other = _pick(rng, BACKGROUND_DOMAINS)
+        return (domain, label), (other, _pick(rng, DOMAINS[other].classes))
+    return (domain, label), ("", "")
+
+
+def _image(rng: np.random.Generator, domain: str, label: str, size: int,
+           composite: bool) -> tuple[bytes, tuple[str, str], tuple[str, str], str, str]:
+    """An image showing ``label`` of ``domain``: (JPEG bytes, foreground, background, and the
+    colour and background names a caption of that concept may use)."""
+    fg, bg = _layers(rng, domain, label, composite)
+    if not (fg[0] and bg[0]):
+        jpg, color, base = render(rng, domain, label, size)
+        return jpg, fg, bg, color, base
+    jpg, fg_color, color, base = render_composite(rng, fg, bg, size)
+    return jpg, fg, bg, fg_color if domain == fg[0] else color, base
 
 
 def caption(rng: np.random.Generator, domain: str, label: str, color: str, bg: str) -> str:
@@ -305,10 +395,15 @@ class Pair:
     key: str
     jpg: bytes
     txt: str
-    domain: str
+    domain: str         # the concept the image was captioned with (before any noise)
     label: str
     noise: str          # clean | mismatch | junk | duplicate | empty
-    caption_domain: str = ""    # whose caption it carries: a domain, or "junk" / "empty"
+    caption_domain: str     # what the caption it carries names: a domain, or "junk" / "empty"
+    caption_label: str      # the class that caption names; "" for junk and empty
+    fg_domain: str          # the image's concepts by layer; "" for a layer of plain colour
+    fg_label: str
+    bg_domain: str
+    bg_label: str
 
 
 def _rng(seed: int, stream: str, index: int) -> np.random.Generator:
@@ -317,8 +412,9 @@ def _rng(seed: int, stream: str, index: int) -> np.random.Generator:
 
 
 def web_pairs(seed: int, stream: str, n: int, size: int, domains: dict[str, float],
-              shard_size: int) -> list[Pair]:
-    """``n`` web pairs over ``domains`` (name -> share), with the web noise of NOISE_SHARES."""
+              shard_size: int, composite: bool = False) -> list[Pair]:
+    """``n`` web pairs over ``domains`` (name -> share of the captions naming it), with the web
+    noise of NOISE_SHARES; ``composite`` draws composite images (see ``_layers``)."""
     names = list(domains)
     shares = np.array([domains[d] for d in names], np.float64)
     plan = _rng(seed, stream + "/plan", 0)
@@ -326,29 +422,28 @@ def web_pairs(seed: int, stream: str, n: int, size: int, domains: dict[str, floa
     noise = plan.choice(["clean", *NOISE_SHARES], size=n,
                         p=[1 - sum(NOISE_SHARES.values()), *NOISE_SHARES.values()])
     partner = plan.integers(0, n, size=n)
-    pairs: list[Pair] = []
-    clean_captions: list[str] = []
+    clean: list[Pair] = []
     for i in range(n):
         rng = _rng(seed, stream, i)
         domain = names[dom_idx[i]]
         label = _pick(rng, DOMAINS[domain].classes)
-        jpg, color, bg = render(rng, domain, label, size)
-        clean_captions.append(caption(rng, domain, label, color, bg))
-        pairs.append(Pair(_key(i, shard_size), jpg, clean_captions[-1], domain, label, "clean", domain))
+        jpg, fg, bg, color, base = _image(rng, domain, label, size, composite)
+        clean.append(Pair(_key(i, shard_size), jpg, caption(rng, domain, label, color, base), domain,
+                          label, "clean", domain, label, *fg, *bg))
+    pairs = list(clean)
     for i in range(n):
         kind, p = noise[i], pairs[i]
         rng = _rng(seed, stream + "/noise", i)
         if kind == "mismatch":
             j = int(partner[i]) if partner[i] != i else (i + 1) % n
-            pairs[i] = Pair(p.key, p.jpg, clean_captions[j], p.domain, p.label, kind,
-                            names[dom_idx[j]])
-        elif kind == "junk":
-            pairs[i] = Pair(p.key, p.jpg, _pick(rng, JUNK), p.domain, p.label, kind, "junk")
-        elif kind == "empty":
-            pairs[i] = Pair(p.key, p.jpg, _pick(rng, EMPTY), p.domain, p.label, kind, "empty")
+            pairs[i] = replace(p, txt=clean[j].txt, noise=kind, caption_domain=clean[j].domain,
+                               caption_label=clean[j].label)
+        elif kind in ("junk", "empty"):
+            pairs[i] = replace(p, txt=_pick(rng, JUNK if kind == "junk" else EMPTY), noise=kind,
+                               caption_domain=kind, caption_label="")
         elif kind == "duplicate" and i > 0:
             src = pairs[int(partner[i]) % i]  # an earlier pair, copied whole under a new key
-            pairs[i] = Pair(p.key, src.jpg, src.txt, src.domain, src.label, kind, src.caption_domain)
+            pairs[i] = replace(src, key=p.key, noise=kind)
     return pairs
 
 
@@ -382,14 +477,14 @@ def _web_members(pairs: list[Pair]) -> Iterator[tuple[str, bytes]]:
 EVAL_SPLITS = ("test", "val")
 
 
-def _eval_pairs(seed: int, domain: str, per_class: int, size: int,
-                split: str = "test") -> Iterator[tuple[str, bytes, int]]:
+def _eval_pairs(seed: int, domain: str, per_class: int, size: int, split: str = "test",
+                composite: bool = False) -> Iterator[tuple[str, bytes, int]]:
     d = DOMAINS[domain]
     stream = f"eval/{domain}" if split == "test" else f"eval-{split}/{domain}"   # disjoint draws
     i = 0
     for c, label in enumerate(d.classes):
         for _ in range(per_class):
-            jpg, _, _ = render(_rng(seed, stream, i), domain, label, size)
+            jpg = _image(_rng(seed, stream, i), domain, label, size, composite)[0]
             yield f"{i:06d}", jpg, c
             i += 1
 
@@ -404,7 +499,8 @@ def generate(out: str, cfg: DemoConfig, storage: StorageConfig, log=print) -> di
     for split, (n, domains) in web.items():
         if n == 0:
             continue
-        pairs = web_pairs(cfg.seed, split, n, cfg.image_size, domains, cfg.samples_per_shard)
+        pairs = web_pairs(cfg.seed, split, n, cfg.image_size, domains, cfg.samples_per_shard,
+                          cfg.composite)
         shards = _write_shards(fs, join(root, split), pairs, cfg.samples_per_shard)
         log(f"  {split}: {n} pairs in {shards} shards")
         truth += _truth(pairs, split)
@@ -418,7 +514,8 @@ def generate(out: str, cfg: DemoConfig, storage: StorageConfig, log=print) -> di
         fs.pipe_file(join(base, "zeroshot_classification_templates.txt"),
                      ("\n".join(d.prompts) + "\n").encode())
         for split in EVAL_SPLITS:
-            samples = list(_eval_pairs(cfg.seed, domain, cfg.eval_per_class, cfg.image_size, split))
+            samples = list(_eval_pairs(cfg.seed, domain, cfg.eval_per_class, cfg.image_size, split,
+                                       cfg.composite))
             members = (m for k, jpg, c in samples
                        for m in ((f"{k}.jpg", jpg), (f"{k}.cls", str(c).encode())))
             fs.pipe_file(join(base, split, "0.tar"), tar_bytes(members))
@@ -427,14 +524,14 @@ def generate(out: str, cfg: DemoConfig, storage: StorageConfig, log=print) -> di
     log(f"  eval: {len(tasks)} zero-shot tasks, {cfg.eval_per_class} images per class in "
         f"each of {' and '.join(EVAL_SPLITS)}")
     retrieval = web_pairs(cfg.seed, "retrieval", 100 * len(TRAIN_DOMAINS), cfg.image_size,
-                          DOMAIN_SHARES, 10_000)
+                          DOMAIN_SHARES, 10_000, cfg.composite)
     fs.pipe_file(join(root, "eval", "retrieval", "test", "0.tar"),
                  tar_bytes(m for p in retrieval if p.noise == "clean"
                            for m in ((f"{p.key}.jpg", p.jpg), (f"{p.key}.txt", p.txt.encode()))))
     fs.pipe_file(join(root, "eval", "retrieval", "test", "nshards.txt"), b"1\n")
     _write_truth(fs, root, truth)
     world = {
-        "seed": cfg.seed, "image_size": cfg.image_size,
+        "seed": cfg.seed, "image_size": cfg.image_size, "composite": cfg.composite,
         "train_domains": {d: list(DOMAINS[d].classes) for d in TRAIN_DOMAINS},
         "new_domain": {NEW_DOMAIN: list(DOMAINS[NEW_DOMAIN].classes)},
         "domain_shares": DOMAIN_SHARES, "noise_shares": NOISE_SHARES,
@@ -445,7 +542,8 @@ def generate(out: str, cfg: DemoConfig, storage: StorageConfig, log=print) -> di
     return world
 
 
-TRUTH_COLUMNS = ["key", "split", "domain", "label", "noise", "caption_domain"]
+TRUTH_COLUMNS = ["key", "split", "domain", "label", "noise", "caption_domain", "caption_label",
+                 "fg_domain", "fg_label", "bg_domain", "bg_label"]
 
 
 def _write_shards(fs, folder: str, pairs: list[Pair], per_shard: int) -> int:
@@ -457,14 +555,42 @@ def _write_shards(fs, folder: str, pairs: list[Pair], per_shard: int) -> int:
 
 
 def _truth(pairs: list[Pair], split: str) -> list[dict]:
-    return [{"key": p.key, "split": split, "domain": p.domain, "label": p.label, "noise": p.noise,
-             "caption_domain": p.caption_domain} for p in pairs]
+    return [{"split": split, **{c: getattr(p, c) for c in TRUTH_COLUMNS if c != "split"}}
+            for p in pairs]
 
 
 def _write_truth(fs, root: str, rows: list[dict]) -> None:
     buf = io.BytesIO()
     pd.DataFrame(rows, columns=TRUTH_COLUMNS).to_parquet(buf, index=False)
     fs.pipe_file(join(root, "truth.parquet"), buf.getvalue())
+
+
+def same_content_negatives(truth: pd.DataFrame) -> float:
+    """The chance that, for two distinct samples i and j drawn at random from ``truth`` (rows of
+    truth.parquet, e.g. one expert's training data), image j holds the concept caption i names:
+    a negative the contrastive loss pushes away although caption i is as true of it as of image i.
+
+    With A_c the captions naming concept c, B_c the images holding c (in either layer) and
+    D the samples whose own image holds what their caption names (the pairs i = j)::
+
+        (sum over c of A_c * B_c  -  D) / (n * (n - 1))
+
+    Junk and empty captions name no concept. In the plain world this is the chance that two
+    samples are captioned with the same concept (noise aside); composites add the images whose
+    unnamed layer is the concept named.
+    """
+    n = len(truth)
+    if n < 2:
+        raise ValueError(f"same_content_negatives needs at least 2 rows, got {n}")
+    named = truth["caption_label"] != ""
+    caption = list(zip(truth["caption_domain"], truth["caption_label"], strict=True))
+    fg = list(zip(truth["fg_domain"], truth["fg_label"], strict=True))
+    bg = list(zip(truth["bg_domain"], truth["bg_label"], strict=True))
+    captions = Counter(c for c, keep in zip(caption, named, strict=True) if keep)
+    images = Counter(c for c in fg + bg if c[0])
+    both = sum(a * images[c] for c, a in captions.items())
+    own = sum(keep and (c == f or c == b) for c, f, b, keep in zip(caption, fg, bg, named, strict=True))
+    return float((both - own) / (n * (n - 1)))
 
 
 def generate_web(out: str, cfg: DemoConfig, storage: StorageConfig, domains: dict[str, float],
@@ -477,7 +603,8 @@ def generate_web(out: str, cfg: DemoConfig, storage: StorageConfig, domains: dic
         raise ValueError(f"unknown domains {sorted(unknown)}; domains: {sorted(DOMAINS)}")
     fs, root = filesystem(out, storage)
     fs.makedirs(root, exist_ok=True)
-    pairs = web_pairs(seed, "web", cfg.samples, cfg.image_size, domains, cfg.samples_per_shard)
+    pairs = web_pairs(seed, "web", cfg.samples, cfg.image_size, domains, cfg.samples_per_shard,
+                      cfg.composite)
     _write_shards(fs, root, pairs, cfg.samples_per_shard)
     _write_truth(fs, root, _truth(pairs, "web"))
     log(f"  {len(pairs)} pairs over {domains} (seed {seed}) at {out}")
