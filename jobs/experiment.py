@@ -6,7 +6,9 @@ spread and the paired differences (what `make experiment` runs on the demo).
 
 The run directory needs its data stages up to assignments (jobs/run_pipeline.py --until
 assign, `jobs/demo.py --skip-training`, or `make demo`); training_data is made here if missing.
-Seed s trains the seed model, every expert, the random split and dense with train.seed = s (the
+Seed s trains the seed model, every expert and every baseline of the paper's comparison (full-0
+.. full-<m-1>, the random split, dense-matched, and OneStep's experts on their own clustering,
+the onestep stage, fitted here first) with train.seed = s (the
 run's own train.seed, then the next ones; the random split and the out-of-cluster draws stay
 fixed by train.data_seed) in experiment/seed-<s>/, which reads the run's data stages; the runs
 of the run's own seed are taken from the run where complete. All seeds' runs share one queue
@@ -18,16 +20,25 @@ Rerunning skips what is complete and resumes interrupted runs; on a cluster it r
 other job (`ray job submit`).
 """
 
+import io
 import sys
 
-from pipeline import cli, experiment, registry, stages
+import pandas as pd
+
+from pipeline import assignments, checkpoints, cli, experiment, registry, runs, stages
 from pipeline import eval as evaluation
+from pipeline.runs import ALL_BASELINES
+from pipeline.storage import filesystem
 
 
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--seeds", type=int, default=3, metavar="S",
                    help="training seeds: the run's train.seed and the S-1 after it (default 3)")
+    p.add_argument("--baselines", default=",".join(ALL_BASELINES), metavar="RUNS",
+                   help="baselines each seed trains besides its experts (jobs/train_experts.py's "
+                        f"--baselines; default {','.join(ALL_BASELINES)}: the paper's whole "
+                        "comparison and the compute-matched dense)")
     cli.add_eval_flags(p)
     args = p.parse_args(argv)
     if args.seeds < 1:
@@ -46,7 +57,14 @@ def main(argv=None) -> int:
     headline = experiment.headline_tasks(tasks, truth, cfg)
     print(f"\n[experiment] training seeds {', '.join(map(str, seeds))}: "
           f"{run.uri}/experiment/seed-<s>")
-    reps = experiment.train_seeds(cfg, run, seeds)
+    baselines = [b for b in args.baselines.split(",") if b.strip()]
+    try:
+        planned = runs.plan(cfg.train, checkpoints.num_experts(run), baselines=baselines)
+    except ValueError as e:
+        p.error(str(e))
+    if any(job.kind == "onestep" for job in planned):
+        stages.run_stage("onestep", cfg, run)
+    reps = experiment.train_seeds(cfg, run, seeds, baselines)
     reports = {}
     for s, (scfg, replica) in reps.items():
         print(f"\n[experiment] evaluating seed {s}: {replica.uri}")
@@ -56,6 +74,12 @@ def main(argv=None) -> int:
     summary = experiment.summarise(reports, headline)
     summary["diagnostics"] = experiment.diagnostics(
         reports, registry.finished(run.replica(f"seed-{seeds[0]}")))
+    if truth and summary["diagnostics"]:
+        fs, path = filesystem(truth, cfg.storage)
+        world = pd.read_parquet(io.BytesIO(fs.cat_file(path)))
+        if "caption_label" in world.columns:
+            assigned = assignments.read(run).select_columns(["key", "expert_id"]).to_pandas()
+            summary["diagnostics"]["same_content_negatives"] = experiment.negatives(world, assigned)
     print(experiment.write(run, summary))
     print(f"written: {run.stage_uri('experiment')}/results.md, results.json, seeds.png")
     return 0

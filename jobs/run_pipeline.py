@@ -18,7 +18,7 @@ import sys
 
 from pipeline import checkpoints, cli, registry, stages
 from pipeline import eval as evaluation
-from pipeline.runs import BASELINES, plan
+from pipeline.runs import DEFAULT_BASELINES
 
 PARTS = ("ingest", "embed", "cluster", "assign", "training_data", "seed", "experts", "evaluate")
 STAGE = {"ingest": "ingest", "embed": "embeddings", "cluster": "clusters", "assign": "assignments",
@@ -33,8 +33,10 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", action="append", default=[], metavar="URI",
                    help="a clip_benchmark webdataset folder to evaluate on (repeatable)")
     p.add_argument("--retrieval", metavar="URI", help="held-out pairs (jpg + txt) for retrieval")
-    p.add_argument("--skip-baselines", action="store_true",
-                   help="train the experts only, not the random split and dense")
+    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES), metavar="RUNS",
+                   help="baselines to train besides the experts, comma-separated kinds (full, "
+                        "random-split, dense-matched) or runs (full-0); default "
+                        f"{','.join(DEFAULT_BASELINES)}, the paper's dense baseline; '' for none")
     args = p.parse_args(argv)
     cfg, run = cli.load(args, write_config=False)
     data = cli.data_uri(p, args, cfg)
@@ -52,8 +54,7 @@ def main(argv=None) -> int:
     if "seed" in parts:
         checkpoints.train_seed(cfg, run, force=args.force)
     if "experts" in parts:
-        jobs = plan(cfg.train, checkpoints.num_experts(run),
-                    baselines=[] if args.skip_baselines else list(BASELINES))
+        jobs = cli.planned(p, cfg, checkpoints.num_experts(run), None, args.baselines)
         done, failed = checkpoints.launch(cfg, run, jobs, cfg.train.max_concurrent, force=args.force)
         print(f"finished now: {[e['name'] for e in done]}; failed: {sorted(failed) or 'none'}; "
               f"registry: {registry.uri(run)}")

@@ -23,7 +23,7 @@ from typing import Any
 
 import ray
 
-from pipeline import clusters, console, raycluster, registry, resources, train, training_data
+from pipeline import clusters, console, onestep, raycluster, registry, resources, train, training_data
 from pipeline.checkpoint_io import sha256
 from pipeline.config import Config, ConfigView, TrainConfig
 from pipeline.rundir import RunDir, StageOutput, now
@@ -33,6 +33,8 @@ from pipeline.stages import StageRun
 from pipeline.storage import read_json, write_json_atomic
 
 ATTEMPT = "_attempt.json"
+# Runs that add the experts' seeded out-of-cluster share to their own data.
+OOC_KINDS = ("expert", "onestep")
 Log = Callable[[str], None]
 
 
@@ -65,18 +67,22 @@ def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
     run = RunDir(run_uri, cfg.storage)
     started, wall0 = now(), time.time()
     experts = len(upstream["training_data"]["stats"]["rows_per_expert"])
-    # Only an expert draws with the data seed (its out-of-cluster share); the random split's
-    # parts were drawn by training_data.
-    ooc, draw = (cfg.train.ooc_ratio, cfg.train.data_seed) if job.kind == "expert" else (0.0, 0)
+    # Only an expert (and a OneStep expert) draws with the data seed (its out-of-cluster
+    # share); the random split's parts were drawn by training_data.
+    ooc, draw = (cfg.train.ooc_ratio, cfg.train.data_seed) if job.kind in OOC_KINDS else (0.0, 0)
+    cluster_keys = onestep.keys(run, job.index) if job.kind == "onestep" else None
     if samples is None:     # a manifest without this count: two small columns are enough
         samples = training_data.rows_for(run, job, experts, ooc, draw, cpus=cfg.train.data_cpus,
-                                         columns=["key", "random_id"]).count()
+                                         columns=["key", "random_id"],
+                                         cluster_keys=cluster_keys).count()
     init = upstream["checkpoints/seed"]["stats"]["entry"]["checkpoint"] if job.kind != "seed" else None
-    rows = training_data.rows_for(run, job, experts, ooc, draw, cpus=cfg.train.data_cpus)
+    order = job.order_seed(cfg.train.seed)
+    rows = training_data.rows_for(run, job, experts, ooc, draw, cpus=cfg.train.data_cpus,
+                                  order_seed=order, cluster_keys=cluster_keys)
     result = train.train(job.name, rows,
                          cfg.train, run.stage_uri(job.folder), job.end_samples,
                          schedule_total=job.schedule_total, threads=threads,
-                         init_checkpoint=init, storage=cfg.storage, label=label)
+                         init_checkpoint=init, storage=cfg.storage, label=label, order_seed=order)
     fine = None
     if job.kind == "expert":
         fine = clusters.owned(run, job.index, job.generation)
@@ -103,6 +109,9 @@ def train_run(cfg: ConfigView, run_uri: str, job: Job, upstream: dict[str, Any],
         # The rows its last worker group was fed in its first pass over the data, and their
         # keys' digest (pipeline.keys.digest): which samples the run trained on.
         "fed": result.fed,
+        # How mixed its first batches were: each one's largest expert share and that expert
+        # (pipeline.train.TrainResult.first_batches; None for rows without expert_id).
+        "first_batches": result.first_batches,
         "started_at": started, "finished_at": now(),
         "wall": {"start": wall0, "end": wall0 + wall, "seconds": round(wall, 2)},
         # What this attempt reserved: its workers' CPU and GPU units times its wall time, Ray
@@ -228,8 +237,8 @@ class Launch:
 
 def queue_order(runs: Sequence[Launch]) -> list[Launch]:
     """``launch_many``'s queue: the runs others wait for (``after``) first, then longest first
-    (dense costs m expert runs: the last slot to free up should not be left running one long
-    job alone). Stable: equal runs keep their given order."""
+    (dense-matched costs m expert runs: the last slot to free up should not be left running one
+    long job alone). Stable: equal runs keep their given order."""
     awaited = {r.after for r in runs if r.after is not None}
     unknown = awaited - {r.label for r in runs}
     if unknown:
@@ -333,7 +342,7 @@ def launch_many(runs: Sequence[Launch], max_concurrent: int, *, threads: int | N
                 registry.drop(r.run, job.name)
                 _fresh_start(r.run, job, sr.config_hash, force, log, r.label)
                 ooc, draw = ((sr.cfg.train.ooc_ratio, sr.cfg.train.data_seed)
-                             if job.kind == "expert" else (0.0, 0))
+                             if job.kind in OOC_KINDS else (0.0, 0))
                 samples = training_data.run_rows(sr.upstream["training_data"], job, ooc, draw)
                 # Launcher task and Ray Train controller on the driver's node (the head), not
                 # on a worker node that may be lost (README, "Losing nodes").

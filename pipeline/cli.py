@@ -12,6 +12,7 @@ from pipeline import console, stages
 from pipeline.config import PRESETS, Config, ConfigError, load_config
 from pipeline.raycluster import init_ray, require_shared_storage
 from pipeline.rundir import RunDir
+from pipeline.runs import Job, plan
 
 
 def parser(description: str, run_dir: bool = True) -> argparse.ArgumentParser:
@@ -107,6 +108,18 @@ def check_ingested_data(p: argparse.ArgumentParser, args: argparse.Namespace, ru
     if ingested.rstrip("/") != args.data.rstrip("/"):
         p.error(f"--data {args.data} is not the data ingest validated ({ingested}): run "
                 f"jobs/ingest.py --data {args.data} first, or leave --data out")
+
+
+def planned(p: argparse.ArgumentParser, cfg: Config, num_experts: int,
+            experts: Sequence[int] | None, baselines: str) -> list[Job]:
+    """The training runs after the seed that a job's flags ask for: the experts (all, or the
+    ``--experts`` given), then the ``--baselines`` (comma-separated; none with ``--experts``).
+    A bad id or baseline ends the job with the parser's usage message."""
+    spec = [b for b in baselines.split(",") if b.strip()] if experts is None else []
+    try:
+        return plan(cfg.train, num_experts, experts, baselines=spec)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def stage_job(description: str, stage: str, argv: Sequence[str] | None,

@@ -10,13 +10,16 @@ from __future__ import annotations
 import io
 from typing import Any
 
-# Drawing order and line per kind: the seed under everything, thick; an expert and the random
-# part of the same index share a colour (same size of data, clustered or not).
-ORDER = {"seed": 0, "expert": 1, "random-split": 2, "dense": 3}
+from pipeline.runs import parse_name
+
+# Drawing order and line per kind: the seed under everything, thick; an expert, the full run
+# and the random part of the same index share a colour (one expert's budget each).
+ORDER = {"seed": 0, "expert": 1, "full": 2, "random-split": 3, "dense-matched": 4}
 STYLE = {"seed": {"color": "black", "linewidth": 2.5, "linestyle": "-"},
          "expert": {"linewidth": 1.0, "linestyle": "-"},
+         "full": {"linewidth": 1.5, "linestyle": "-."},
          "random-split": {"linewidth": 1.0, "linestyle": "--"},
-         "dense": {"color": "grey", "linewidth": 1.5, "linestyle": ":"}}
+         "dense-matched": {"color": "grey", "linewidth": 1.5, "linestyle": ":"}}
 
 
 def plot(entries: dict[str, dict[str, Any]]) -> bytes:
@@ -27,7 +30,7 @@ def plot(entries: dict[str, dict[str, Any]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    drawn = sorted(((e["kind"], e.get("expert_id") or e.get("part") or 0, name)
+    drawn = sorted(((e["kind"], parse_name(name)[1] or 0, name)
                     for name, e in entries.items() if e.get("history")),
                    key=lambda k: (ORDER[k[0]], k[1]))
     if not drawn:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import yaml
 
-from pipeline import clusters, registry
+from pipeline import clusters, onestep, registry
 from pipeline.checkpoint_io import load_model
 from pipeline.config import Config, StorageConfig, load_config
 from pipeline.encoders import CaptionEncoder
@@ -144,8 +144,8 @@ class MoDEEnsemble:
     fine-to-expert map of ``clusters/`` with those of every generation whose experts are trained
     (docs/growth.md), and the clustering encoder (``embed.model`` of the run's config). Models
     load lazily and stay cached, so routing with ``top_k`` never loads or runs the experts it
-    drops. Baseline runs of the registry (seed, dense, random-k) load the same way
-    through ``model(name)``.
+    drops. Baseline runs of the registry (seed, full-i, random-split-e, dense-matched) load
+    the same way through ``model(name)``.
     """
 
     def __init__(self, run_uri: str, cfg: Config | None = None, device: str = "cpu",
@@ -168,6 +168,7 @@ class MoDEEnsemble:
         arrays = clusters.load(self.run, self.generations)
         self.fine_centroids = arrays["fine_centroids"]
         self.fine_to_expert = arrays["fine_to_expert"]
+        self.coarse_centroids = arrays["coarse_centroids"]
         self.num_experts = int(len(arrays["coarse_centroids"]))
         # (fine centres, experts) of the ensemble before each generation: a prefix of the union.
         self.levels = [(len(clusters.load_level(self.run, "fine_to_expert")),
@@ -176,6 +177,14 @@ class MoDEEnsemble:
             part = self.run.generation(g)
             fine, coarse = (len(clusters.load_level(part, n)) for n in ("fine_to_expert", "coarse_centroids"))
             self.levels.append((self.levels[-1][0] + fine, self.levels[-1][1] + coarse))
+        # The OneStep ablation's experts (jobs/experiment.py), routed by their own centres, when
+        # every one of them is trained.
+        self.onestep_runs: list[str] = []
+        m_onestep = len(self.run.manifest("onestep")["stats"]["rows_per_expert"]) \
+            if self.run.manifest("onestep") else 0
+        if m_onestep and all(run_name("onestep", e) in self.registry for e in range(m_onestep)):
+            self.onestep_runs = [run_name("onestep", e) for e in range(m_onestep)]
+            self.onestep_centroids = onestep.centroids(self.run)
         missing = [e for e in range(self.num_experts) if run_name("expert", e) not in self.registry]
         if missing:
             raise ValueError(f"{run_uri}: experts {missing} are not registered yet (trained: "
@@ -215,14 +224,32 @@ class MoDEEnsemble:
 
     def weights(self, classnames: Sequence[str], templates: Sequence[str], level: int = -1,
                 **params) -> np.ndarray:
-        """``routing_weights`` of a task (``params``: temperature, mode, k, variant, ...).
+        """``routing_weights`` of a task (``params``: temperature, mode, k, variant, ...;
+        ``centres="coarse"`` routes by the coarse centres, see ``route``).
 
         ``level``: the ensemble as it was before generation ``level`` was added (an index into
         ``levels``; -1, the default, is every generation): its fine centres and experts are a
         prefix of the union's, so the result has that many weights."""
+        return self.route(self.class_embeddings(classnames, templates), level, **params)
+
+    def route(self, class_embeddings: np.ndarray, level: int = -1, centres: str = "fine",
+              **params) -> np.ndarray:
+        """``routing_weights`` of embedded classes (or captions). ``centres="fine"`` is MoDE:
+        each class goes to the expert that owns its nearest fine centre. ``centres="coarse"``
+        is the paper's CoarseCluster ablation: each class goes straight to its nearest coarse
+        centre, that is to the expert itself, without the fine level. ``centres="onestep"``
+        weights the OneStep ablation's experts by their own centres (``onestep_runs``)."""
         fine, m = self.levels[level]
-        return routing_weights(self.class_embeddings(classnames, templates), self.fine_centroids[:fine],
-                               self.fine_to_expert[:fine], m, **params)
+        if centres == "fine":
+            return routing_weights(class_embeddings, self.fine_centroids[:fine],
+                                   self.fine_to_expert[:fine], m, **params)
+        if centres == "coarse":
+            return routing_weights(class_embeddings, self.coarse_centroids[:m], np.arange(m), m,
+                                   **params)
+        if centres == "onestep":
+            m = len(self.onestep_runs)
+            return routing_weights(class_embeddings, self.onestep_centroids, np.arange(m), m, **params)
+        raise ValueError(f"unknown centres {centres!r}; centres: 'fine', 'coarse', 'onestep'")
 
     def classifier(self, name: str, classnames: Sequence[str], templates: Sequence[str]):
         """(d, n) unit class-text embeddings of one model: open_clip's zero-shot head (cached

@@ -12,16 +12,30 @@ Writes ``eval/`` in the run directory::
 Zero-shot tasks are clip_benchmark-format webdataset folders (``classnames.txt``,
 ``zeroshot_classification_templates.txt``, ``test/*.tar`` with an image and a ``.cls`` per
 sample), local or ``s3://``; a task may also hold a ``val/`` split (other images, same classes).
-Methods, for every task (docs/routing.md):
+Methods, for every task (docs/routing.md; the paper's comparison: docs/algorithm.md):
 
 - ``METHODS``: the experts mixed by routing weights, each method a label and the
-  ``routing_weights`` parameters it uses (the same data labels the row and computes it);
-- ``routed (validated)``: the point of ``ROUTING_GRID`` (temperature, top-k) with the best mean
-  accuracy over the tasks' ``val/`` splits, applied to their test splits; chosen without reading
-  a test label (``choose_routing``), and absent when no task has a ``val/`` split;
+  ``routing_weights`` parameters it uses (the same data labels the row and computes it): the
+  authors' code (``routed (T=8)``, the default), the paper's own formula, sharper and top-1
+  variants, uniform weights, and the paper's CoarseCluster ablation (routing by the coarse
+  centres instead of the fine ones);
+- ``routed (validated)``: the point of ``ROUTING_GRID`` (temperature, top-k, the paper's formula)
+  with the best mean accuracy over the tasks' ``val/`` splits, applied to their test splits;
+  chosen without reading a test label (``choose_routing``), and absent when no task has a
+  ``val/`` split;
 - ``expert-e``: each data expert alone; ``oracle``: the best single expert on this task;
-- ``random-split``: the random-partition experts averaged (ensembling without clustering);
-- ``dense``: the seed continued on all data for the same training cost; ``seed``.
+- the baselines (``baseline_rows``), each the average of its runs' logits: ``dense (full-0)``,
+  the paper's dense baseline (the seed continued on all data for one expert's budget);
+  ``Full-n``, the paper's equal-cost control (n such runs averaged); ``random-split``, experts
+  of a random partition averaged (ensembling without clustering); ``dense-matched``, the seed
+  continued on all data for MoDE's whole budget (a harder question than the paper asks); and
+  ``seed``;
+- ``OneStep-m``, where the run holds the OneStep ablation (``jobs/experiment.py``): its experts
+  routed like ``routed (T=8)`` by their own centres (zero-shot only).
+
+Every row comes with its training cost (``method_samples``): the samples its models trained
+on, the seed's included, and that as a multiple of the paper's dense baseline (the seed plus
+one expert's continuation, ``train.total_samples``).
 
 Retrieval on held-out pairs (``.jpg`` + ``.txt``): image-to-text routes once with the whole
 caption set as the task's text; text-to-image routes every query caption by itself.
@@ -43,7 +57,7 @@ from PIL import Image
 
 from pipeline import assignments, curves
 from pipeline.config import ConfigView, StorageConfig
-from pipeline.ensemble import MoDEEnsemble, routing_weights
+from pipeline.ensemble import MoDEEnsemble
 from pipeline.images import open_rgb
 from pipeline.rundir import RunDir, StageOutput
 from pipeline.runs import parse_name, run_name
@@ -54,21 +68,33 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Ways to mix the experts, by report label: the parameters of ``routing_weights`` each one uses.
 # The authors' temperature 8 is nearly uniform with a few classes; 1 is the sharper routing that
 # calibration favoured at this scale (docs/routing.md, "Temperature").
+PAPER_FORMULA = "routed (paper's formula)"
+COARSE = "routed by coarse centres (T=8)"
 METHODS: dict[str, dict[str, Any]] = {
     "routed (T=8)": {"temperature": 8.0},
+    PAPER_FORMULA: {"variant": "paper", "temperature": 1.0},
     "routed (T=1)": {"temperature": 1.0},
     "routed top-1": {"temperature": 8.0, "mode": "top_k", "k": 1},
     "uniform": {"mode": "uniform"},
+    COARSE: {"temperature": 8.0, "centres": "coarse"},
 }
 DEFAULT_METHOD = "routed (T=8)"
+PAPER_DENSE = "dense (full-0)"
 RANDOM_SPLIT = "random-split"
+DENSE_MATCHED = "dense-matched"
 # The routing knobs the report tunes, on validation only (docs/routing.md, "Choosing on
 # validation"). The authors' T=8 comes first: a tie keeps it.
 ROUTING_GRID: dict[str, dict[str, Any]] = {
     "T=8": {"temperature": 8.0},
     **{f"T={t:g}": {"temperature": t} for t in (0.25, 0.5, 1.0, 2.0, 4.0, 16.0)},
     **{f"top-{k}": {"temperature": 8.0, "mode": "top_k", "k": k} for k in (1, 2)},
+    "paper": {"variant": "paper", "temperature": 1.0},
 }
+
+
+def full_label(n: int) -> str:
+    """The paper's name for n full runs averaged: ``Full-n``."""
+    return f"Full-{n}"
 VALIDATED = "routed (validated)"
 VAL_SPLIT = "val"
 
@@ -152,10 +178,23 @@ def recall_at(similarity: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, f
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _run_names(ens: MoDEEnsemble) -> dict[str, list[str]]:
+def baseline_rows(ens: MoDEEnsemble) -> dict[str, list[str]]:
+    """The report's baseline rows that the registry holds, each with the runs whose logits it
+    averages."""
     names = sorted(ens.registry)
-    return {RANDOM_SPLIT: sorted(n for n in names if parse_name(n)[0] == RANDOM_SPLIT),
-            "baselines": [n for n in ("dense", "seed") if n in names]}
+    full = sorted((n for n in names if parse_name(n)[0] == "full"), key=lambda n: parse_name(n)[1])
+    parts = sorted(n for n in names if parse_name(n)[0] == "random-split")
+    rows = {PAPER_DENSE: ["full-0"] if "full-0" in names else [],
+            full_label(len(full)): full if len(full) > 1 else [],
+            RANDOM_SPLIT: parts, DENSE_MATCHED: [n for n in names if n == "dense-matched"],
+            "seed": [n for n in names if n == "seed"]}
+    return {label: runs for label, runs in rows.items() if runs}
+
+
+def onestep_rows(ens: MoDEEnsemble) -> dict[str, list[str]]:
+    """The paper's OneStep-m row, when the run holds that ablation's experts: routed like
+    ``DEFAULT_METHOD``, by the OneStep centres (``pipeline.onestep``)."""
+    return {f"OneStep-{len(ens.onestep_runs)}": ens.onestep_runs} if ens.onestep_runs else {}
 
 
 def _expert_logits(ens: MoDEEnsemble, task: Task) -> list[np.ndarray]:
@@ -210,14 +249,13 @@ def zero_shot_task(ens: MoDEEnsemble, task: Task, validated: dict[str, Any] | No
             growth[label] = {"before": accuracy(sum(w[e] * experts[e] for e in range(m_before)),
                                                 task.labels),
                              "after": acc[label], "weights_before": w.tolist()}
-    runs = _run_names(ens)
-    if runs[RANDOM_SPLIT]:
-        acc[RANDOM_SPLIT] = accuracy(np.mean([ens.logits(n, task.images, task.classnames,
-                                                         task.templates) for n in runs[RANDOM_SPLIT]],
-                                              axis=0), task.labels)
-    for name in runs["baselines"]:
-        acc[name] = accuracy(ens.logits(name, task.images, task.classnames, task.templates),
-                             task.labels)
+    for label, runs in baseline_rows(ens).items():
+        acc[label] = accuracy(np.mean([ens.logits(n, task.images, task.classnames, task.templates)
+                                       for n in runs], axis=0), task.labels)
+    for label, runs in onestep_rows(ens).items():
+        w = ens.weights(task.classnames, task.templates, centres="onestep", **METHODS[DEFAULT_METHOD])
+        acc[label] = accuracy(sum(w[e] * ens.logits(n, task.images, task.classnames, task.templates)
+                                  for e, n in enumerate(runs)), task.labels)
     return {"classes": len(task.classnames), "images": len(task.labels),
             "chance": 1.0 / len(task.classnames), "accuracy": acc, "weights": weights,
             "growth": growth}
@@ -241,8 +279,6 @@ def _retrieval(ens: MoDEEnsemble, pairs: Pairs,
     experts = np.stack(list(sims.values()))                                   # (m, images, captions)
     caption_emb = np.asarray(ens.encoder.encode(pairs.captions), np.float64)
     caption_emb /= np.linalg.norm(caption_emb, axis=1, keepdims=True)
-    route = dict(fine_centroids=ens.fine_centroids, fine_to_expert=ens.fine_to_expert,
-                 num_experts=m)
     out: dict[str, dict[str, float]] = {}
 
     def score(name: str, i2t: np.ndarray, t2i: np.ndarray) -> None:
@@ -253,20 +289,16 @@ def _retrieval(ens: MoDEEnsemble, pairs: Pairs,
         score(name, s, s.T)
     routed = {**METHODS, **({VALIDATED: validated} if validated is not None else {})}
     for label, params in routed.items():
-        corpus = routing_weights(caption_emb, **route, **params)
-        per_query = np.stack([routing_weights(caption_emb[i:i + 1], **route, **params)
+        corpus = ens.route(caption_emb, **params)
+        per_query = np.stack([ens.route(caption_emb[i:i + 1], **params)
                               for i in range(len(caption_emb))])              # (captions, m)
         # query caption q: sum_c w_c(q) * similarity_c(image, q)
         score(label, np.tensordot(corpus, experts, axes=1), np.einsum("qc,ciq->qi", per_query, experts))
     best = max(sims, key=lambda n: np.mean(list(out[n].values())))
     out["oracle"] = dict(out[best], expert=best)
-    runs = _run_names(ens)
-    if runs[RANDOM_SPLIT]:
-        s = np.mean([_similarities(ens, n, pairs) for n in runs[RANDOM_SPLIT]], axis=0)
-        score(RANDOM_SPLIT, s, s.T)
-    for name in runs["baselines"]:
-        s = _similarities(ens, name, pairs)
-        score(name, s, s.T)
+    for label, runs in baseline_rows(ens).items():
+        s = np.mean([_similarities(ens, n, pairs) for n in runs], axis=0)
+        score(label, s, s.T)
     return out
 
 
@@ -282,7 +314,9 @@ def confusion(run: RunDir, truth_uri: str, storage: StorageConfig) -> pd.DataFra
 
 # ----------------------------------------------------------------------------- report
 def method_order(m: int, columns: Sequence[str]) -> list[str]:
-    first = [DEFAULT_METHOD, VALIDATED, *METHODS, "oracle", RANDOM_SPLIT, "dense", "seed"]
+    first = [DEFAULT_METHOD, VALIDATED, *METHODS, *sorted(c for c in columns if c.startswith("OneStep-")),
+             "oracle", PAPER_DENSE,
+             *sorted(c for c in columns if c.startswith("Full-")), RANDOM_SPLIT, DENSE_MATCHED, "seed"]
     first = list(dict.fromkeys(first))
     experts = [run_name("expert", e) for e in range(m)]
     return [c for c in first if c in columns] + [e for e in experts if e in columns]
@@ -295,6 +329,38 @@ def summary_table(report: dict[str, Any]) -> pd.DataFrame:
     return (100 * acc.loc[method_order(report["num_experts"], acc.index)]).round(1)
 
 
+def run_samples(entries: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Samples each registered run trained on itself: the seed from 0, every other run from
+    the seed's end (where it starts)."""
+    seed_end = entries["seed"]["metrics"]["samples_seen"] if "seed" in entries else 0
+    return {name: e["metrics"]["samples_seen"] - (0 if e["kind"] == "seed" else seed_end)
+            for name, e in entries.items()}
+
+
+def method_samples(entries: dict[str, dict[str, Any]], methods: Sequence[str],
+                   baselines: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """Every report row's training cost: the samples its models trained on, the seed's
+    included (a mix of the experts costs the seed and every expert; an expert alone, the seed
+    and itself; a baseline row, the seed and its runs), and that over the paper's dense
+    baseline, the seed plus one expert's continuation (an expert's ``samples_seen``: every
+    expert ends at ``train.total_samples``). MoDE-n comes out at ``(f + n (1 - f))`` times it,
+    ``(27 + 5n) / 32`` at the paper's seed share."""
+    own = run_samples(entries)
+    experts = sorted(n for n in entries if parse_name(n)[0] == "expert")
+    if not experts:
+        return {}
+    seed = own.get("seed", 0)
+    reference = entries[experts[0]]["metrics"]["samples_seen"]
+    runs = {**{label: [] if label == "seed" else names for label, names in baselines.items()},
+            **{e: [e] for e in experts}}
+    out = {}
+    for method in methods:
+        used = runs.get(method, experts)
+        samples = seed + sum(own[n] for n in used)
+        out[method] = {"samples": int(samples), "vs_dense": samples / reference}
+    return out
+
+
 def _markdown(df: pd.DataFrame, digits: int = 1) -> str:
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join([df.index.name or "", *cols]) + " |",
@@ -305,14 +371,28 @@ def _markdown(df: pd.DataFrame, digits: int = 1) -> str:
     return "\n".join(lines)
 
 
+def with_cost(table: pd.DataFrame, report: dict[str, Any]) -> pd.DataFrame:
+    """A methods table with each method's training cost beside it (``method_samples``)."""
+    cost = report.get("method_cost") or {}
+    out = table.copy()
+    out["samples"] = [int(cost[m]["samples"]) if m in cost else "" for m in out.index]
+    out["x dense"] = [f"{cost[m]['vs_dense']:.2f}" if m in cost else "" for m in out.index]
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     out = [f"# MoDE evaluation: {report['run']}", "",
-           f"{report['num_experts']} experts; zero-shot accuracy (%) per task, mean over tasks. "
-           f"`{DEFAULT_METHOD}` is the authors' routing; `{VALIDATED}` the routing chosen on the "
-           "tasks' validation splits (below); `oracle` the best single expert per task; "
-           f"`{RANDOM_SPLIT}` the random-split experts averaged; `dense` the same training cost "
-           "on all data.", "",
-           _markdown(summary_table(report).rename_axis("method")), ""]
+           f"{report['num_experts']} experts; zero-shot accuracy (%) per task, mean over tasks, "
+           "and what each method cost to train: `samples`, the seed's included, and `x dense`, "
+           f"that over the paper's dense baseline `{PAPER_DENSE}` (the seed continued on all "
+           f"data for one expert's budget). `{DEFAULT_METHOD}` is the authors' routing, "
+           f"`{PAPER_FORMULA}` the paper's text; `{VALIDATED}` the routing chosen on the tasks' "
+           f"validation splits (below); `{COARSE}` routes by the coarse centres (the paper's "
+           "CoarseCluster); `oracle` the best single expert per task; `Full-n` n runs like "
+           f"`{PAPER_DENSE}`, averaged (the paper's equal-cost control); `{RANDOM_SPLIT}` the "
+           f"random-split experts averaged; `{DENSE_MATCHED}` one model trained for MoDE's whole "
+           "budget.", "",
+           _markdown(with_cost(summary_table(report), report).rename_axis("method")), ""]
     if report.get("zero_shot"):
         w = pd.DataFrame({t: r["weights"][DEFAULT_METHOD] for t, r in report["zero_shot"].items()}).T
         w.columns = [run_name("expert", e) for e in w.columns]
@@ -355,10 +435,9 @@ def selection_section(selection: dict[str, Any]) -> str:
 
 def cost_table(runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """What each training run reserved (registry ``cost``: CPU and GPU units held by its
-    workers times wall time, in hours) and the samples it trained on; then MoDE's total (the
-    seed and every expert) against dense, and the random split's (seed and parts), the
-    comparison the paper makes at equal cost. Runs registered before costs were recorded are
-    left out."""
+    workers times wall time, in hours) and the samples its last attempt trained on; then the
+    totals of MoDE (the seed and every expert) and of each baseline (the seed and its runs).
+    Runs registered before costs were recorded are left out."""
     rows = {}
     for name, e in runs.items():
         if "cost" in e:
@@ -367,12 +446,15 @@ def cost_table(runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
                           "samples": e["cost"]["samples"]}
     table = pd.DataFrame.from_dict(rows, orient="index", columns=["cpu_hours", "gpu_hours", "samples"])
     kinds = {name: runs[name]["kind"] for name in table.index}
+    # each total: the runs of these kinds or names, when every one of them is there
     totals = {"MoDE (seed + experts)": ("seed", "expert"),
+              "dense (seed + full-0)": ("seed", "full-0"),
+              "Full-n (seed + full runs)": ("seed", "full"),
               "random split (seed + parts)": ("seed", "random-split"),
-              "dense (seed + dense)": ("seed", "dense")}
+              "dense-matched (seed + dense-matched)": ("seed", "dense-matched")}
     for label, wanted in totals.items():
-        part = table.loc[[n for n, k in kinds.items() if k in wanted]]
-        if len(part) and set(wanted) <= {kinds[n] for n in part.index}:
+        part = table.loc[[n for n, k in kinds.items() if k in wanted or n in wanted]]
+        if set(wanted) <= {kinds[n] for n in part.index} | set(part.index):
             table.loc[label] = part.sum()
     order = sorted(table.index, key=lambda n: (n in totals, n != "seed", n))
     return table.loc[order].astype({"samples": int})
@@ -521,7 +603,8 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[s
         images += len(task.labels)
         acc = result["accuracy"]
         log(f"[eval] {task.name}: {len(task.labels)} images, {len(task.classnames)} classes; "
-            f"{DEFAULT_METHOD} {acc[DEFAULT_METHOD]:.1%}, dense {acc.get('dense', float('nan')):.1%}")
+            f"{DEFAULT_METHOD} {acc[DEFAULT_METHOD]:.1%}, {PAPER_DENSE} "
+            f"{acc.get(PAPER_DENSE, float('nan')):.1%}")
     if retrieval:
         pairs = read_pairs(retrieval, cfg.storage)
         report["retrieval_pairs"] = len(pairs.captions)
@@ -529,6 +612,10 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[s
         log(f"[eval] retrieval: {len(pairs.captions)} pairs")
         report["retrieval"] = _retrieval(ens, pairs, validated)
     report["cost"] = cost_table(ens.registry).to_dict(orient="index")
+    if report["zero_shot"]:
+        methods = next(iter(report["zero_shot"].values()))["accuracy"]
+        report["method_cost"] = method_samples(ens.registry, list(methods),
+                                               {**baseline_rows(ens), **onestep_rows(ens)})
     if truth:
         report["confusion"] = {str(k): {str(e): int(v) for e, v in col.items()}
                                for k, col in confusion(run, truth, cfg.storage).items()}

@@ -42,9 +42,10 @@ def split_transform(transform) -> tuple[Any, tuple[float, ...], tuple[float, ...
 class Preprocess:
     """Rows ``{caption, image bytes}`` to model inputs with open_clip's transform and tokenizer.
 
-    Returns ``{"image": uint8 (N, 3, H, W), "text": int64 (N, context_length)}``, and
-    ``key_hash`` (int64, ``pipeline.keys.key_rank`` with seed 0) where rows have keys. A row whose
-    image does not decode or whose caption is missing raises: training data must come from
+    Returns ``{"image": uint8 (N, 3, H, W), "text": int64 (N, context_length)}``, with
+    ``key_hash`` (int64, ``pipeline.keys.key_rank`` with seed 0) where rows have keys and
+    ``expert_id`` as it came where they have one (the trainer records its batches' mix). A row
+    whose image does not decode or whose caption is missing raises: training data must come from
     ingest's good rows. The images are open_clip's transform without its last two steps
     (``split_transform``): ``DeviceNormalize`` with ``mean`` and ``std`` finishes them.
     """
@@ -70,6 +71,8 @@ class Preprocess:
         out = {"image": images, "text": self.tokenizer(list(batch["caption"])).numpy()}
         if "key" in batch:  # the trainer fingerprints the keys it is fed (pipeline.keys.digest)
             out["key_hash"] = key_rank(batch["key"], 0).view(np.int64)
+        if "expert_id" in batch:
+            out["expert_id"] = np.asarray(batch["expert_id"])
         return out
 
     def _image(self, data: bytes, key: Any) -> np.ndarray:

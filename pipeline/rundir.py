@@ -38,13 +38,13 @@ from pipeline.config import Config, StorageConfig
 from pipeline.storage import filesystem, join, read_json, scheme, write_bytes_atomic, write_json_atomic
 
 FOLDERS = ("ingest", "embeddings", "clusters", "assignments", "training_data", "checkpoints", "eval",
-           "generations", "experiment")
+           "generations", "experiment", "onestep")
 GENERATION_FOLDERS = ("ingest", "embeddings", "novelty", "clusters", "assignments", "training_data",
                       "checkpoints")
 MANIFEST = "_manifest.json"
 # A replica (jobs/experiment.py) trains its own runs on the data stages of its run directory:
 # these folders resolve there. Its marker file names that directory.
-SHARED_FOLDERS = ("ingest", "embeddings", "clusters", "assignments", "training_data")
+SHARED_FOLDERS = ("ingest", "embeddings", "clusters", "assignments", "training_data", "onestep")
 REPLICA_FOLDERS = (*SHARED_FOLDERS, "checkpoints", "eval")
 REPLICA = "_replica.json"
 

@@ -29,7 +29,7 @@ from typing import Any
 from pipeline import registry
 from pipeline.config import Config, ConfigView, field_names
 from pipeline.rundir import RunDir, StageOutput, now
-from pipeline.runs import parse_name, plan, seed_job
+from pipeline.runs import ALL_BASELINES, parse_name, plan, seed_job
 
 Log = Callable[[str], None]
 
@@ -98,15 +98,25 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("training_data", ("ingest", "assignments"), (*DATA_FIELDS, "train.data_seed"),
           ("train.ooc_ratio", "train.rows_per_file"), (),
           "key, caption, image, fine_id, random_id by expert_id", "jobs/train_seed.py"),
+    Stage("onestep", ("embeddings",),
+          (*(f for f in CLUSTER_FIT_FIELDS if f != "cluster.fine_k"), "cluster.block_rows"),
+          ("cluster.rows_per_file",), (),
+          "OneStep ablation: m centres fitted on the embeddings directly; key, distance by expert_id",
+          "jobs/experiment.py"),
     Stage("checkpoints/seed", ("training_data",), TRAIN_FIELDS, TRAIN_KNOBS, (),
           "checkpoints of `seed`", "jobs/train_seed.py"),
     Stage("checkpoints/expert", ("training_data", "clusters", "checkpoints/seed"),
           (*TRAIN_FIELDS, "train.ooc_ratio", "train.data_seed"), TRAIN_KNOBS, (),
           "checkpoints of `expert-<e>`", "jobs/train_experts.py"),
+    Stage("checkpoints/full", ("training_data", "checkpoints/seed"), TRAIN_FIELDS, TRAIN_KNOBS,
+          (), "checkpoints of `full-<i>`", "jobs/train_experts.py"),
     Stage("checkpoints/random-split", ("training_data", "checkpoints/seed"), TRAIN_FIELDS,
           TRAIN_KNOBS, (), "checkpoints of `random-split-<e>`", "jobs/train_experts.py"),
-    Stage("checkpoints/dense", ("training_data", "checkpoints/seed"), TRAIN_FIELDS, TRAIN_KNOBS,
-          (), "checkpoints of `dense`", "jobs/train_experts.py"),
+    Stage("checkpoints/dense-matched", ("training_data", "checkpoints/seed"), TRAIN_FIELDS,
+          TRAIN_KNOBS, (), "checkpoints of `dense-matched`", "jobs/train_experts.py"),
+    Stage("checkpoints/onestep", ("training_data", "onestep", "checkpoints/seed"),
+          (*TRAIN_FIELDS, "train.ooc_ratio", "train.data_seed"), TRAIN_KNOBS, (),
+          "checkpoints of `onestep-<e>`", "jobs/experiment.py"),
     Stage("eval", ("clusters", "assignments", ALL_RUNS), ("embed.model",), ("embed.batch_size",),
           ("tasks", "retrieval", "truth"), "report.json, report.md, plots", "jobs/evaluate.py"),
 )}
@@ -201,7 +211,7 @@ def unit_hash(cfg: ConfigView, unit: str, upstream: Mapping[str, str],
 
 def planned_units(cfg: Config) -> list[str]:
     """Every unit of a full run of ``cfg`` (all experts and baselines), inputs first."""
-    runs = [seed_job(cfg.train), *plan(cfg.train, cfg.cluster.num_experts)]
+    runs = [seed_job(cfg.train), *plan(cfg.train, cfg.cluster.num_experts, baselines=ALL_BASELINES)]
     data = [name for name in STAGES if "/" not in name and name != "eval"]
     return [*data, *(job.unit for job in runs), "eval"]
 

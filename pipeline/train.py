@@ -8,16 +8,17 @@ another run's checkpoint (``init_checkpoint``: an expert starts from the seed's 
 optimizer), continuing its ``samples_seen`` and so the learning-rate schedule where the seed
 stopped (``pipeline.schedule``: warmup, then a cosine to zero over ``schedule_total`` samples).
 
-Data: rows ``{caption: str, image: encoded bytes}`` (ingest's row schema; other columns are
-ignored) are decoded, transformed and tokenized with open_clip's own image transform and
-tokenizer (``pipeline.inputs``), in Ray Data ``map_batches`` tasks or, with
+Data: rows ``{caption: str, image: encoded bytes}`` (ingest's row schema; an ``expert_id``
+column, where the rows have one, comes along so that the run records how mixed its first batches
+were; other columns are ignored) are decoded, transformed and tokenized with open_clip's own
+image transform and tokenizer (``pipeline.inputs``), in Ray Data ``map_batches`` tasks or, with
 ``TrainConfig.decode_in_worker``, in the Ray Train worker as the rows arrive, and streamed to the
-workers by ``get_dataset_shard("train")``, once per epoch. With
-``TrainConfig.cache_inputs`` only the first epoch streams: each worker keeps the tensors of its
-shard in memory and later epochs draw seeded permutations of them, which removes the per-epoch
-start of a Ray Data execution and every decode after the first (for data that fits in the
-workers' memory, like the demo's). A resumed run starts a fresh pass over the data; its step and
-samples_seen continue from the checkpoint.
+workers by ``get_dataset_shard("train")``, once per epoch, through a local shuffle buffer seeded
+by the run's order seed. With ``TrainConfig.cache_inputs`` only the first epoch streams: each
+worker keeps the tensors of its shard in memory and later epochs draw permutations of them
+seeded the same way, which removes the per-epoch start of a Ray Data execution and every decode
+after the first (for data that fits in the workers' memory, like the demo's). A resumed run
+starts a fresh pass over the data; its step and samples_seen continue from the checkpoint.
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ class TrainResult:
     first_step_s: float | None = None   # the last worker group's first step (torch.compile's
                                # compilation included with train.compile, and then kept out
                                # of samples/s)
+    first_batches: dict | None = None   # the first batches (train_loop.FIRST_BATCHES) of
+                               # rank 0's first pass in the last worker group: largest_share
+                               # (the largest one expert's share of the batch) and expert
+                               # (which one), a list each; None for rows without expert_id
 
     @property
     def restarts(self) -> int:
@@ -119,7 +124,8 @@ class TrainResult:
 def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: str,
           end_samples: int, *, schedule_total: int | None = None, threads: int | None = None,
           init_checkpoint: str | None = None, storage: StorageConfig | None = None,
-          crash_at_step: int | None = None, label: str | None = None) -> TrainResult:
+          crash_at_step: int | None = None, label: str | None = None,
+          order_seed: int | None = None) -> TrainResult:
     """Train (or resume) the run ``name`` until ``end_samples`` samples seen in total.
 
     Rerunning a name resumes from its latest checkpoint; a run already at ``end_samples``
@@ -137,7 +143,7 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         end_samples: absolute samples_seen at which the run stops (a multiple of the batch is
             reached exactly; otherwise the last step overshoots by less than a batch).
         schedule_total: samples over which the cosine runs (default ``cfg.total_samples``; the
-            dense baseline stretches it).
+            dense-matched baseline stretches it).
         threads: torch threads per worker (default ``cfg.threads_per_worker``).
         init_checkpoint: checkpoint to start from when the run has none of its own.
         storage: S3 endpoint and region for ``storage_path`` and ``init_checkpoint``.
@@ -145,7 +151,10 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
             step, in a worker group that did not resume from a checkpoint of the run's own, like
             a worker lost mid-run; with ``cfg.max_failures`` >= 1 Ray Train restarts the group.
         label: what the run's log lines and heartbeats are prefixed with (default ``name``;
-            runs of several replicas launched together need a longer one, e.g. "seed-2/dense").
+            runs of several replicas launched together need a longer one, e.g.
+            "seed-2/dense-matched").
+        order_seed: the seed of the data order: the local shuffle buffer's and the cached
+            epochs' permutations (default ``cfg.seed``; ``pipeline.runs.Job.order_seed``).
     """
     schedule_total = schedule_total or cfg.total_samples
     if end_samples > schedule_total:
@@ -166,7 +175,7 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         "schedule_total": schedule_total,
         "threads": cfg.threads_per_worker if threads is None else threads,
         "init_checkpoint": init_checkpoint, "storage": dataclasses.asdict(storage),
-        "crash_at_step": crash_at_step,
+        "crash_at_step": crash_at_step, "order_seed": cfg.seed if order_seed is None else order_seed,
     }
     s3 = is_s3(storage_path)
     fs, path = filesystem(storage_path, storage)
@@ -206,7 +215,7 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         start_step=done["start_step"], start_samples=done["start_samples"],
         steps_run=done["steps_run"], history=done["history"],
         wall_s=time.perf_counter() - started, cached_rows=done["cached_rows"], fed=done.get("fed"),
-        first_step_s=done.get("first_step_s"),
+        first_step_s=done.get("first_step_s"), first_batches=done.get("first_batches"),
         starts=tuple(_starts(starts_uri, storage)))
 
 

@@ -60,6 +60,9 @@ ADAMW_BETAS = (0.9, 0.98)
 ADAMW_EPS = 1e-6
 # CLIP clamps its learned temperature so that logits stay below 100 (open_clip does the same).
 MAX_LOGIT_SCALE = math.log(100)
+# Batches of its first pass whose expert mix a run records: a stream that hands on one expert at
+# a time shows in every one of them, and twenty numbers keep the registry entry small.
+FIRST_BATCHES = 20
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -95,13 +98,14 @@ def _checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 # ----------------------------------------------------------------------------- the loop
 def _streamed_batches(shard, cfg: TrainConfig, local_batch: int, device: torch.device,
-                      step: int):
-    """One pass over this worker's Ray Data shard. The last partial batch comes too: the loop
+                      step: int, seed: int):
+    """One pass over this worker's Ray Data shard, through a local shuffle buffer seeded by the
+    run's order ``seed`` and the step it starts at. The last partial batch comes too: the loop
     counts its keys and caches it (``cache_inputs``) but does not train on it. With
     ``decode_in_worker`` the shard holds raw rows, decoded here (``pipeline.inputs``)."""
     order = {"batch_size": local_batch, "drop_last": False,
              "local_shuffle_buffer_size": cfg.shuffle_buffer or None,
-             "local_shuffle_seed": (cfg.seed * 1_000_003 + step) if cfg.shuffle_buffer else None}
+             "local_shuffle_seed": (seed * 1_000_003 + step) if cfg.shuffle_buffer else None}
     cuda = device.type == "cuda"
     if not cfg.decode_in_worker:
         # Ray Data gathers the next batches in a background thread (prefetch_batches) into
@@ -110,7 +114,7 @@ def _streamed_batches(shard, cfg: TrainConfig, local_batch: int, device: torch.d
         return iter(shard.iter_torch_batches(device=device, **order, pin_memory=cuda,
                                              prefetch_batches=cfg.prefetch_batches,
                                              dtypes={"image": torch.uint8, "text": torch.long,
-                                                     "key_hash": torch.long}))
+                                                     "key_hash": torch.long, "expert_id": torch.long}))
     preprocess = preprocessor(cfg.model, cfg.augment)
     return ({k: torch.from_numpy(v).to(device, non_blocking=cuda) for k, v in preprocess(rows).items()}
             for rows in shard.iter_batches(batch_format="numpy", **order))
@@ -124,6 +128,14 @@ def _cached_batches(cache: dict[str, torch.Tensor], local_batch: int, device: to
     for start in range(0, len(order) - local_batch + 1, local_batch):
         idx = order[start:start + local_batch]
         yield {k: v[idx].to(device, non_blocking=True) for k, v in cache.items()}
+
+
+def batch_mix(experts: torch.Tensor) -> tuple[float, int]:
+    """The largest share of a batch that one expert's rows take, and that expert (the lowest
+    id of a tie)."""
+    ids, counts = torch.unique(experts.cpu(), return_counts=True)
+    top = int(torch.argmax(counts))
+    return counts[top].item() / len(experts), int(ids[top])
 
 
 def _keep_cache(kept: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -287,11 +299,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker function. ``config`` (built by ``pipeline.train.train``): ``name``,
     ``label`` (its log lines' prefix and heartbeat key; default ``name``), ``train`` (the
     TrainConfig, or a stage's view of it), ``end_samples``, ``schedule_total``,
-    ``threads``, ``init_checkpoint``, ``storage``, ``crash_at_step``, and optionally ``starts_uri``
-    and ``tensorboard_uri`` (rank 0 writes there, ``_record_start`` and ``Events``).
+    ``threads``, ``init_checkpoint``, ``storage``, ``crash_at_step``, ``order_seed`` (the data
+    order's), and optionally ``starts_uri`` and ``tensorboard_uri`` (rank 0 writes there,
+    ``_record_start`` and ``Events``).
 
     Returns (rank 0; becomes ``Result.return_value``) what this attempt did: its start step and
-    samples, the steps it ran and the run's log lines.
+    samples, the steps it ran, the run's log lines, and the expert mix of its first
+    ``FIRST_BATCHES`` batches where the rows carry ``expert_id`` (``batch_mix``).
     """
     cfg: TrainConfig = config["train"]
     name, end_samples, total = config["name"], config["end_samples"], config["schedule_total"]
@@ -383,6 +397,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # The keys of this worker group's first pass over its data: their count and digest
     # (pipeline.keys.digest), so that a run can show which rows it was fed (docs/bad_input.md).
     fed_rows, fed_digest, fed_complete = 0, 0, False
+    mix: list[tuple[float, int]] = []     # batch_mix of rank 0's first batches
     if done and not registered:
         # Resumed at the end from a checkpoint Ray Train never took in (its worker died after
         # writing it): report it now, or the run's result would be the older registered one,
@@ -392,9 +407,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     while samples_seen < end_samples:
         epoch_steps = 0
         if cache is None:
-            batches = _streamed_batches(shard, cfg, local_batch, device, step)
+            batches = _streamed_batches(shard, cfg, local_batch, device, step, config["order_seed"])
         else:
-            batches = _cached_batches(cache, local_batch, device, cfg.seed, rank, epoch)
+            batches = _cached_batches(cache, local_batch, device, config["order_seed"], rank, epoch)
         kept: list[dict[str, torch.Tensor]] = []
         while True:
             waited = time.perf_counter()
@@ -404,6 +419,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 fed_complete = fed_complete or epoch == 0
                 break
             hashes = batch.pop("key_hash", None)
+            experts = batch.pop("expert_id", None)
+            if rank == 0 and epoch == 0 and experts is not None and len(mix) < FIRST_BATCHES:
+                mix.append(batch_mix(experts))
             if epoch == 0 and hashes is not None:
                 fed_rows += len(hashes)
                 fed_digest = (fed_digest + int(np.sum(hashes.cpu().numpy().view(np.uint64),
@@ -487,7 +505,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     return {"start_step": start_step, "start_samples": start_samples,
             "steps_run": step - start_step, "history": history,
             "cached_rows": len(cache["text"]) if cache is not None else 0, "fed": fed,
-            "first_step_s": first_step_s}
+            "first_step_s": first_step_s,
+            "first_batches": {"largest_share": [m[0] for m in mix], "expert": [m[1] for m in mix]}
+            if mix else None}
 
 
 def _fed_keys(rows: int, digest: int, complete: bool, world: int,

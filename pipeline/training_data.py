@@ -13,7 +13,8 @@ directory")::
 
 ``random_id`` is the sample's part in the random-split baseline: a seeded uniform partition with
 the same expected sizes as the experts. Files hold about ``train.rows_per_file`` rows. Readers:
-``rows_for`` (what one training run reads). The manifest's ``stats.rows_per_run`` counts what
+``rows_for`` (what one training run reads: the runs on every partition read them in a seeded
+mixed order, ``pipeline.tables.read_mixed``). The manifest's ``stats.rows_per_run`` counts what
 each run's reader yields (``run_rows``), so a trainer needs no counting pass of its own.
 """
 
@@ -33,9 +34,9 @@ from pipeline.config import ConfigView
 from pipeline.console import Tally
 from pipeline.keys import key_rank, uniform
 from pipeline.rundir import RunDir, StageOutput
-from pipeline.runs import Job, run_name
+from pipeline.runs import ALL_DATA, Job, run_name
 from pipeline.storage import pyarrow_filesystem
-from pipeline.tables import count_rows, read_by_expert
+from pipeline.tables import count_rows, read_by_expert, read_mixed
 
 STAGE = "training_data"
 COLUMNS = ["key", "caption", "image", "fine_id", "random_id"]
@@ -162,31 +163,54 @@ def _expert_filter(batch: pa.Table, expert: int, ratio: float, seed: int) -> pa.
     return batch.filter(pa.array(own | ooc_mask(keys, expert, ratio, seed)))
 
 
+def _onestep_filter(batch: pa.Table, own: np.ndarray, expert: int, ratio: float, seed: int) -> pa.Table:
+    """OneStep expert ``expert``'s rows of a batch: those of its cluster (``own``: their keys,
+    sorted) and the seeded out-of-cluster share of the others, drawn as an expert's."""
+    keys = batch.column("key").to_numpy(zero_copy_only=False)
+    mine = np.isin(keys, own, assume_unique=False)
+    return batch.filter(pa.array(mine | (~mine & ooc_mask(keys, expert, ratio, seed))))
+
+
 def _random_part(batch: pa.Table, part: int) -> pa.Table:
     return batch.filter(pc.equal(batch.column("random_id"), part))
 
 
 def rows_for(run: RunDir, job: Job, num_experts: int, ooc_ratio: float, seed: int,
-             columns: list[str] | None = None, cpus: float | None = None) -> ray.data.Dataset:
+             columns: list[str] | None = None, cpus: float | None = None,
+             order_seed: int = 0, cluster_keys: np.ndarray | None = None) -> ray.data.Dataset:
     """The rows a training run reads (a lazy Ray Dataset; ``columns`` must include ``key`` for an
     expert and ``random_id`` for a random part):
 
-    - ``seed``, ``dense``: every sample;
+    - ``seed``, ``full-<i>``, ``dense-matched``: every sample, in the seeded mixed order of
+      ``pipeline.tables.read_mixed`` (``order_seed``: the run's ``Job.order_seed``), so that
+      every block, and so the first batches, hold every expert's samples in their proportions;
+    - ``random-split-<e>``: part e of the random split, a filter over that same mixed read;
+    - ``onestep-<e>``: cluster e of the OneStep ablation (``cluster_keys``: its keys, from
+      ``pipeline.onestep.keys``) plus the seeded ``ooc_ratio`` share of the other rows, a filter
+      over the mixed read (the keys go to every task: an ablation at the experiment's size);
     - ``expert-<e>``: expert e's samples plus a seeded ``ooc_ratio`` share of every other
       expert's, in one read of every partition and a filter (each read costs Ray Data a listing
-      pass of its own, so not two reads and a union);
-    - ``random-split-<e>``: part e of the random split.
+      pass of its own, so not two reads and a union).
 
     ``cpus``: what each of its read and filter tasks reserves (``train.data_cpus``).
     """
     task = {} if cpus is None else {"num_cpus": cpus}
-    if job.kind in ("seed", "dense"):
-        return _read(run, None, columns, cpus)
     if job.generation is not None:
         return _new_expert_rows(run, job, ooc_ratio, seed, columns, cpus)
-    if job.kind == "random-split":
-        return _read(run, None, columns, cpus).map_batches(
-            _random_part, batch_format="pyarrow", fn_kwargs={"part": job.index}, **task)
+    if job.kind in ALL_DATA:
+        read_columns = None if columns is None or job.kind != "onestep" else \
+            list(dict.fromkeys([*columns, "key"]))
+        ds = read_mixed(run.fs, run.stage_path(STAGE), order_seed, read_columns, cpus)
+        if job.kind == "random-split":
+            return ds.map_batches(_random_part, batch_format="pyarrow",
+                                  fn_kwargs={"part": job.index}, **task)
+        if job.kind == "onestep":
+            if cluster_keys is None:
+                raise ValueError(f"{job.name} reads its OneStep cluster: pass its cluster_keys")
+            return ds.map_batches(_onestep_filter, batch_format="pyarrow", fn_kwargs={
+                "own": np.sort(cluster_keys), "expert": job.index, "ratio": ooc_ratio,
+                "seed": seed}, **task)
+        return ds
     if num_experts == 1 or ooc_ratio == 0:
         return _read(run, [job.index], columns, cpus)
     read_columns = None if columns is None else list(dict.fromkeys([*columns, "expert_id"]))
@@ -235,7 +259,9 @@ def earlier_generations(run: RunDir, job: Job) -> list[str]:
 def run_rows(manifest: dict[str, Any], job: Job, ooc_ratio: float, seed: int) -> int | None:
     """Samples a run's reader yields, from this stage's manifest; None where the manifest does
     not say (an expert under another ``train.ooc_ratio`` than the manifest's): count instead."""
-    if job.kind in ("seed", "dense"):
+    if job.kind == "onestep":      # its clustering is not training_data's: count
+        return None
+    if job.kind in ALL_DATA and job.kind != "random-split":
         return int(manifest["rows_out"])
     if job.kind == "expert" and manifest["stats"].get("ooc") != {"ratio": ooc_ratio, "seed": seed}:
         return None

@@ -115,13 +115,15 @@ def seeded(ray_local, tiny_world, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(seeded, tmp_path_factory):
-    """The seeded run with every expert and both baselines trained (jobs/train_experts.py)."""
+    """The seeded run with every expert and a run of every baseline kind trained
+    (jobs/train_experts.py; tests.tiny.BASELINES)."""
     from jobs import train_experts
-    from tests.tiny import copy_run
+    from tests.tiny import BASELINES, copy_run
 
     run = copy_run(seeded, tmp_path_factory.mktemp("trained") / "run")
-    # Three at once: dense (the longest) starts first, next to expert-0 and expert-1.
-    assert train_experts.main(["--run-dir", run.uri, "--set", "train.max_concurrent=3",
+    # Three at once: dense-matched (the longest) starts first, next to expert-0 and expert-1.
+    assert train_experts.main(["--run-dir", run.uri, "--baselines", ",".join(BASELINES),
+                               "--set", "train.max_concurrent=3",
                                "--set", "train.cpus_per_worker=0.3"]) == 0
     return Path(run.uri)
 

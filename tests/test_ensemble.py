@@ -88,6 +88,8 @@ def test_report_methods_are_data_that_label_what_they_compute():
             assert params["mode"] == "top_k" and params["k"] == int(k.group(1)), label
         if label == "uniform":
             assert params == {"mode": "uniform"}
-        w = routing_weights(classes, CENTRES, F2E, 3, **params)
+        assert ("coarse centres" in label) == (params.get("centres") == "coarse"), label
+        assert ("paper's formula" in label) == (params.get("variant") == "paper"), label
+        w = routing_weights(classes, CENTRES, F2E, 3, **{k: v for k, v in params.items() if k != "centres"})
         assert math.isclose(w.sum(), 1.0)
     assert DEFAULT_METHOD in METHODS and METHODS[DEFAULT_METHOD] == {"temperature": 8.0}

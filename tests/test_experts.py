@@ -14,35 +14,58 @@ from jobs import train_experts as experts_job
 from pipeline import checkpoints, stages, training_data
 from pipeline.config import load_config
 from pipeline.rundir import RunDir
-from pipeline.runs import Job, parse_name, plan
+from pipeline.runs import ALL_BASELINES, Job, parse_name, plan
 from pipeline.runs import seed_job as plan_seed
-from tests.tiny import EXPERTS, TINY, copy_run, registry_of
+from tests.tiny import BASELINES, EXPERTS, TINY, copy_run, registry_of
 
 
 def test_plan_follows_the_schedule():
     cfg = load_config("demo", ["train.total_samples=1000", "train.batch_size=100",
                                "train.seed_fraction=0.5", "train.warmup_samples=100"]).train
     assert plan_seed(cfg).end_samples == 500
-    jobs = {j.name: j for j in plan(cfg, 3)}
-    assert sorted(jobs) == ["dense", "expert-0", "expert-1", "expert-2", "random-split-0",
+    # by default the experts and the paper's dense baseline, full-0
+    assert [j.name for j in plan(cfg, 3)] == ["expert-0", "expert-1", "expert-2", "full-0"]
+    jobs = {j.name: j for j in plan(cfg, 3, baselines=ALL_BASELINES)}
+    assert sorted(jobs) == ["dense-matched", "expert-0", "expert-1", "expert-2", "full-0", "full-1",
+                            "full-2", "onestep-0", "onestep-1", "onestep-2", "random-split-0",
                             "random-split-1", "random-split-2"]
-    assert jobs["expert-1"].end_samples == jobs["expert-1"].schedule_total == 1000
-    # Dense sees what the experts saw together: 500 + 3 * 500 samples.
-    assert jobs["dense"].end_samples == jobs["dense"].schedule_total == 2000
-    assert [j.name for j in plan(cfg, 3, [1], baselines=False)] == ["expert-1"]
+    # an expert, a full run, a random part and a OneStep expert each continue the seed for one
+    # expert's budget
+    for name in ("expert-1", "full-2", "random-split-0", "onestep-1"):
+        assert jobs[name].end_samples == jobs[name].schedule_total == 1000, name
+    # dense-matched sees what the experts saw together: 500 + 3 * 500 samples
+    assert jobs["dense-matched"].end_samples == jobs["dense-matched"].schedule_total == 2000
+    assert [j.name for j in plan(cfg, 3, [1], baselines=[])] == ["expert-1"]
+    assert [j.name for j in plan(cfg, 3, [], baselines=["full-1", "dense-matched", "full-0"])] == \
+        ["full-0", "full-1", "dense-matched"]
     with pytest.raises(ValueError, match="expert 3 does not exist"):
         plan(cfg, 3, [3])
+    with pytest.raises(ValueError, match="not a baseline: 'dense'"):
+        plan(cfg, 3, baselines=["dense"])
+    with pytest.raises(ValueError, match="full runs full-0..full-2"):
+        plan(cfg, 3, baselines=["full-3"])
+
+
+def test_every_run_reads_the_data_in_an_order_of_its_own():
+    jobs = [Job("seed", None, 1, 1), Job("dense-matched", None, 1, 1),
+            *(Job(kind, i, 1, 1) for kind in ("expert", "full", "random-split", "onestep") for i in range(4))]
+    orders = [job.order_seed(5) for job in jobs]
+    assert len(set(orders)) == len(jobs) and orders[0] == 5
+    assert len(set(orders) & {job.order_seed(6) for job in jobs}) == 0     # a training seed changes them all
 
 
 def test_run_names_and_kinds_are_built_and_parsed_in_one_place():
-    for job in [Job("seed", None, 1, 1), Job("expert", 2, 1, 1), Job("random-split", 0, 1, 1),
-                Job("dense", None, 1, 1)]:
+    for job in [Job("seed", None, 1, 1), Job("expert", 2, 1, 1), Job("full", 1, 1, 1),
+                Job("random-split", 0, 1, 1), Job("dense-matched", None, 1, 1)]:
         assert parse_name(job.name) == (job.kind, job.index)
         assert job.unit == f"checkpoints/{job.name}"
+        assert stages.stage_of(job.unit).name == f"checkpoints/{job.kind}"
     with pytest.raises(ValueError, match="unknown run kind 'random_split'"):
         Job("random_split", 0, 1, 1)
     with pytest.raises(ValueError, match="needs index"):
         Job("expert", None, 1, 1)
+    with pytest.raises(ValueError, match="takes no index"):
+        Job("dense-matched", 0, 1, 1)
     with pytest.raises(ValueError, match="not a run name"):
         parse_name("random-0")
 
@@ -112,22 +135,24 @@ def test_hostile_records_are_counted_at_every_stage_and_every_good_one_is_traine
 
 
 def test_each_run_reports_the_keys_it_was_fed(trained):
-    """Dense was fed every training row, each expert its own rows and its out-of-cluster share
-    (count and pipeline.keys.digest); the seed, shorter than one pass, says so."""
+    """dense-matched was fed every training row, each expert its own rows and its
+    out-of-cluster share (count and pipeline.keys.digest); the seed, shorter than one pass,
+    says so."""
     from pipeline.keys import digest
 
     cfg = load_config("demo", TINY[1::2]).train
     run = RunDir(str(trained), load_config("demo").storage)
     rows = pd.read_parquet(trained / "training_data", columns=["key"]).key
     reg = registry_of(trained)
-    assert reg["dense"]["fed"] == {"rows": len(rows), "keys_digest": digest(rows), "complete": True}
+    assert reg["dense-matched"]["fed"] == {"rows": len(rows), "keys_digest": digest(rows),
+                                           "complete": True}
     for e in range(EXPERTS):
         job = Job("expert", e, 1, 1)
         keys = training_data.rows_for(run, job, EXPERTS, cfg.ooc_ratio, cfg.data_seed,
                                       columns=["key"]).to_pandas().key
         assert reg[job.name]["fed"] == {"rows": len(keys), "keys_digest": digest(keys),
                                         "complete": True}, job.name
-    assert reg["dense"]["fed"]["keys_digest"] != reg["expert-0"]["fed"]["keys_digest"]
+    assert reg["dense-matched"]["fed"]["keys_digest"] != reg["expert-0"]["fed"]["keys_digest"]
     assert reg["seed"]["fed"]["complete"] is False
     assert reg["seed"]["fed"]["rows"] == reg["seed"]["metrics"]["samples_seen"]
 
@@ -147,13 +172,18 @@ def test_training_data_manifest_counts_what_each_run_reads(seeded):
     cfg = load_config("demo", TINY[1::2]).train
     run = RunDir(str(seeded), load_config("demo").storage)
     manifest = run.manifest("training_data")
-    for job in [plan_seed(cfg), *plan(cfg, 2)]:
+    # (OneStep's clusters are not training_data's: its runs count their rows themselves)
+    for job in [plan_seed(cfg), *plan(cfg, 2, baselines=["full", "random-split", "dense-matched"])]:
         counted = training_data.rows_for(run, job, EXPERTS, cfg.ooc_ratio, cfg.seed,
                                          columns=["key", "random_id"]).count()
         assert training_data.run_rows(manifest, job, cfg.ooc_ratio, cfg.seed) == counted, job.name
     # Counted while writing; the fallback that counts the written files (a retried write task
     # would have counted twice) gives the same numbers.
     assert training_data._count_runs(run, EXPERTS, cfg.ooc_ratio, cfg.seed) == manifest["stats"]["rows_per_run"]
+    # the random split's parts partition the rows
+    parts = [training_data.run_rows(manifest, Job("random-split", e, 1, 1), cfg.ooc_ratio, cfg.seed)
+             for e in range(EXPERTS)]
+    assert sum(parts) == manifest["rows_out"]
     # Another out-of-cluster draw than the manifest's: no number, the launcher counts instead.
     expert, part = Job("expert", 0, 1, 1), Job("random-split", 0, 1, 1)
     assert training_data.run_rows(manifest, expert, 0.1, cfg.seed) is None
@@ -165,17 +195,20 @@ def test_experts_train_concurrently_and_each_owns_its_data(trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     reg = registry_of(tmp_path / "run")
     ids = range(EXPERTS)
-    assert sorted(reg) == sorted(["dense", "seed", *(f"expert-{e}" for e in ids),
-                                  *(f"random-split-{e}" for e in ids)])
-    # Baselines: dense saw what the experts saw together; random parts have the experts' sizes.
-    assert reg["dense"]["metrics"]["samples_seen"] == 384 + EXPERTS * (768 - 384)
-    assert reg["dense"]["init_checkpoint"] == reg["seed"]["checkpoint"]
+    assert sorted(reg) == sorted(["seed", *(f"expert-{e}" for e in ids), *BASELINES])
+    # Baselines: dense-matched saw what the experts saw together, a full run one expert's
+    # budget on all the data; random parts have the experts' sizes.
+    assert reg["dense-matched"]["metrics"]["samples_seen"] == 384 + EXPERTS * (768 - 384)
+    rows_out = run.manifest("training_data")["rows_out"]
+    for name in ("full-0", "full-1", "dense-matched"):
+        assert reg[name]["init_checkpoint"] == reg["seed"]["checkpoint"]
+        assert reg[name]["samples"] == rows_out, name
+    assert reg["full-0"]["metrics"]["samples_seen"] == reg["full-1"]["metrics"]["samples_seen"] == 768
     sizes = pd.read_parquet(tmp_path / "run" / "training_data").groupby("expert_id").size()
     n = int(sizes.sum())
-    for e in ids:   # a seeded uniform split with the experts' shares: sizes within 4 sigma
+    for e in (0, 1):   # a seeded uniform split with the experts' shares: sizes within 4 sigma
         p = sizes[e] / n
         assert abs(reg[f"random-split-{e}"]["samples"] - sizes[e]) <= 4 * (n * p * (1 - p)) ** 0.5
-    assert sum(reg[f"random-split-{e}"]["samples"] for e in ids) == n
     e0, e1 = reg["expert-0"], reg["expert-1"]
     # Both ran at the same time on the 2-CPU machine, and never more than 3 runs at once.
     assert e0["wall"]["start"] < e1["wall"]["end"] and e1["wall"]["start"] < e0["wall"]["end"]
@@ -195,7 +228,8 @@ def test_experts_train_concurrently_and_each_owns_its_data(trained, tmp_path):
     cfg = load_config("demo", TINY[1::2])
     files = sorted((tmp_path / "run" / "registry").glob("*.json"))
     before = [f.read_bytes() for f in files]
-    done, failed = checkpoints.launch(cfg, run, plan(cfg.train, EXPERTS), 2, log=lambda *_: None)
+    done, failed = checkpoints.launch(cfg, run, plan(cfg.train, EXPERTS, baselines=BASELINES), 2,
+                                      log=lambda *_: None)
     assert done == [] and failed == {}
     assert sorted((tmp_path / "run" / "registry").glob("*.json")) == files
     assert [f.read_bytes() for f in files] == before
@@ -203,9 +237,9 @@ def test_experts_train_concurrently_and_each_owns_its_data(trained, tmp_path):
     # reruns exactly the experts: the seed and the baselines stay complete.
     assert stages.StageRun("checkpoints/expert-0", cfg, run).completed() is not None
     ooc = load_config("demo", [*TINY[1::2], "train.ooc_ratio=0.1", "train.log_every_steps=2"])
-    complete = {job.name for job in [plan_seed(ooc.train), *plan(ooc.train, EXPERTS)]
+    complete = {job.name for job in [plan_seed(ooc.train), *plan(ooc.train, EXPERTS, baselines=BASELINES)]
                 if stages.StageRun(job.unit, ooc, run).completed() is not None}
-    assert complete == {"seed", "dense", *(f"random-split-{e}" for e in ids)}
+    assert complete == {"seed", *BASELINES}
 
 
 @pytest.mark.reliability
@@ -245,7 +279,7 @@ def test_experts_need_a_seed(seeded, tmp_path):
 # ----------------------------------------------------------------------------- eval
 def test_evaluate_writes_the_report_with_every_row(trained, tiny_world, tmp_path, capsys):
     from jobs import evaluate as evaluate_job
-    from pipeline.eval import METHODS
+    from pipeline.eval import COARSE, METHODS, PAPER_FORMULA
 
     run = copy_run(trained, tmp_path / "run")
     tasks = [str(tiny_world / "eval" / t) for t in ("shapes", "digits")]
@@ -254,29 +288,41 @@ def test_evaluate_writes_the_report_with_every_row(trained, tiny_world, tmp_path
                               "--demo-data", str(tiny_world)]) == 0
     out = tmp_path / "run" / "eval"
     report = json.loads((out / "report.json").read_text())
-    methods = {*(f"expert-{e}" for e in range(EXPERTS)), "oracle", "uniform", "routed (T=8)", "routed (T=1)",
-               "routed top-1", "random-split", "dense", "seed", "routed (validated)"}
-    assert set(METHODS) == {"uniform", "routed (T=8)", "routed (T=1)", "routed top-1"}
+    routed = {"routed (T=8)", PAPER_FORMULA, "routed (T=1)", "routed top-1", COARSE}
+    baselines = {"dense (full-0)", "Full-2", "random-split", "dense-matched", "seed"}
+    methods = {*(f"expert-{e}" for e in range(EXPERTS)), "oracle", "uniform", "routed (validated)",
+               *routed, *baselines}
+    assert set(METHODS) == routed | {"uniform"}
     for task, n_classes in (("shapes", 8), ("digits", 10)):
         r = report["zero_shot"][task]
         assert set(r["accuracy"]) == methods and r["classes"] == n_classes
         assert r["images"] == 2 * n_classes          # tiny world: 2 images per class
         assert all(0 <= a <= 1 for a in r["accuracy"].values())
         assert r["accuracy"]["oracle"] == max(r["accuracy"][f"expert-{e}"] for e in range(EXPERTS))
-        assert set(r["weights"]) == {"routed (T=8)", "routed (T=1)", "routed top-1", "routed (validated)"}
+        assert set(r["weights"]) == routed | {"routed (validated)"}
         for w in r["weights"].values():
             assert len(w) == EXPERTS and abs(sum(w) - 1) < 1e-9
         assert max(r["weights"]["routed (T=1)"]) >= max(r["weights"]["routed (T=8)"])  # sharper
         assert sorted(r["weights"]["routed top-1"]) == [0.0] * (EXPERTS - 1) + [1.0]
-    # the cost table: what each run reserved, and MoDE's total against dense's
+    # the cost table: what each run reserved, and the totals of MoDE and of each baseline
     cost = report["cost"]
     experts = [f"expert-{e}" for e in range(EXPERTS)]
-    assert {"seed", "dense", *experts, "MoDE (seed + experts)", "dense (seed + dense)"} <= set(cost)
+    assert {"seed", *BASELINES, *experts, "MoDE (seed + experts)", "dense (seed + full-0)",
+            "Full-n (seed + full runs)", "dense-matched (seed + dense-matched)"} <= set(cost)
     mode = cost["MoDE (seed + experts)"]
     assert mode["cpu_hours"] == pytest.approx(sum(cost[n]["cpu_hours"] for n in ["seed", *experts]))
-    assert mode["samples"] == cost["dense (seed + dense)"]["samples"] == 384 + EXPERTS * 384
+    assert mode["samples"] == cost["dense-matched (seed + dense-matched)"]["samples"] == 384 + EXPERTS * 384
     assert all(c["cpu_hours"] > 0 and c["gpu_hours"] == 0 for c in cost.values())
     assert "## Training cost" in (out / "report.md").read_text()
+    # every row's training cost in samples, the seed's included, and over the paper's dense
+    # baseline (seed 384 + one expert's 384): MoDE-4 at 2.5x, as (f + 4 (1 - f)) with f = 1/2
+    per_method = report["method_cost"]
+    assert set(per_method) == methods
+    expected = {"routed (T=8)": 5 * 384, "oracle": 5 * 384, "dense (full-0)": 2 * 384,
+                "Full-2": 3 * 384, "random-split": 3 * 384, "dense-matched": 5 * 384,
+                "seed": 384, "expert-2": 2 * 384}
+    for method, samples in expected.items():
+        assert per_method[method] == {"samples": samples, "vs_dense": samples / 768}, method
     retrieval = report["retrieval"]
     assert methods <= set(retrieval)
     assert all(0 <= v <= 1 for m in retrieval.values() for k, v in m.items() if k != "expert")
@@ -284,7 +330,8 @@ def test_evaluate_writes_the_report_with_every_row(trained, tiny_world, tmp_path
     confusion = pd.DataFrame(report["confusion"])
     assert confusion.to_numpy().sum() == len(pd.read_parquet(tmp_path / "run" / "assignments"))
     md = (out / "report.md").read_text()
-    assert "| routed (T=8) |" in md and "| dense |" in md and "Retrieval" in md
+    assert "| routed (T=8) |" in md and "| dense (full-0) |" in md and "Retrieval" in md
+    assert "| x dense |" in md.splitlines()[4] and "| 1920 | 2.50 |" in md
     for png in ("accuracy.png", "routing.png", "sizes.png", "curves.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "| random-split |" in capsys.readouterr().out
@@ -386,3 +433,51 @@ def test_a_long_history_is_thinned_to_a_curve_that_keeps_its_ends():
     assert len(out) == checkpoints.HISTORY_POINTS and out[0] == lines[0] and out[-1] == lines[-1]
     assert [line["step"] for line in out] == sorted({line["step"] for line in out})
     assert checkpoints.thin(lines[:10], 500) == lines[:10]
+
+
+def test_onestep_fits_m_centres_on_the_embeddings_and_its_experts_get_a_routed_row(trained, tiny_world,
+                                                                                  tmp_path):
+    """The OneStep ablation: the ``onestep`` stage fits ``cluster.num_experts`` balanced centres
+    on the embeddings directly and assigns every row to one; an ensemble whose registry holds
+    ``onestep-<e>`` runs reports a ``OneStep-m`` row, routed by those centres, with its cost
+    (the seed and its m runs). Its runs here borrow the experts' checkpoints: the row's plumbing
+    is under test, not OneStep's accuracy."""
+    import numpy as np
+
+    from pipeline import eval as evaluation
+    from pipeline import kmeans, onestep, registry
+    from pipeline.ensemble import MoDEEnsemble
+
+    run = copy_run(trained, tmp_path / "run")
+    cfg = load_config("demo", TINY[1::2])
+    stages.run_stage("onestep", cfg, run, log=lambda *_: None)
+    m = run.manifest("onestep")
+    embedded = run.manifest("embeddings")["rows_out"]
+    assert m["rows_in"] == m["rows_out"] == embedded
+    sizes = [m["stats"]["rows_per_expert"][str(e)] for e in range(EXPERTS)]
+    cap = kmeans.capacities(embedded, EXPERTS, slack=cfg.cluster.capacity_slack).max()
+    assert sum(sizes) == embedded and max(sizes) <= cap           # balanced: no centre over its cap
+    centres = onestep.centroids(run)
+    assert centres.shape == (EXPERTS, 384)
+    keys = [onestep.keys(run, e) for e in range(EXPERTS)]
+    assert sorted(k for part in keys for k in part) == sorted(pd.read_parquet(tmp_path / "run" / "embeddings").key)
+    # a OneStep expert trains on its cluster and the experts' small out-of-cluster share
+    read = training_data.rows_for(run, Job("onestep", 1, 1, 1), EXPERTS, cfg.train.ooc_ratio,
+                                  cfg.train.data_seed, columns=["key"], cluster_keys=keys[1])
+    got = set(read.to_pandas().key)
+    assert set(keys[1]) <= got and len(got) <= len(keys[1]) + 0.1 * (embedded - len(keys[1]))
+    # a rerun with the same config is skipped: the same manifest, written once
+    assert stages.run_stage("onestep", cfg, run, log=lambda *_: None) == m
+    entries = registry.finished(run)
+    for e in range(EXPERTS):
+        registry.put(run, {**entries[f"expert-{e}"], "name": f"onestep-{e}", "kind": "onestep"})
+    ens = MoDEEnsemble(run.uri)
+    assert ens.onestep_runs == [f"onestep-{e}" for e in range(EXPERTS)]
+    task = evaluation.read_task(str(tiny_world / "eval" / "shapes"), cfg.storage)
+    result = evaluation.zero_shot_task(ens, task)
+    assert 0 <= result["accuracy"][f"OneStep-{EXPERTS}"] <= 1
+    w = ens.weights(task.classnames, task.templates, centres="onestep", temperature=8.0)
+    assert w.shape == (EXPERTS,) and np.isclose(w.sum(), 1.0)
+    rows = {**evaluation.baseline_rows(ens), **evaluation.onestep_rows(ens)}
+    cost = evaluation.method_samples(ens.registry, list(result["accuracy"]), rows)
+    assert cost[f"OneStep-{EXPERTS}"]["samples"] == 384 + EXPERTS * 384

@@ -10,7 +10,7 @@ in no artifact or job log.
 
 `make test` trains the experts in one plain job. The faults are `make test-reliability`'s (marker
 ``reliability``): there the experts lose a worker node mid-run, and a `train_experts` job is
-stopped and submitted again; the report then holds the dense run too.
+stopped and submitted again; the report then holds the dense-matched run too.
 """
 
 from __future__ import annotations
@@ -214,21 +214,22 @@ def test_two_experts_at_once_finish_after_losing_a_worker_node(cluster, seeded):
 
 @pytest.mark.reliability
 def test_a_stopped_train_experts_job_resumes_when_submitted_again(cluster, seeded):
-    """`ray job stop` mid-dense, then the same job again: the finished experts are skipped, the
-    dense run resumes from its latest checkpoint and ends where it was planned to."""
+    """`ray job stop` mid-dense-matched, then the same job again: the finished experts are
+    skipped, the dense-matched run resumes from its latest checkpoint and ends where it was
+    planned to."""
     if not _registered(cluster, "expert-1"):    # run alone: the experts first, undisturbed
         assert cluster.submit("mn-experts-plain", "train_experts", "--experts", "0,1") == "SUCCEEDED"
-    cluster.submit("mn-dense-1", "train_experts", "--baselines", "dense", wait=False)
-    _wait_for_a_checkpoint(cluster, "mn-dense-1", "mn/run/checkpoints/dense/")
+    cluster.submit("mn-dense-1", "train_experts", "--baselines", "dense-matched", wait=False)
+    _wait_for_a_checkpoint(cluster, "mn-dense-1", "mn/run/checkpoints/dense-matched/")
     cluster.ray("job", "stop", "mn-dense-1", check=True)
     assert cluster.wait("mn-dense-1") == "STOPPED"
-    assert cluster.submit("mn-dense-2", "train_experts", "--baselines", "dense") == "SUCCEEDED", \
+    assert cluster.submit("mn-dense-2", "train_experts", "--baselines", "dense-matched") == "SUCCEEDED", \
         cluster.logs["mn-dense-2"]
     log = cluster.logs["mn-dense-2"]
     assert "[expert-0] complete for this config: skipped" in log
     assert "[expert-1] complete for this config: skipped" in log
-    assert "[dense] resumed from its latest checkpoint" in log
-    dense, seed = (_json(cluster, f"mn/run/registry/{n}.json") for n in ("dense", "seed"))
+    assert "[dense-matched] resumed from its latest checkpoint" in log
+    dense, seed = (_json(cluster, f"mn/run/registry/{n}.json") for n in ("dense-matched", "seed"))
     assert dense["metrics"]["start_step"] > seed["metrics"]["step"]
     assert dense["metrics"]["samples_seen"] == SEED_SAMPLES + 2 * (T - SEED_SAMPLES)  # + m shares
 
@@ -251,7 +252,7 @@ def test_the_cluster_run_ends_in_a_report_and_holds_no_credential(cluster, seede
     assert cluster.submit("mn-eval", "evaluate", "--verbose") == "SUCCEEDED", cluster.logs["mn-eval"]
     written = _objects(cluster, "mn/run/")
     report = json.loads(written["mn/run/eval/report.json"])
-    dense = {"dense"} if _registered(cluster, "dense") else set()   # make test-reliability's
+    dense = {"dense-matched"} if _registered(cluster, "dense-matched") else set()   # test-reliability's
     assert set(report["runs"]) == {"seed", "expert-0", "expert-1", *dense}
     assert "Training cost" in written["mn/run/eval/report.md"].decode()
     for key, blob in written.items():

@@ -324,25 +324,26 @@ def runs(ray_local, tiny_world, tmp_path_factory, s3_endpoint):
 
 def test_decoding_in_the_worker_gives_the_tasks_inputs(ray_local, tiny_world):
     """train.decode_in_worker moves the decode from Ray Data tasks into the Train worker: the
-    same rows give the same tensors. Matched by key (``key_hash``): Ray Data's map tasks may
-    hand their blocks on in the order they finish."""
+    same rows give the same tensors, and carry their expert_id along. Matched by key
+    (``key_hash``): Ray Data's map tasks may hand their blocks on in the order they finish."""
     from pipeline.ingest import good_rows, read_samples
     from pipeline.train import model_inputs
     from pipeline.train_loop import _streamed_batches
 
     rows = good_rows(read_samples(str(tiny_world / "train"), DataConfig(), StorageConfig(),
-                                  decode_images=False)).limit(100).materialize()
+                                  decode_images=False)).limit(100) \
+        .add_column("expert_id", lambda df: df["key"].map(len).astype("int64") % 4).materialize()
     cfg = dataclasses.replace(CFG, shuffle_buffer=0)
     both = []
     for in_worker in (False, True):
         shard = rows if in_worker else model_inputs(rows, cfg.model, cfg.augment)
         batches = list(_streamed_batches(shard, dataclasses.replace(cfg, decode_in_worker=in_worker),
-                                         BATCH, torch.device("cpu"), 0))
-        got = {k: torch.cat([b[k] for b in batches]) for k in ("image", "text", "key_hash")}
+                                         BATCH, torch.device("cpu"), 0, cfg.seed))
+        got = {k: torch.cat([b[k] for b in batches]) for k in ("image", "text", "key_hash", "expert_id")}
         by_key = torch.argsort(got["key_hash"])
         both.append({k: v[by_key] for k, v in got.items()})
     assert len(both[0]["text"]) == 100     # cache_inputs: the partial last batch comes too
-    for k in ("key_hash", "image", "text"):
+    for k in ("key_hash", "image", "text", "expert_id"):
         assert both[0][k].dtype == both[1][k].dtype and torch.equal(both[0][k], both[1][k])
 
 
@@ -531,6 +532,7 @@ def test_cached_inputs_hold_every_row(runs):
     # every good row, the last partial batch too, and training went on past the first epoch
     assert r.cached_rows == runs["n_rows"]
     assert r.steps_run * BATCH > runs["n_rows"]
+    assert r.first_batches is None      # ingest's rows carry no expert_id: no mix to record
 
 
 def test_loss_falls(runs):
@@ -600,10 +602,13 @@ def test_curves_plot_every_run_with_a_history(runs):
     png = plot({"seed": seed, "expert-0": expert})
     assert png.startswith(b"\x89PNG")
     # a run without a history adds nothing; one with a history changes the figure
-    assert plot({"seed": seed, "expert-0": expert, "dense": {"kind": "dense"}}) == png
+    assert plot({"seed": seed, "expert-0": expert, "dense-matched": {"kind": "dense-matched"}}) == png
     assert plot({"seed": seed}) != png
+    # every kind has its place and line
+    assert plot({"seed": seed, "full-1": {"kind": "full", "history": runs["expert"].history}}) != \
+        plot({"seed": seed})
     with pytest.raises(ValueError, match="no run has a training history"):
-        plot({"dense": {"kind": "dense", "history": []}})
+        plot({"dense-matched": {"kind": "dense-matched", "history": []}})
 
 
 # ----------------------------------------------------------------------------- start-up cost

@@ -21,6 +21,12 @@ TINY = ["--set", "cluster.fine_k=8", "--set", f"cluster.num_experts={EXPERTS}", 
         "--set", "embed.batch_size=32"]
 
 
+# The baselines the ``trained`` fixture trains: one run of every kind, and two full runs so that
+# the report's Full-n row exists (two random parts stand for the split: its parts' sizes are
+# checked from the training_data manifest, without training them all).
+BASELINES = ["full-0", "full-1", "random-split-0", "random-split-1", "dense-matched"]
+
+
 def copy_run(src: Path, dst: Path) -> RunDir:
     shutil.copytree(src, dst)
     return RunDir(str(dst), load_config("demo").storage)
