@@ -14,12 +14,13 @@ from pipeline.runs import parse_name
 
 # Drawing order and line per kind: the seed under everything, thick; an expert, the full run
 # and the random part of the same index share a colour (one expert's budget each).
-ORDER = {"seed": 0, "expert": 1, "full": 2, "random-split": 3, "dense-matched": 4}
+ORDER = {"seed": 0, "expert": 1, "full": 2, "random-split": 3, "dense-matched": 4, "onestep": 5}
 STYLE = {"seed": {"color": "black", "linewidth": 2.5, "linestyle": "-"},
          "expert": {"linewidth": 1.0, "linestyle": "-"},
          "full": {"linewidth": 1.5, "linestyle": "-."},
          "random-split": {"linewidth": 1.0, "linestyle": "--"},
-         "dense-matched": {"color": "grey", "linewidth": 1.5, "linestyle": ":"}}
+         "dense-matched": {"color": "grey", "linewidth": 1.5, "linestyle": ":"},
+         "onestep": {"linewidth": 1.0, "linestyle": ":"}}
 
 
 def plot(entries: dict[str, dict[str, Any]]) -> bytes:

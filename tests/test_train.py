@@ -605,6 +605,9 @@ def test_curves_plot_every_run_with_a_history(runs):
     assert plot({"seed": seed, "expert-0": expert, "dense-matched": {"kind": "dense-matched"}}) == png
     assert plot({"seed": seed}) != png
     # every kind has its place and line
+    from pipeline.curves import ORDER, STYLE
+    from pipeline.runs import KINDS
+    assert set(ORDER) == set(STYLE) == set(KINDS)
     assert plot({"seed": seed, "full-1": {"kind": "full", "history": runs["expert"].history}}) != \
         plot({"seed": seed})
     with pytest.raises(ValueError, match="no run has a training history"):
