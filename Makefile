@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1
 CHAOS_RUNS ?= 5
 CHAOS_EVERY ?= 45
 
-.PHONY: venv demo experiment test test-cluster test-reliability lint bench chaos clean
+.PHONY: venv demo experiment experiment-composite test test-fast test-cluster test-reliability lint bench chaos clean
 
 $(STAMP): requirements.txt requirements-test.txt constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,19 +34,24 @@ venv: $(STAMP)
 demo: venv  ## the whole pipeline on a generated world, local Ray, CPU, offline
 	$(BIN)/python jobs/demo.py --out $(DEMO_OUT)
 
-experiment: venv  ## the paper's comparison over 3 training seeds, on the demo world and on its composite variant: data stages (skipped where complete), every run in one queue, error bars (docs/experiment.md)
+experiment: venv  ## the paper's comparison over 3 training seeds on the demo world: data stages (skipped where complete), every run in one queue, error bars (docs/experiment.md)
 	$(BIN)/python jobs/demo.py --out $(DEMO_OUT) --skip-training
 	$(BIN)/python jobs/experiment.py --run-dir $(DEMO_OUT)/run --seeds $(SEEDS)
+
+experiment-composite: venv  ## the same on the composite world (images of two concepts, captions naming one); a target of its own: both worlds take over an hour on 2 cores
 	$(BIN)/python jobs/demo.py --out $(COMPOSITE_OUT) --skip-training --set demo.composite=true
 	$(BIN)/python jobs/experiment.py --run-dir $(COMPOSITE_OUT)/run --seeds $(SEEDS)
 
 test: venv  ## the test suite, the 3-node cluster test first; all but the autoscaling test and the fault tests (`make test-cluster`, `make test-reliability`)
 	$(BIN)/python -m pytest tests -m "not cluster and not reliability"
 
+test-fast: venv  ## every test that trains no model (no Ray Train run, no trained fixture): a few minutes
+	$(BIN)/python -m pytest tests -m "not trains and not cluster and not reliability"
+
 test-cluster: venv  ## autoscaling from zero on Ray's fake multi-node provider (3-4 min); `pytest -m multinode` adds the 3-node test
 	$(BIN)/python -m pytest tests -m cluster
 
-test-reliability: venv  ## the faults: bad input through every stage, a job killed in each data stage, a killed add_experts job, a failing expert, the 3-node run losing a node and a stopped job (README, "Reliability")
+test-reliability: venv  ## the faults: bad input through every stage, a job killed in each data stage, a killed add_experts job, a failing expert, the 3-node run losing a node and a stopped job (docs/reliability.md)
 	$(BIN)/python -m pytest tests -m reliability
 
 lint: venv

@@ -1,7 +1,7 @@
-"""Issue 3 benchmark: throughput of the Ray Data embed stage against the bare encoder.
+"""Throughput of the Ray Data embed stage against the bare encoder.
 
 The same distinct generated captions go through ``CaptionEncoder.encode`` in this process (the
-bare encoder, model loaded and warmed up) and through ``pipeline.embeddings.embed_dataset`` on a
+bare encoder, model loaded and warmed up) and through ``pipeline.data.embeddings.embed_dataset`` on a
 private local Ray, with the same model and batch size and the same torch thread count on both
 sides: Ray gives an actor with ``num_cpus_per_actor = t`` OMP_NUM_THREADS = t (a task with the
 same CPUs reports what torch sees), and the driver calls ``torch.set_num_threads(t)``.
@@ -29,10 +29,10 @@ import ray
 import ray.data
 from benchlib import print_table, tree_cpu_seconds
 
-from pipeline.config import EmbedConfig
-from pipeline.embeddings import embed_dataset
-from pipeline.encoders import CaptionEncoder
-from pipeline.tables import embedding_matrix
+from pipeline.core.config import EmbedConfig
+from pipeline.core.tables import embedding_matrix
+from pipeline.data.embeddings import embed_dataset
+from pipeline.data.encoders import CaptionEncoder
 
 N = int(os.environ.get("BENCH_EMBED_N", 16_384))
 BATCH = int(os.environ.get("BENCH_EMBED_BATCH", 256))

@@ -1,4 +1,4 @@
-"""Issue 5 benchmark: ensemble inference throughput, every expert versus ``top_k=1``.
+"""Ensemble inference throughput, every expert versus ``top_k=1``.
 
 ``MoDEEnsemble.zero_shot`` classifies the same images (batches of BATCH) for one task with the
 routed weights of all experts, then with only the top expert (``mode="top_k", k=1``: the
@@ -23,10 +23,10 @@ import numpy as np
 from benchlib import print_table
 from PIL import Image
 
-from pipeline import registry
-from pipeline.config import load_config
-from pipeline.demo_world import DOMAINS, render
-from pipeline.rundir import RunDir, StageOutput
+from pipeline.core import registry
+from pipeline.core.config import load_config
+from pipeline.core.rundir import RunDir, StageOutput
+from pipeline.data.demo_world import DOMAINS, render
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = os.environ.get("BENCH_ENSEMBLE_RUN", str(ROOT / "demo_out" / "run"))
@@ -42,8 +42,8 @@ def synthetic_run(root: str) -> str:
     """A run directory with random-weight experts: config, clusters, checkpoints, registry."""
     import torch
 
-    from pipeline.checkpoint_io import CHECKPOINT_FILE
-    from pipeline.model import create
+    from pipeline.training.checkpoint_io import CHECKPOINT_FILE
+    from pipeline.training.model import create
 
     cfg = load_config("demo")
     run = RunDir(root, cfg.storage)
@@ -75,7 +75,7 @@ def synthetic_run(root: str) -> str:
 def main() -> int:
     import torch
 
-    from pipeline.ensemble import MoDEEnsemble
+    from pipeline.evaluation.ensemble import MoDEEnsemble
 
     torch.set_num_threads(THREADS)
     wall = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Issue 3 benchmark: our k-means (pipeline.kmeans + kmeans_ray.fit) against faiss.Kmeans.
+"""Our k-means (pipeline.clustering.kmeans + kmeans_ray.fit) against faiss.Kmeans.
 
 Synthetic unit-norm embeddings with skewed topic sizes. Both fits get the same rows (a seeded
 sample of ``SAMPLE_PER_CENTRE * K`` rows, faiss's default sample size, drawn here so faiss does
@@ -26,8 +26,8 @@ import numpy as np
 import ray
 from benchlib import print_table, tree_cpu_seconds
 
-from pipeline import kmeans, kmeans_ray
-from pipeline.config import ClusterConfig
+from pipeline.clustering import kmeans, kmeans_ray
+from pipeline.core.config import ClusterConfig
 
 N = int(os.environ.get("BENCH_N", 1_000_000))
 D = int(os.environ.get("BENCH_D", 384))

@@ -1,4 +1,4 @@
-"""Issue 13 benchmark: how well novelty (pipeline/growth.py) finds a new domain, side by side
+"""How well novelty (pipeline/grow/growth.py) finds a new domain, side by side
 with the reference rule it replaced (per-centre thresholds from the balanced assignment's own
 distances, read from ``assignments/``).
 
@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 from benchlib import print_table
 
-from pipeline import stages
-from pipeline.config import DemoConfig, load_config
-from pipeline.demo_world import DOMAIN_SHARES, generate, generate_web
-from pipeline.raycluster import init_ray
-from pipeline.rundir import RunDir
+from pipeline.core import stages
+from pipeline.core.config import DemoConfig, load_config
+from pipeline.core.raycluster import init_ray
+from pipeline.core.rundir import RunDir
+from pipeline.data.demo_world import DOMAIN_SHARES, generate, generate_web
 
 SAMPLES = int(os.environ.get("BENCH_NOVELTY_SAMPLES", 3000))
 K = int(os.environ.get("BENCH_NOVELTY_K", 32))

@@ -1,8 +1,8 @@
-"""Issue 16 benchmark (item 5): memory at scale. N synthetic captions through the embeddings,
+"""Memory at scale. N synthetic captions through the embeddings,
 clusters (K = 1,024) and assignments stages, at N/2 and at N, each size in a process of its own
 with its own local Ray; the peak memory of the driver and of every Ray process, against N.
 
-What runs is the stages themselves (``pipeline.stages.run_stage``: manifests, counters, Ray Data,
+What runs is the stages themselves (``pipeline.core.stages.run_stage``: manifests, counters, Ray Data,
 the distributed k-means), on the demo preset with the clustering of the library defaults (fit on
 a sample of 256 rows per centre, one restart) and a tiny encoder (``open_clip:mode-tiny``, random
 weights: 64-d; the memory of the stream does not depend on the weights). Only the shards are
@@ -31,7 +31,7 @@ BENCH_SOAK_OBJECT_STORE_MB (1,024: the object store each size's Ray gets).
 of its own without Ray, in the embed stage's calls (embed.rows_per_call rows each): the
 process's RSS after loading the model, at the end, and with the caption cache emptied and
 glibc's ``malloc_trim``; the cache's and the tokenizer's word cache's sizes. It splits the
-embedding actor's memory into the encoder's and the Ray actor's around it (docs/memory.md).
+embedding actor's memory into the encoder's and the Ray actor's around it (docs/benchmarks.md, "Memory at scale").
 """
 
 from __future__ import annotations
@@ -152,9 +152,9 @@ def one_size(n: int, out: Path) -> dict:
     import ray
     from ray.data import DataContext
 
-    from pipeline.config import load_config
-    from pipeline.rundir import RunDir, StageOutput
-    from pipeline.stages import StageRun, run_stage
+    from pipeline.core.config import load_config
+    from pipeline.core.rundir import RunDir, StageOutput
+    from pipeline.core.stages import StageRun, run_stage
 
     sampler = Sampler()
     sampler.start()
@@ -218,8 +218,8 @@ def encoder_only(n: int) -> dict:
 
     import numpy as np
 
-    from pipeline.config import load_config
-    from pipeline.encoders import CaptionEncoder, release_free_memory
+    from pipeline.core.config import load_config
+    from pipeline.data.encoders import CaptionEncoder, release_free_memory
 
     cfg = load_config("demo", OVERRIDES).embed
     encoder = CaptionEncoder(cfg.model, batch_size=cfg.batch_size, cache_size=cfg.cache_size)

@@ -1,4 +1,4 @@
-"""Issue 4 benchmark: training throughput of the Ray trainer against a bare open_clip loop.
+"""Training throughput of the Ray trainer against a bare open_clip loop.
 
 Both sides train the same model (``mode-tiny``, seeded the same), with the same optimizer
 (``make_optimizer``), schedule (``lr_at``), loss (open_clip's ``ClipLoss``), global batch, torch
@@ -13,7 +13,7 @@ thread count and data: generated demo pairs held in memory. Two measures:
   inline before each step in its one process; the Ray trainer runs it in Ray Data
   ``map_batches`` tasks next to the Train worker, as ``train`` does for large data.
 
-The Ray side is ``pipeline.train.train`` itself with the demo preset's settings and one
+The Ray side is ``pipeline.training.train.train`` itself with the demo preset's settings and one
 worker of 0.5 CPU with a torch thread per core (local shuffle buffer), checkpointing only at the end. Both
 sides time windows of LOG steps and skip the first window (start-up, first-batch latency); the
 trainer's own window timing excludes checkpoint writes, so the only checkpoint (the final one) is
@@ -28,12 +28,12 @@ the same comparison on one GPU (both sides bf16 autocast, the trainer with ``use
 generated at BENCH_TRAIN_IMAGE pixels and resized by the model's transform) and adds the
 model's training FLOPs per sample (counted by torch's FlopCounterMode on one step), the
 achieved TFLOP/s and their share of the GPU's peak: the datasheet's dense bf16 figure and a
-bf16 matrix product measured in the same process. Its targets (issue 17): the Ray trainer at
+bf16 matrix product measured in the same process. Its targets: the Ray trainer at
 0.95x the bare loop or more, cached at 30% of the datasheet peak or more, streamed at 0.8x
 cached or more. It also times the input path both ways: PIL on the CPU against nvjpeg on the
 GPU. ``BENCH_TRAIN_COMPILE=1`` turns ``train.compile`` on for both sides; the trainer's first
 step, which carries the compilation, is printed apart and kept out of its samples/s.
-``bench/gpu_bench.sh`` is the whole GPU run as one command (docs/training_speed.md).
+``bench/gpu_bench.sh`` is the whole GPU run as one command (docs/training.md).
 
 Both sides share the trainer's input path: uint8 images (decoded and resized on the CPU),
 normalised on the device.
@@ -52,9 +52,9 @@ import ray
 import ray.data
 from benchlib import print_table
 
-from pipeline.config import StorageConfig, load_config
-from pipeline.demo_world import DOMAIN_SHARES, web_pairs
-from pipeline.rundir import RunDir
+from pipeline.core.config import StorageConfig, load_config
+from pipeline.core.rundir import RunDir
+from pipeline.data.demo_world import DOMAIN_SHARES, web_pairs
 
 ROWS = int(os.environ.get("BENCH_TRAIN_ROWS", 4_096))
 SAMPLES = int(os.environ.get("BENCH_TRAIN_SAMPLES", 25_600))
@@ -97,10 +97,10 @@ def bare_run(cfg, rows: dict[str, np.ndarray], tensors: dict[str, np.ndarray] | 
     memory)."""
     import torch
 
-    from pipeline.inputs import DeviceNormalize, Preprocess
-    from pipeline.model import create
-    from pipeline.schedule import lr_at
-    from pipeline.train_loop import _autocast, clip_loss, make_optimizer, train_step
+    from pipeline.training.inputs import DeviceNormalize, Preprocess
+    from pipeline.training.model import create
+    from pipeline.training.schedule import lr_at
+    from pipeline.training.train_loop import _autocast, clip_loss, make_optimizer, train_step
 
     torch.set_num_threads(cfg.threads_per_worker)
     torch.manual_seed(cfg.seed)
@@ -167,7 +167,7 @@ def decode_rates(rows: dict[str, np.ndarray], cfg, n: int = 512) -> list[tuple[s
     import torchvision.transforms.v2.functional as F
     from torchvision.io import decode_jpeg
 
-    from pipeline.inputs import Preprocess
+    from pipeline.training.inputs import Preprocess
 
     preprocess = Preprocess(cfg.model, cfg.augment)
     batch = {"caption": rows["caption"][:n], "image": rows["image"][:n]}
@@ -196,9 +196,9 @@ def profile_steps(cfg, tensors: dict[str, np.ndarray], path: str, steps: int = 1
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from pipeline.inputs import DeviceNormalize, Preprocess
-    from pipeline.model import create
-    from pipeline.train_loop import _autocast, clip_loss, make_optimizer, train_step
+    from pipeline.training.inputs import DeviceNormalize, Preprocess
+    from pipeline.training.model import create
+    from pipeline.training.train_loop import _autocast, clip_loss, make_optimizer, train_step
 
     device = torch.device("cuda")
     torch.manual_seed(cfg.seed)
@@ -238,7 +238,7 @@ def train_flops_per_sample(cfg) -> float:
     from open_clip.loss import ClipLoss
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.model import create
+    from pipeline.training.model import create
 
     model, _, _, tokenizer = create(cfg.model)
     model = model.cuda()
@@ -299,7 +299,7 @@ def print_gpu_share(cfg, rates: list[tuple[str, float, float]]) -> None:
 
 
 def ray_run(cfg, dataset: ray.data.Dataset, run_root: str, name: str):
-    from pipeline.train import train
+    from pipeline.training.train import train
 
     run = RunDir(run_root, StorageConfig())
     return train(name, dataset, cfg, run.stage_uri("checkpoints"), SAMPLES)
@@ -308,7 +308,7 @@ def ray_run(cfg, dataset: ray.data.Dataset, run_root: str, name: str):
 def main() -> int:
     import torch
 
-    from pipeline.inputs import Preprocess
+    from pipeline.training.inputs import Preprocess
 
     wall = time.perf_counter()
     load_before = os.getloadavg()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17's GPU benchmark as one command for a lent GPU machine (docs/training_speed.md).
+# The GPU training benchmark as one command for a lent GPU machine (docs/training.md).
 #
 #   bench/gpu_bench.sh wheels   # here, once: the packages the GPU machine lacks, as wheels in .whl/
 #   bench/gpu_bench.sh run      # there (device tool: carry .whl): install them, then bench_train

@@ -21,7 +21,8 @@ compares the ensemble before and after. See docs/growth.md.
 
 import sys
 
-from pipeline import cli, generations, registry
+from pipeline.core import cli, registry
+from pipeline.grow import generations
 
 
 def _count(text: str) -> int | str:

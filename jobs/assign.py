@@ -9,7 +9,7 @@ cluster). A rerun replaces the files; it never duplicates rows.
 
 import sys
 
-from pipeline import cli
+from pipeline.core import cli
 
 
 def main(argv=None) -> int:

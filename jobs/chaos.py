@@ -1,4 +1,4 @@
-"""Chaos: the pipeline while its Ray workers are killed (`make chaos`; README, "Reliability").
+"""Chaos: the pipeline while its Ray workers are killed (`make chaos`; docs/reliability.md).
 
     python jobs/chaos.py --out chaos_out [--runs 5] [--every 45] [--seed 0]
 
@@ -19,7 +19,7 @@ not.
 
 Each run must:
 - finish (exit 0);
-- have data stages equal to the reference's (`pipeline.compare.differences`: the same rows,
+- have data stages equal to the reference's (`pipeline.core.compare.differences`: the same rows,
   embeddings within 1e-5, clusters and assignments bit-identical when the embeddings are);
 - end every training run at exactly its planned samples.
 
@@ -41,11 +41,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pipeline import cli, demo_world, registry
-from pipeline.compare import differences
-from pipeline.config import DemoConfig, StorageConfig, load_config
-from pipeline.rundir import RunDir
-from pipeline.runs import plan, seed_job
+from pipeline.core import cli, registry
+from pipeline.core.compare import differences
+from pipeline.core.config import DemoConfig, StorageConfig, load_config
+from pipeline.core.rundir import RunDir
+from pipeline.data import demo_world
+from pipeline.training.runs import plan, seed_job
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo preset, small: 2,000 pairs, two experts, 2,048 samples per training run.
@@ -197,6 +198,11 @@ def main(argv=None) -> int:
                    help="mean seconds between kills (default 45; a training run restarts in ~40)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
     args = p.parse_args(argv)
+    # The runs use the demo preset made small (CHAOS_SET) and --set: their config, not --config's.
+    source = (f"the 'demo' preset with chaos's {' '.join(CHAOS_SET)}"
+              + (f" and --set {' '.join(args.overrides)}" if args.overrides else ""))
+    cli.show(args, load_config("demo", [*CHAOS_SET, *args.overrides]), source)
+    print(f"[config] {source}")
     out = Path(args.out).resolve()
     data = out / "data"
     if not (data / "world.json").exists():

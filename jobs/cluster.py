@@ -9,7 +9,7 @@ and clusters/_manifest.json (objective per iteration, restarts, sizes, timings).
 
 import sys
 
-from pipeline import cli
+from pipeline.core import cli
 
 
 def main(argv=None) -> int:

@@ -11,8 +11,9 @@ own clusters/ and assignments/ are not touched: the refits stay in memory.
 
 import sys
 
-from pipeline import cli, stability
-from pipeline import eval as evaluation
+from pipeline.clustering import stability
+from pipeline.core import cli
+from pipeline.evaluation import eval as evaluation
 
 
 def _seeds(text: str) -> list[int]:

@@ -17,12 +17,16 @@ import time
 
 import pandas as pd
 
-from pipeline import assignments, checkpoints, cli, demo_world, generations, registry, stages
-from pipeline import eval as evaluation
-from pipeline.console import format_seconds
-from pipeline.rundir import FOLDERS
-from pipeline.runs import plan
-from pipeline.storage import filesystem, join
+from pipeline.clustering import assignments
+from pipeline.core import cli, registry, stages
+from pipeline.core.console import format_seconds
+from pipeline.core.rundir import FOLDERS
+from pipeline.core.storage import filesystem, join
+from pipeline.data import demo_world
+from pipeline.evaluation import eval as evaluation
+from pipeline.grow import generations
+from pipeline.training import checkpoints
+from pipeline.training.runs import plan
 
 NEW = "arrows"      # the generation the demo adds: the world's held-out domain
 

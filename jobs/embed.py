@@ -10,7 +10,7 @@ embeddings/_manifest.json.
 
 import sys
 
-from pipeline import cli
+from pipeline.core import cli
 
 
 def main(argv=None) -> int:

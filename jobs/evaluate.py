@@ -14,8 +14,8 @@ prints the summary. A rerun with the same runs, tasks and config is skipped.
 
 import sys
 
-from pipeline import cli, stages
-from pipeline import eval as evaluation
+from pipeline.core import cli, stages
+from pipeline.evaluation import eval as evaluation
 
 
 def main(argv=None) -> int:

@@ -25,10 +25,13 @@ import sys
 
 import pandas as pd
 
-from pipeline import assignments, checkpoints, cli, experiment, registry, runs, stages
-from pipeline import eval as evaluation
-from pipeline.runs import ALL_BASELINES
-from pipeline.storage import filesystem
+from pipeline.clustering import assignments
+from pipeline.core import cli, registry, stages
+from pipeline.core.storage import filesystem
+from pipeline.evaluation import eval as evaluation
+from pipeline.evaluation import experiment
+from pipeline.training import checkpoints, runs
+from pipeline.training.runs import ALL_BASELINES
 
 
 def main(argv=None) -> int:

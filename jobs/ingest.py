@@ -9,7 +9,7 @@ ingest/_manifest.json; a rerun with the same config and data is skipped.
 
 import sys
 
-from pipeline import cli
+from pipeline.core import cli
 
 
 def main(argv=None) -> int:

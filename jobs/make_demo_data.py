@@ -10,7 +10,8 @@ the same shards: new data to try jobs/add_experts.py on (docs/growth.md).
 
 import sys
 
-from pipeline import cli, demo_world
+from pipeline.core import cli
+from pipeline.data import demo_world
 
 
 def main(argv=None) -> int:

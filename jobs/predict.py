@@ -11,9 +11,9 @@ import sys
 import numpy as np
 from PIL import Image
 
-from pipeline import cli
-from pipeline.ensemble import MoDEEnsemble
-from pipeline.runs import run_name
+from pipeline.core import cli
+from pipeline.evaluation.ensemble import MoDEEnsemble
+from pipeline.training.runs import run_name
 
 DEFAULT_TEMPLATES = ("a photo of a {c}.", "a {c}.", "{c}")
 
@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=0, help="run only the k heaviest experts")
     p.add_argument("--show", type=int, default=5, help="labels to print")
     args = p.parse_args(argv)
+    cfg, run = cli.load(args, write_config=False)     # it only reads the run
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     if len(labels) < 2:
         p.error("--labels needs at least two comma-separated class names")
@@ -35,7 +36,6 @@ def main(argv=None) -> int:
         image = Image.open(args.image).convert("RGB")
     except OSError as e:
         p.error(f"cannot read --image {args.image}: {e}")
-    cfg, run = cli.load(args)
     ens = MoDEEnsemble(run.uri, cfg)
     params = {"temperature": args.temperature}
     if args.top_k:

@@ -16,9 +16,10 @@ evaluating.
 
 import sys
 
-from pipeline import checkpoints, cli, registry, stages
-from pipeline import eval as evaluation
-from pipeline.runs import DEFAULT_BASELINES
+from pipeline.core import cli, registry, stages
+from pipeline.evaluation import eval as evaluation
+from pipeline.training import checkpoints
+from pipeline.training.runs import DEFAULT_BASELINES
 
 PARTS = ("ingest", "embed", "cluster", "assign", "training_data", "seed", "experts", "evaluate")
 STAGE = {"ingest": "ingest", "embed": "embeddings", "cluster": "clusters", "assign": "assignments",

@@ -17,8 +17,9 @@ the others and makes the job exit with status 1 after the rest finish.
 
 import sys
 
-from pipeline import checkpoints, cli, registry, stages
-from pipeline.runs import DEFAULT_BASELINES
+from pipeline.core import cli, registry, stages
+from pipeline.training import checkpoints
+from pipeline.training.runs import DEFAULT_BASELINES
 
 
 def _ids(text: str) -> list[int]:

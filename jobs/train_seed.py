@@ -10,7 +10,8 @@ from the latest checkpoint; a complete seed (its manifest matches the config) is
 
 import sys
 
-from pipeline import checkpoints, cli, stages
+from pipeline.core import cli, stages
+from pipeline.training import checkpoints
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# What pipeline.raycluster.init_ray does for a local Ray: one parquet footer-reading actor per
+# What pipeline.core.raycluster.init_ray does for a local Ray: one parquet footer-reading actor per
 # read instead of Ray Data's 32 (each a new process on these 2 cores), and no preemption watcher.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -18,11 +18,11 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One private local Ray for the whole session (never `ray stop`: it kills other users')."""
+    """One private local Ray for the whole test run (never `ray stop`: it kills other users')."""
     import ray
     from ray.data import DataContext
 
-    from pipeline.raycluster import LOG_MONITOR_ENV
+    from pipeline.core.raycluster import LOG_MONITOR_ENV
 
     for name, value in LOG_MONITOR_ENV.items():     # as init_ray sets them for a local Ray
         os.environ.setdefault(name, value)
@@ -53,8 +53,8 @@ def s3_endpoint():
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """A small demo world shared by the tests that only read it."""
-    from pipeline.config import DemoConfig, StorageConfig
-    from pipeline.demo_world import generate
+    from pipeline.core.config import DemoConfig, StorageConfig
+    from pipeline.data.demo_world import generate
 
     out = tmp_path_factory.mktemp("world")
     cfg = DemoConfig(samples=600, samples_per_shard=200, new_domain_samples=100,
@@ -128,9 +128,17 @@ def trained(seeded, tmp_path_factory):
     return Path(run.uri)
 
 
+# The fixtures that train models (Ray Train runs): a test that uses one trains, and is marked
+# ``trains`` so that `make test-fast` can leave it out.
+TRAINING_FIXTURES = {"seeded", "trained", "grown", "runs", "killed", "hostile_run"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """The multi-node tests first, in file order: their cluster is three more Ray nodes on the
-    same 2 cores, and it runs a third faster before the session's local Ray (``ray_local``) and
-    its idle workers exist (12 min inside the suite after it, 7.5 min alone: README,
-    "Development")."""
+    """Every test on a training fixture is marked ``trains``. The multi-node tests run first, in
+    file order: their cluster is three more Ray nodes on the same 2 cores, and it runs a third
+    faster before the test run's local Ray (``ray_local``) and its idle workers exist (12 min
+    inside the suite after it, 7.5 min alone)."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.trains)
     items.sort(key=lambda item: 0 if item.get_closest_marker("multinode") else 1)

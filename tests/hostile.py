@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.demo_world import tar_bytes
+from pipeline.data.demo_world import tar_bytes
 
 WORDS = ("red circle", "blue square", "green triangle", "yellow star", "black cross",
          "white ring", "orange bar", "purple dot")

@@ -4,10 +4,11 @@ module's imports (Ray, the jobs, pandas) would cost it about 5 s of CPU on these
 
 import os
 
-from pipeline import levels, registry
-from pipeline.config import StorageConfig
-from pipeline.rundir import RunDir
-from pipeline.runs import run_name
+from pipeline.core import registry
+from pipeline.core.config import StorageConfig
+from pipeline.core.rundir import RunDir
+from pipeline.grow import levels
+from pipeline.training.runs import run_name
 
 
 def register(uri: str, endpoint: str | None, writer: int, n: int) -> None:

@@ -2,7 +2,7 @@
 
 Every node is a `ray start --block` in a process group of its own, started by the test; stopping
 a node (or the cluster) kills that group only, never `ray stop`, which would kill every Ray
-process on the machine (README, "Testing"). Nodes start one at a time: two `ray start` at once
+process on the machine (docs/development.md). Nodes start one at a time: two `ray start` at once
 timed out on 2 cores.
 """
 

@@ -7,7 +7,7 @@ group. The head runs no task (``--num-cpus 0``); two worker types start at zero 
 
 * ``cpu``: ``{CPU: 1}``;
 * ``gpu``: ``{CPU: 1, GPU: 1, gpu_node: 1}`` (a GPU in Ray's books only: this machine has no
-  CUDA), with a custom resource naming the type, as README "Which preset fits which nodes"
+  CUDA), with a custom resource naming the type, as docs/cluster.md's "Which preset fits which nodes"
   advises for keeping work on a node type.
 
 One expert trains by ``ray job submit``. Its Ray Train worker asks for ``{CPU: 1, gpu_node: 1}``
@@ -52,8 +52,8 @@ import yaml
 from tests.raynodes import LocalCluster, free_ports, processes_naming
 from tests.tiny import copy_run, registry_of
 
-# Not in `make test` (`make test-cluster`, 3-4 min): the suite without it, the 3-node test
-# included, took 27.6 min of tests on 2 cores on 2026-12-01 (README, "Development").
+# Not in `make test` (`make test-cluster`, 3-4 min): with it the suite would not stay under 30
+# minutes with the venv on 2 cores (docs/benchmarks.md, "The suite").
 pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.cluster]
 
 REPO = Path(__file__).resolve().parents[1]

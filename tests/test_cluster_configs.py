@@ -1,6 +1,6 @@
 """The cluster configs (cluster.yaml for Ray's cluster launcher, deploy/ for KubeRay, Dockerfile)
 are checked here, since no test can start them: cluster.yaml against the launcher's own schema as
-shipped in the installed Ray, and all of them against each other (README, "Running on a cluster")."""
+shipped in the installed Ray, and all of them against each other (docs/cluster.md)."""
 
 import json
 import re
@@ -12,7 +12,7 @@ import pytest
 import ray.autoscaler
 import yaml
 
-from pipeline.config import load_config, parse_node_types
+from pipeline.core.config import load_config, parse_node_types
 
 REPO = Path(__file__).resolve().parents[1]
 PINNED_RAY = re.search(r"^ray\[[^\]]*\]==([\d.]+)", (REPO / "requirements.txt").read_text(), re.M).group(1)

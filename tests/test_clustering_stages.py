@@ -1,4 +1,4 @@
-"""Issue 3 end to end on Ray: embed -> cluster -> assign over a few thousand rows."""
+"""The clustering stages end to end on Ray: embed -> cluster -> assign over a few thousand rows."""
 
 import json
 from pathlib import Path
@@ -13,11 +13,12 @@ from jobs import assign as assign_job
 from jobs import cluster as cluster_job
 from jobs import embed as embed_job
 from jobs import ingest as ingest_job
-from pipeline import clusters, kmeans, kmeans_ray, stages
-from pipeline.config import DemoConfig, StorageConfig, load_config
-from pipeline.demo_world import generate
-from pipeline.rundir import RunDir
-from pipeline.tables import embedding_matrix, embedding_table
+from pipeline.clustering import clusters, kmeans, kmeans_ray
+from pipeline.core import stages
+from pipeline.core.config import DemoConfig, StorageConfig, load_config
+from pipeline.core.rundir import RunDir
+from pipeline.core.tables import embedding_matrix, embedding_table
+from pipeline.data.demo_world import generate
 from tests.test_ingest import plant_bad_shards
 
 
@@ -189,10 +190,10 @@ def test_sample_is_seeded_uniform_and_layout_independent():
 
 
 def test_each_demo_task_routes_to_the_expert_holding_its_domain(clustered, world):
-    """Issue 5: for every demo task, the expert with most of that domain's assigned training
+    """For every demo task, the expert with most of that domain's assigned training
     captions gets the largest routing weight (authors' routing, default constants)."""
-    from pipeline.encoders import CaptionEncoder
-    from pipeline.ensemble import class_embeddings, routing_weights
+    from pipeline.data.encoders import CaptionEncoder
+    from pipeline.evaluation.ensemble import class_embeddings, routing_weights
 
     run = RunDir(str(clustered), StorageConfig())
     c = clusters.load(run)
@@ -221,8 +222,8 @@ def test_the_same_embeddings_in_another_layout_get_the_same_assignments(ray_loca
     rerun job writes its embeddings in another layout: docs/bad_input.md)."""
     import ray.data
 
-    from pipeline.config import ClusterConfig
-    from pipeline.kmeans_ray import assign_dataset
+    from pipeline.clustering.kmeans_ray import assign_dataset
+    from pipeline.core.config import ClusterConfig
 
     rng = np.random.default_rng(0)
     keys = np.array([f"{i:09d}" for i in range(1000)], dtype=object)

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import PRESETS, ConfigError, load_config, parse_override
+from pipeline.core.config import PRESETS, ConfigError, load_config, parse_override
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

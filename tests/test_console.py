@@ -1,8 +1,8 @@
-"""What a job prints (pipeline/console.py): its own lines, readable in a file. A whole job's
+"""What a job prints (pipeline/core/console.py): its own lines, readable in a file. A whole job's
 log is checked in tests/test_multinode.py (the 3-node run's pipeline job, as `ray job logs`
 shows it)."""
 
-from pipeline import console
+from pipeline.core import console
 
 
 def test_progress_line_has_rate_and_eta():
@@ -50,7 +50,7 @@ def test_the_console_actor_outlives_each_use(ray_local):
 
 def test_a_retried_task_counts_once(ray_local):
     """Counts reported with a key (a shard, a batch's keys) replace an earlier report under the
-    same key: a task Ray retries after its worker died adds nothing twice (issue 16, item 4)."""
+    same key: a task Ray retries after its worker died adds nothing twice."""
     tally = console.Tally()
     tally.add({"rows": 5, "encoded": 4}, key="a|z|5")
     tally.add({"rows": 5, "encoded": 5}, key="a|z|5")    # the retry, on an actor with a colder cache

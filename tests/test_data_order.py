@@ -1,4 +1,4 @@
-"""The order in which the runs on all data read training_data/ (``pipeline.tables.read_mixed``):
+"""The order in which the runs on all data read training_data/ (``pipeline.core.tables.read_mixed``):
 every expert in every batch from the first on, at a size Ray Data's own read hands on one
 expert at a time; every row once, locally and on S3; and what a run records of it."""
 
@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import tables
-from pipeline.config import StorageConfig
-from pipeline.storage import filesystem, pyarrow_filesystem
+from pipeline.core import tables
+from pipeline.core.config import StorageConfig
+from pipeline.core.storage import filesystem, pyarrow_filesystem
 from tests.tiny import EXPERTS, registry_of
 
 BATCH, SHUFFLE_BUFFER, FIRST = 128, 2_048, 20   # the demo's batch and local shuffle buffer
@@ -151,7 +151,7 @@ def test_a_run_records_the_mix_of_its_first_batches(seeded):
     """The seed, trained on training_data's rows, records each of its first batches' largest
     expert share and that expert in its registry entry (and so its manifest); none is one
     expert. (A run on rows without expert_id records none: tests/test_train.py.)"""
-    from pipeline.train_loop import FIRST_BATCHES
+    from pipeline.training.train_loop import FIRST_BATCHES
 
     seed = registry_of(seeded)["seed"]
     mix = seed["first_batches"]

@@ -6,8 +6,8 @@ import tarfile
 import pandas as pd
 import pytest
 
-from pipeline.config import DemoConfig, StorageConfig
-from pipeline.demo_world import (
+from pipeline.core.config import DemoConfig, StorageConfig
+from pipeline.data.demo_world import (
     BACKGROUND_DOMAINS,
     DOMAIN_SHARES,
     DOMAINS,

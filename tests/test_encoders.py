@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.encoders import CaptionEncoder
+from pipeline.data.encoders import CaptionEncoder
 
 
 @pytest.fixture(scope="module")

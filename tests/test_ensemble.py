@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.ensemble import routing_weights
+from pipeline.evaluation.ensemble import routing_weights
 
 # Four fine centres on the axes of R^4; fine clusters 0 and 1 belong to expert 0, 2 to expert 1,
 # 3 to expert 2.
@@ -75,7 +75,7 @@ def test_report_methods_are_data_that_label_what_they_compute():
     routing_weights changing cannot mislabel a row, because every method names its own."""
     import re
 
-    from pipeline.eval import DEFAULT_METHOD, METHODS
+    from pipeline.evaluation.eval import DEFAULT_METHOD, METHODS
 
     rng = np.random.default_rng(0)
     classes = rng.standard_normal((6, 4))

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import experiment, registry
-from pipeline.ensemble import run_config
-from pipeline.rundir import RunDir
+from pipeline.core import registry
+from pipeline.core.rundir import RunDir
+from pipeline.evaluation import experiment
+from pipeline.evaluation.ensemble import run_config
 from tests.tiny import BASELINES, EXPERTS, copy_run, registry_of
 
 
@@ -51,9 +52,9 @@ def test_a_seeds_runs_wait_for_its_own_seed_model_only(tmp_path, monkeypatch):
     """The experiment's queue: every seed model first; a seed's other runs (longest first)
     start once that seed's own seed model has succeeded, whatever the other seeds do; the runs
     of a failed seed model are failed, not started."""
-    from pipeline import checkpoints
-    from pipeline.config import load_config
-    from pipeline.runs import ALL_BASELINES, plan, seed_job
+    from pipeline.core.config import load_config
+    from pipeline.training import checkpoints
+    from pipeline.training.runs import ALL_BASELINES, plan, seed_job
 
     cfg = load_config("demo")
     run = RunDir(str(tmp_path / "run"), cfg.storage)
@@ -99,8 +100,8 @@ def test_replicas_read_the_runs_data_stages_and_train_their_seeds_in_one_queue(s
     experiment's queue, and the run's own expert-0: seed 1's seed model in experiment/seed-1/ on the run's
     training data (no copy), from its own initialisation; the expert starts from its own seed's
     model once that has finished; log lines say which seed they are."""
-    from pipeline import checkpoints
-    from pipeline.runs import plan, seed_job
+    from pipeline.training import checkpoints
+    from pipeline.training.runs import plan, seed_job
 
     run = copy_run(seeded, tmp_path / "run")
     reps = experiment.replicas(run_config(run.uri), run, [1, 2])
@@ -202,8 +203,8 @@ def test_same_content_negatives_per_run_on_a_composite_world(tmp_path):
 
     import pandas as pd
 
-    from pipeline.config import DemoConfig, StorageConfig
-    from pipeline.demo_world import TRAIN_DOMAINS, generate
+    from pipeline.core.config import DemoConfig, StorageConfig
+    from pipeline.data.demo_world import TRAIN_DOMAINS, generate
 
     generate(str(tmp_path / "world"), DemoConfig(samples=600, samples_per_shard=300, new_domain_samples=20,
                                                  eval_per_class=1, composite=True), StorageConfig(),

@@ -11,11 +11,13 @@ import pandas as pd
 import pytest
 
 from jobs import train_experts as experts_job
-from pipeline import checkpoints, stages, training_data
-from pipeline.config import load_config
-from pipeline.rundir import RunDir
-from pipeline.runs import ALL_BASELINES, Job, parse_name, plan
-from pipeline.runs import seed_job as plan_seed
+from pipeline.core import stages
+from pipeline.core.config import load_config
+from pipeline.core.rundir import RunDir
+from pipeline.data import training_data
+from pipeline.training import checkpoints
+from pipeline.training.runs import ALL_BASELINES, Job, parse_name, plan
+from pipeline.training.runs import seed_job as plan_seed
 from tests.tiny import BASELINES, EXPERTS, TINY, copy_run, registry_of
 
 
@@ -99,13 +101,13 @@ def test_seed_trains_on_all_data_and_is_registered(seeded):
 @pytest.mark.reliability
 def test_hostile_records_are_counted_at_every_stage_and_every_good_one_is_trained_on(
         hostile_run, hostile_world):
-    """The bad-input matrix end to end (issue 16): a tiny run over hostile shards beside one of
+    """The bad-input matrix end to end: a tiny run over hostile shards beside one of
     the tiny world's tars (tests/hostile.py). Every planted bad record is counted under its
     reason in every stage's manifest; every good one, repaired ones included, reaches the
     embeddings, the assignments and training_data with its image, once; and the seed model,
     which trains past one pass over its data, was fed every one of them (its ``fed`` keys)."""
-    from pipeline.images import open_rgb
-    from pipeline.keys import digest
+    from pipeline.core.keys import digest
+    from pipeline.data.images import open_rgb
 
     folder, planted = hostile_world
     run = RunDir(str(hostile_run), load_config("demo").storage)
@@ -136,9 +138,9 @@ def test_hostile_records_are_counted_at_every_stage_and_every_good_one_is_traine
 
 def test_each_run_reports_the_keys_it_was_fed(trained):
     """dense-matched was fed every training row, each expert its own rows and its
-    out-of-cluster share (count and pipeline.keys.digest); the seed, shorter than one pass,
+    out-of-cluster share (count and pipeline.core.keys.digest); the seed, shorter than one pass,
     says so."""
-    from pipeline.keys import digest
+    from pipeline.core.keys import digest
 
     cfg = load_config("demo", TINY[1::2]).train
     run = RunDir(str(trained), load_config("demo").storage)
@@ -279,7 +281,7 @@ def test_experts_need_a_seed(seeded, tmp_path):
 # ----------------------------------------------------------------------------- eval
 def test_evaluate_writes_the_report_with_every_row(trained, tiny_world, tmp_path, capsys):
     from jobs import evaluate as evaluate_job
-    from pipeline.eval import COARSE, METHODS, PAPER_FORMULA
+    from pipeline.evaluation.eval import COARSE, METHODS, PAPER_FORMULA
 
     run = copy_run(trained, tmp_path / "run")
     tasks = [str(tiny_world / "eval" / t) for t in ("shapes", "digits")]
@@ -355,8 +357,8 @@ def test_the_routing_is_chosen_without_reading_a_test_label(trained, tiny_world,
     validation scores it is chosen from."""
     import numpy as np
 
-    from pipeline import eval as evaluation
-    from pipeline.ensemble import MoDEEnsemble
+    from pipeline.evaluation import eval as evaluation
+    from pipeline.evaluation.ensemble import MoDEEnsemble
 
     cfg = load_config("demo")
     ens = MoDEEnsemble(str(trained), cfg)
@@ -392,7 +394,7 @@ def _write_split(folder: Path, images, labels) -> None:
     """A clip_benchmark split of ``images`` with ``labels`` (one shard), replacing the folder's."""
     import io
 
-    from pipeline.demo_world import tar_bytes
+    from pipeline.data.demo_world import tar_bytes
 
     def members():
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
@@ -410,13 +412,14 @@ def test_predict_prints_labels_and_weights(trained, tmp_path, capsys):
     import numpy as np
 
     from jobs import predict as predict_job
-    from pipeline.demo_world import render
+    from pipeline.data.demo_world import render
 
     jpg, _, _ = render(np.random.default_rng(0), "shapes", "star", 32)
     (tmp_path / "star.jpg").write_bytes(jpg)
     assert predict_job.main(["--run-dir", str(trained), "--image", str(tmp_path / "star.jpg"),
                              "--labels", "circle,star,square", "--top-k", "1"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    config, *lines = capsys.readouterr().out.strip().splitlines()
+    assert config == f"[config] the run directory's {trained}/config.yaml"
     probs = [float(line.split("%")[0]) for line in lines[:3]]
     assert abs(sum(probs) - 100) < 0.5 and probs == sorted(probs, reverse=True)
     assert {line.split()[-1] for line in lines[:3]} == {"circle", "star", "square"}
@@ -444,9 +447,10 @@ def test_onestep_fits_m_centres_on_the_embeddings_and_its_experts_get_a_routed_r
     is under test, not OneStep's accuracy."""
     import numpy as np
 
-    from pipeline import eval as evaluation
-    from pipeline import kmeans, onestep, registry
-    from pipeline.ensemble import MoDEEnsemble
+    from pipeline.clustering import kmeans, onestep
+    from pipeline.core import registry
+    from pipeline.evaluation import eval as evaluation
+    from pipeline.evaluation.ensemble import MoDEEnsemble
 
     run = copy_run(trained, tmp_path / "run")
     cfg = load_config("demo", TINY[1::2])

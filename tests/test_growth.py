@@ -20,12 +20,14 @@ import pytest
 from jobs import add_experts as add_job
 from jobs import evaluate as evaluate_job
 from jobs import train_experts as experts_job
-from pipeline import clusters, generations, growth, levels, registry
-from pipeline import eval as evaluation
-from pipeline.config import DemoConfig, StorageConfig, load_config
-from pipeline.demo_world import DOMAIN_SHARES, generate_web
-from pipeline.rundir import RunDir
-from pipeline.runs import run_name
+from pipeline.clustering import clusters
+from pipeline.core import registry
+from pipeline.core.config import DemoConfig, StorageConfig, load_config
+from pipeline.core.rundir import RunDir
+from pipeline.data.demo_world import DOMAIN_SHARES, generate_web
+from pipeline.evaluation import eval as evaluation
+from pipeline.grow import generations, growth, levels
+from pipeline.training.runs import run_name
 from tests import races
 from tests.tiny import EXPERTS, TINY, copy_run, registry_of
 
@@ -100,7 +102,7 @@ def test_adding_an_expert_rewrites_nothing_that_was_there(grown):
     added = sorted(set(after) - set(before))
     assert added and all(p.startswith(("generations/arrows/", "registry/", "eval/")) for p in added
                          if p != "generations/_levels/000001.json")
-    # the generation's ids, claimed once (pipeline/levels.py)
+    # the generation's ids, claimed once (pipeline/grow/levels.py)
     claim = levels.claims(RunDir(str(run_dir), StorageConfig()))
     assert [(c["generation"], c["experts"]) for c in claim] == [("arrows", 1)]
 
@@ -138,7 +140,7 @@ def test_the_new_expert_owns_the_new_fine_centres_and_takes_the_arrows_task(grow
 def test_the_ensemble_leaves_out_a_generation_still_training(grown):
     """An expert not registered yet (its generation still training) is left out of the
     ensemble with its generation, rather than failing it; so are later generations."""
-    from pipeline.ensemble import MoDEEnsemble
+    from pipeline.evaluation.ensemble import MoDEEnsemble
 
     run_dir, _, _ = grown
     entry = run_dir / "registry" / f"{NEW}.json"
@@ -275,7 +277,7 @@ def test_two_processes_registering_at_once_lose_nothing(where, tmp_path, request
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_processes_numbering_generations_at_once_get_disjoint_ids(where, tmp_path, request):
-    """Two add_experts jobs may number their new levels at the same moment (pipeline/levels.py):
+    """Two add_experts jobs may number their new levels at the same moment (pipeline/grow/levels.py):
     each generation gets its own expert and fine ids, following each other with no gap."""
     run = _race(races.claim, where, "levels-race", tmp_path, request, 8)
     found = levels.claims(run)
@@ -306,7 +308,7 @@ def test_add_experts_while_train_experts_runs(seeded, tiny_world, tmp_path):
     thread = threading.Thread(target=train)
     thread.start()
     try:
-        # The session's Ray has 2 CPUs. What stays held while both jobs run: expert-0's worker
+        # The test run's local Ray has 2 CPUs. What stays held while both jobs run: expert-0's worker
         # (0.3) and the encoder actor (0.5 here); read tasks (1 CPU each, of either job) come and
         # go in what is left, 1.2 CPUs. With a 1-CPU encoder actor only 0.7 would be left and
         # the two jobs could wait on each other for ever (seen once in CI: embeddings' read task

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.config import DataConfig, StorageConfig
-from pipeline.demo_world import tar_bytes, web_pairs, write_parquet_copy
-from pipeline.ingest import read_samples
+from pipeline.core.config import DataConfig, StorageConfig
+from pipeline.data.demo_world import tar_bytes, web_pairs, write_parquet_copy
+from pipeline.data.ingest import read_samples
 
 LOCAL = StorageConfig()
 
@@ -133,9 +133,9 @@ def test_every_hostile_record_is_counted_and_every_good_one_kept(ray_local, tmp_
     """The bad-input matrix at ingest (tests/hostile.py; rules in docs/bad_input.md): each kind
     of bad record counted under its reason, each unreadable file once by name, every good row
     kept with its caption cleaned and its repairs counted; the counts add up."""
-    from pipeline import stages
-    from pipeline.config import load_config
-    from pipeline.rundir import RunDir
+    from pipeline.core import stages
+    from pipeline.core.config import load_config
+    from pipeline.core.rundir import RunDir
     from tests import hostile
 
     planted = hostile.write(tmp_path / "data", fmt)
@@ -163,7 +163,7 @@ def test_every_hostile_record_is_counted_and_every_good_one_kept(ray_local, tmp_
 
 
 def test_any_decodable_image_becomes_8_bit_rgb_and_16_bit_is_scaled_not_clipped():
-    from pipeline.images import open_rgb, verdict
+    from pipeline.data.images import open_rgb, verdict
     from tests import hostile
 
     wide = np.array([[0, 257 * 100, 65535]], np.uint16)

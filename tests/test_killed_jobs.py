@@ -1,12 +1,12 @@
-"""A job's driver killed (SIGKILL) in every data stage, then submitted again (issue 16, item 2).
+"""A job's driver killed (SIGKILL) in every data stage, then submitted again.
 
 Each job is a separate driver process, `jobs/run_pipeline.py --until training_data`, joined to
-the session's Ray. A test hook (`stages.KILL_BEFORE_MANIFEST_ENV`) makes it SIGKILL itself when
+the test run's local Ray. A test hook (`faults.KILL_BEFORE_MANIFEST_ENV`) makes it SIGKILL itself when
 a stage's outputs are all written and its manifest is not, which is the worst moment: the outputs
 look finished. Job k is killed in stage k. Because the unit before it was killed too, each job
 first completes that stage, then dies in its own. A last job finishes. The outputs must equal
 those of the uninterrupted `hostile_run` over the same shards (hostile ones among them) and config
-(`pipeline.compare.differences`): the same rows and keys, no duplicates, embeddings within 1e-5,
+(`pipeline.core.compare.differences`): the same rows and keys, no duplicates, embeddings within 1e-5,
 clusters and assignments bit-identical.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.compare import DATA_STAGES as STAGES
-from pipeline.compare import differences
-from pipeline.stages import KILL_BEFORE_MANIFEST_ENV
+from pipeline.core.compare import DATA_STAGES as STAGES
+from pipeline.core.compare import differences
+from pipeline.core.faults import KILL_BEFORE_MANIFEST_ENV
 from tests.tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline import kmeans
+from pipeline.clustering import kmeans
 
 
 def _blobs(seed=0, n=200):
@@ -108,7 +108,7 @@ def test_balanced_fit_gives_equal_sizes_on_skewed_data():
 
 @pytest.mark.parametrize("balanced,slack", [(False, 0.0), (True, 0.0), (True, 0.05)])
 def test_ray_fit_is_bit_identical_to_the_single_process_reference(ray_local, balanced, slack):
-    from pipeline import kmeans_ray
+    from pipeline.clustering import kmeans_ray
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(3000, 24)).astype(np.float32)
@@ -145,7 +145,7 @@ def test_the_coarse_level_groups_fine_centres_by_direction_not_length():
     """Two topics, each with tight (long) and diffuse (short) fine centres: on the raw centres
     k-means groups long with long and short with short, across topics; the coarse level,
     on the unit sphere, groups by topic (docs/clustering.md)."""
-    from pipeline.kmeans_ray import coarse_level
+    from pipeline.clustering.kmeans_ray import coarse_level
 
     rng = np.random.default_rng(0)
     rows, topic = [], []

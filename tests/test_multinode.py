@@ -28,7 +28,7 @@ from tests.raynodes import LocalCluster
 from tests.tiny import TINY
 
 # In `make test`, and first in it (tests/conftest.py): 7.5 min alone on 2 cores. `pytest -m
-# multinode` runs it with the autoscaling test (README, "Development").
+# multinode` runs it with the autoscaling test (docs/development.md).
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ RUN = "s3://mode/mn/run"
 DATA = "s3://mode/mn/data"
 # Two experts, one per worker node (`accel`). The workers reserve no CPU, as Ray Train's GPU
 # workers do by default: a node's CPU goes to Ray Data, half a CPU per read (and a whole one
-# for the listing of a read's files, which Ray Data always asks for: pipeline/resources.py).
+# for the listing of a read's files, which Ray Data always asks for: pipeline/training/resources.py).
 # T=2,048: 32 steps per expert, 8 checkpoints (every 4 steps), long enough to lose a node in
 # the middle. Worker groups may restart twice (train.max_failures).
 T = 2048
@@ -148,7 +148,7 @@ def seeded(cluster):
 
 
 def test_a_jobs_log_holds_its_own_lines_once_without_escape_codes(cluster, seeded):
-    """What a job prints (pipeline/console.py) as its log file has it: every stage's summary, no
+    """What a job prints (pipeline/core/console.py) as its log file has it: every stage's summary, no
     escape code, no line twice, none of Ray's own lines, and where Ray's logs are."""
     text = cluster.logs["mn-seed"]
     lines = [line for line in text.splitlines() if line.strip()]
@@ -248,7 +248,7 @@ def test_two_experts_train_at_once_one_per_node(cluster, seeded):
 
 
 def test_the_cluster_run_ends_in_a_report_and_holds_no_credential(cluster, seeded):
-    # --verbose: Ray's and the libraries' debug lines too (botocore's used to print the key id)
+    # --verbose: Ray's and the libraries' debug lines too (botocore's debug lines can print a key id)
     assert cluster.submit("mn-eval", "evaluate", "--verbose") == "SUCCEEDED", cluster.logs["mn-eval"]
     written = _objects(cluster, "mn/run/")
     report = json.loads(written["mn/run/eval/report.json"])
@@ -264,7 +264,7 @@ def test_the_cluster_run_ends_in_a_report_and_holds_no_credential(cluster, seede
     assert ing["rows_in"] == 600 and asg["rows_out"] == emb["rows_out"] == ing["rows_out"]
     assert "mn/run/assignments/_sizes.png" in written
     # the S3 keys and the Ray token every node had in its environment: in no manifest,
-    # config.yaml, registry entry, report, or any job's log (README, "Security")
+    # config.yaml, registry entry, report, or any job's log (docs/cluster.md, "Security")
     assert {"mn/run/config.yaml", "mn/run/registry/expert-1.json"} <= set(written)
     texts = [*written.values(), *(log.encode() for log in cluster.logs.values())]
     for value in [*cluster.keys.values(), cluster.env["RAY_AUTH_TOKEN"]]:

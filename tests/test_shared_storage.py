@@ -1,12 +1,12 @@
-"""A run directory and data that every node can reach (README, "Running on a cluster"): on a
+"""A run directory and data that every node can reach (docs/cluster.md, "Shared storage"): on a
 Ray cluster of several nodes, jobs refuse local paths outside storage.shared_mount before any
 work; on one machine every path is fine."""
 
 import pytest
 
 from jobs import ingest as ingest_job
-from pipeline import raycluster
-from pipeline.raycluster import unshared_paths
+from pipeline.core import raycluster
+from pipeline.core.raycluster import unshared_paths
 
 
 def test_the_policy_follows_the_node_count_and_the_shared_mount(tmp_path):

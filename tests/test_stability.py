@@ -1,8 +1,8 @@
-"""Clean-pair purity (pipeline/stability.py): the measure behind the clustering-stability table."""
+"""Clean-pair purity (pipeline/clustering/stability.py): the measure behind the clustering-stability table."""
 
 import pandas as pd
 
-from pipeline.stability import markdown, noisy_split, purity
+from pipeline.clustering.stability import markdown, noisy_split, purity
 
 
 def _world():

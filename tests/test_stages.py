@@ -1,4 +1,4 @@
-"""The stage graph (pipeline/stages.py): the table, exact rerun triggers, the config views, the
+"""The stage graph (pipeline/core/stages.py): the table, exact rerun triggers, the config views, the
 manifest contract, and a rerun that skips every stage a change does not concern."""
 
 import importlib
@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from jobs import ingest as ingest_job
-from pipeline import ingest, stages
-from pipeline.config import (
+from pipeline.core import stages
+from pipeline.core.config import (
     REMOVED_FIELDS,
     Config,
     RemovedFieldWarning,
@@ -20,7 +20,8 @@ from pipeline.config import (
     field_names,
     load_config,
 )
-from pipeline.rundir import CountMismatch, RunDir, StageOutput
+from pipeline.core.rundir import CountMismatch, RunDir, StageOutput
+from pipeline.data import ingest
 from tests.test_ingest import plant_bad_shards
 
 EXTERNAL = {"ingest": {"data": "s3://bucket/shards"},
@@ -29,14 +30,19 @@ EXTERNAL = {"ingest": {"data": "s3://bucket/shards"},
 
 # ----------------------------------------------------------------------------- the table
 def test_every_stage_has_its_module_folder_job_and_known_fields():
+    """A stage's name is its run-directory folder and its module's name; its row holds its run
+    function itself (the training runs' rows: the launcher, pipeline.training.checkpoints)."""
     names = set(field_names())
     for name, stage in stages.STAGES.items():
         folder = name.split("/", 1)[0]
-        assert stage.module == f"pipeline.{folder}"
+        package, module_name = stage.module.rsplit(".", 1)
+        assert module_name == folder and package.split(".")[1] in stages.PACKAGES, name
         module = importlib.import_module(stage.module)
         if "/" not in name:
-            assert callable(stage.function()), name
-        assert module.__file__.endswith(f"pipeline/{folder}.py")
+            assert stage.run is module.run, name
+        else:
+            assert stage.run is None and stage.module == stages.LAUNCHER, name
+        assert module.__file__.endswith(f"{stage.module.replace('.', '/')}.py")
         assert set(stage.fields) <= names and set(stage.knobs) <= names, name
         assert not set(stage.fields) & set(stage.knobs), name
         for read in stage.reads:
@@ -48,7 +54,9 @@ def test_generation_stages_read_their_own_units_or_the_runs_and_have_code():
     names = set(field_names())
     for name, stage in stages.GENERATION_STAGES.items():
         if "/" not in name:
-            assert callable(stage.function()), name
+            shared = stages.STAGES.get(name)           # a data stage reused as it is, or growth's own
+            expected = shared.module if shared and shared.run is stage.run else "pipeline.grow.growth"
+            assert callable(stage.run) and stage.module == expected, name
         assert set(stage.fields) <= names and set(stage.knobs) <= names, name
         for read in stage.reads:
             local = read.removeprefix("{gen}")
@@ -127,7 +135,7 @@ def test_a_stage_reads_only_what_it_declares():
     view = stages.view(load_config("demo"), "assignments")
     assert view.cluster.block_rows == 262_144 and view.cluster.rows_per_file > 0
     assert view.storage.s3_endpoint_url is None           # where data lives: always readable
-    with pytest.raises(UndeclaredField, match=r"assignments reads cluster\.fine_k.*pipeline/stages\.py"):
+    with pytest.raises(UndeclaredField, match=r"assignments reads cluster\.fine_k.*pipeline/core/stages\.py"):
         _ = view.cluster.fine_k
     with pytest.raises(UndeclaredField, match=r"train\.lr"):
         _ = view.train.lr

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint_io import list_checkpoints, load_model, read_checkpoint
-from pipeline.config import DataConfig, StorageConfig, TrainConfig
-from pipeline.inputs import DeviceNormalize, Preprocess
-from pipeline.schedule import lr_at
-from pipeline.train_loop import param_groups
+from pipeline.core.config import DataConfig, StorageConfig, TrainConfig
+from pipeline.training.checkpoint_io import list_checkpoints, load_model, read_checkpoint
+from pipeline.training.inputs import DeviceNormalize, Preprocess
+from pipeline.training.schedule import lr_at
+from pipeline.training.train_loop import param_groups
 
 # ----------------------------------------------------------------------------- pure helpers
 PEAK, WARMUP, TOTAL = 1e-3, 1_000, 11_000
@@ -45,7 +45,7 @@ def test_lr_of_seed_plus_continuation_is_one_run():
 
 
 def test_weight_decay_only_on_matrices():
-    from pipeline.model import create
+    from pipeline.training.model import create
 
     model, *_ = create("mode-tiny")
     decay, no_decay = param_groups(model, 0.1)
@@ -79,8 +79,8 @@ def test_the_fused_optimiser_makes_the_same_updates_as_the_per_tensor_one():
     import torch
     from open_clip.loss import ClipLoss
 
-    from pipeline.model import create
-    from pipeline.train_loop import ADAMW_BETAS, ADAMW_EPS, make_optimizer
+    from pipeline.training.model import create
+    from pipeline.training.train_loop import ADAMW_BETAS, ADAMW_EPS, make_optimizer
 
     lr, wd, steps = 3e-3, 0.1, 3
     torch.manual_seed(0)
@@ -118,7 +118,7 @@ def test_the_fused_optimiser_makes_the_same_updates_as_the_per_tensor_one():
 
 
 def test_preprocess_uses_open_clip_transform_and_tokenizer():
-    from pipeline.demo_world import _rng, render
+    from pipeline.data.demo_world import _rng, render
 
     jpgs = [render(_rng(0, "t", i), "shapes", "circle", 32)[0] for i in range(3)]
     batch = {"key": np.array(["a", "b", "c"]), "caption": np.array(["a red circle", "x", "a b c"], dtype=object),
@@ -141,7 +141,7 @@ def test_preprocess_uses_open_clip_transform_and_tokenizer():
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_uint8_images_normalised_on_the_device_are_open_clips_inputs(augment):
-    """Images travel as uint8 and are normalised on the device (docs/training_speed.md): the
+    """Images travel as uint8 and are normalised on the device (docs/training.md): the
     tensors equal open_clip's own transform's to float rounding, with its random crops too
     (the same torch seed draws the same crop), and a CLIP's loss on them is the same.
 
@@ -153,9 +153,9 @@ def test_uint8_images_normalised_on_the_device_are_open_clips_inputs(augment):
     [0, 1]. The losses of inputs that close agree within torch's float32 tolerance."""
     from open_clip.loss import ClipLoss
 
-    from pipeline.demo_world import _rng, render
-    from pipeline.images import open_rgb
-    from pipeline.model import create
+    from pipeline.data.demo_world import _rng, render
+    from pipeline.data.images import open_rgb
+    from pipeline.training.model import create
 
     jpgs = [render(_rng(0, "u", i), "shapes", "circle", 48)[0] for i in range(8)]
     batch = {"caption": np.array([f"a circle {i}" for i in range(8)], dtype=object),
@@ -183,7 +183,7 @@ def test_uint8_images_normalised_on_the_device_are_open_clips_inputs(augment):
 def _grads(model, images, texts, **step_args):
     from open_clip.loss import ClipLoss
 
-    from pipeline.train_loop import _autocast, train_step
+    from pipeline.training.train_loop import _autocast, train_step
 
     model.zero_grad(set_to_none=True)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
@@ -200,7 +200,7 @@ def test_accumulation_checkpointing_and_channels_last_keep_the_gradients():
     accumulation would do) is far off, so the comparison can tell."""
     from open_clip.loss import ClipLoss
 
-    from pipeline.model import create
+    from pipeline.training.model import create
 
     torch.manual_seed(0)
     images, texts = torch.randn(16, 3, 32, 32), torch.randint(0, 400, (16, 16))
@@ -234,7 +234,7 @@ def test_attention_runs_through_pytorchs_sdpa(monkeypatch):
     PyTorch's fused scaled_dot_product_attention in training: nothing to switch on."""
     import torch.nn.functional as F
 
-    from pipeline.model import create
+    from pipeline.training.model import create
 
     calls = []
     sdpa = F.scaled_dot_product_attention
@@ -253,7 +253,7 @@ def test_attention_runs_through_pytorchs_sdpa(monkeypatch):
 
 
 def test_models_are_open_clip_configs():
-    from pipeline.model import create, names, tools
+    from pipeline.training.model import create, names, tools
 
     assert {"mode-tiny", "ViT-B-32", "ViT-B-16"} <= set(names())
     model, _, preprocess_val, tokenizer = create("mode-tiny")
@@ -267,7 +267,7 @@ def test_models_are_open_clip_configs():
 
 
 def test_train_config_is_checked():
-    from pipeline.config import ConfigError, load_config
+    from pipeline.core.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"train\.precision: 'fp16' is not allowed.*'amp_bf16'"):
         load_config("demo", ["train.precision=fp16"])
@@ -306,9 +306,9 @@ def runs(ray_local, tiny_world, tmp_path_factory, s3_endpoint):
     """A seed run of 100 steps and an expert started from its final checkpoint. The seed keeps
     its checkpoints in a local run directory, the expert in one on S3. (A seed run whose worker
     is killed: ``killed``, in make test-reliability.)"""
-    from pipeline.ingest import good_rows, read_samples
-    from pipeline.rundir import RunDir
-    from pipeline.train import train
+    from pipeline.core.rundir import RunDir
+    from pipeline.data.ingest import good_rows, read_samples
+    from pipeline.training.train import train
 
     rows = good_rows(read_samples(str(tiny_world / "train"), DataConfig(), StorageConfig(),
                                   decode_images=False))
@@ -326,9 +326,9 @@ def test_decoding_in_the_worker_gives_the_tasks_inputs(ray_local, tiny_world):
     """train.decode_in_worker moves the decode from Ray Data tasks into the Train worker: the
     same rows give the same tensors, and carry their expert_id along. Matched by key
     (``key_hash``): Ray Data's map tasks may hand their blocks on in the order they finish."""
-    from pipeline.ingest import good_rows, read_samples
-    from pipeline.train import model_inputs
-    from pipeline.train_loop import _streamed_batches
+    from pipeline.data.ingest import good_rows, read_samples
+    from pipeline.training.train import model_inputs
+    from pipeline.training.train_loop import _streamed_batches
 
     rows = good_rows(read_samples(str(tiny_world / "train"), DataConfig(), StorageConfig(),
                                   decode_images=False)).limit(100) \
@@ -355,8 +355,8 @@ def _fixed_batches(rank: int, world: int, wrap=lambda model: model) -> list[floa
     ``clip_loss``, ``train_step``) on seeded global batches of DP_BATCH, rank ``rank`` of
     ``world`` taking its contiguous share of each; the global batch's loss at every step (the
     mean of the ranks' losses)."""
-    from pipeline.model import create
-    from pipeline.train_loop import _autocast, clip_loss, make_optimizer, train_step
+    from pipeline.training.model import create
+    from pipeline.training.train_loop import _autocast, clip_loss, make_optimizer, train_step
 
     torch.set_num_threads(1)
     torch.manual_seed(1)
@@ -391,6 +391,7 @@ def _two_rank_worker(config):
     return _fixed_batches(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.prepare_model)
 
 
+@pytest.mark.trains
 def test_two_gloo_workers_follow_one_worker_on_the_same_global_batches(ray_local, tmp_path):
     """Data parallel training proven on CPU before it runs on GPUs: two Ray Train workers
     (TorchTrainer, gloo), each fed half of every global batch, give the loss curve of one
@@ -421,9 +422,9 @@ def _kept(run, name):
 def killed(ray_local, tiny_world, tmp_path_factory):
     """The seed run of ``runs``, its worker killed at step 50: it restarts (train.max_failures=1)
     from its step-40 checkpoint."""
-    from pipeline.ingest import good_rows, read_samples
-    from pipeline.rundir import RunDir
-    from pipeline.train import train
+    from pipeline.core.rundir import RunDir
+    from pipeline.data.ingest import good_rows, read_samples
+    from pipeline.training.train import train
 
     rows = good_rows(read_samples(str(tiny_world / "train"), DataConfig(), StorageConfig(),
                                   decode_images=False))
@@ -460,8 +461,8 @@ def test_a_checkpoint_cut_short_is_found_and_the_one_before_is_resumed(tmp_path)
     integrity.json recorded: a resume finds it before loading and takes the previous one."""
     from ray.train import Checkpoint
 
-    from pipeline.checkpoint_io import DamagedCheckpoint, step_dir_name, write_dir
-    from pipeline.train_loop import _resume
+    from pipeline.training.checkpoint_io import DamagedCheckpoint, step_dir_name, write_dir
+    from pipeline.training.train_loop import _resume
 
     run = tmp_path / "run"
     for step in (20, 40):
@@ -501,10 +502,11 @@ def test_a_rerun_at_its_end_registers_a_checkpoint_ray_never_took_in(runs, tmp_p
     """A worker killed after writing its final checkpoint but before Ray Train took in its
     report leaves Ray's latest registered checkpoint at the one before. A rerun resumes from the
     newer one (``_resume``), trains no step, and reports it once: the result is the final
-    checkpoint, and the prune that follows keeps it. (Stop 27's CI failure: the result was the
-    older one, already pruned.) The kill is made here by taking the last report out of Ray's
-    checkpoint-manager snapshot, as it stands when the report never arrived."""
-    from pipeline.train import train
+    checkpoint, and the prune that follows keeps it (taking the registered one instead would
+    report a checkpoint the prune may already have deleted). The kill is made here by taking
+    the last report out of Ray's checkpoint-manager snapshot, as it stands when the report
+    never arrived."""
+    from pipeline.training.train import train
 
     storage = tmp_path / "checkpoints"
     shutil.copytree(runs["run"].stage_path("checkpoints", "seed"), storage / "seed")
@@ -595,7 +597,7 @@ def _same_as_history(scalars: dict, result) -> None:
 
 
 def test_curves_plot_every_run_with_a_history(runs):
-    from pipeline.curves import plot
+    from pipeline.training.curves import plot
 
     seed = {"kind": "seed", "history": runs["seed"].history}
     expert = {"kind": "expert", "expert_id": 0, "history": runs["expert"].history}
@@ -605,8 +607,8 @@ def test_curves_plot_every_run_with_a_history(runs):
     assert plot({"seed": seed, "expert-0": expert, "dense-matched": {"kind": "dense-matched"}}) == png
     assert plot({"seed": seed}) != png
     # every kind has its place and line
-    from pipeline.curves import ORDER, STYLE
-    from pipeline.runs import KINDS
+    from pipeline.training.curves import ORDER, STYLE
+    from pipeline.training.runs import KINDS
     assert set(ORDER) == set(STYLE) == set(KINDS)
     assert plot({"seed": seed, "full-1": {"kind": "full", "history": runs["expert"].history}}) != \
         plot({"seed": seed})
@@ -629,24 +631,24 @@ def _python(code: str, **env: str) -> str:
 
 
 def test_train_module_imports_neither_torch_nor_open_clip():
-    """Ray Train's controller and Ray Data's coordinator unpickle pipeline.train's functions;
+    """Ray Train's controller and Ray Data's coordinator unpickle pipeline.training.train's functions;
     torch and open_clip (8 s of CPU per process) must come only with the worker loop."""
     heavy = "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
-    light = "pipeline.train, pipeline.checkpoints, pipeline.stages, pipeline.training_data"
-    # nor the trainer of a one-worker run (pipeline.train._trainer_class): its controller
+    light = "pipeline.training.train, pipeline.training.checkpoints, pipeline.core.stages, pipeline.data.training_data"
+    # nor the trainer of a one-worker run (pipeline.training.train._trainer_class): its controller
     # unpickles it
-    assert _python(f"import sys, {light}; pipeline.train._trainer_class(1); " + heavy) == "[]"
+    assert _python(f"import sys, {light}; pipeline.training.train._trainer_class(1); " + heavy) == "[]"
     # and the worker side does bring them (the check above is not vacuous)
-    assert _python("import sys, pipeline.train_loop; " + heavy) == "['open_clip', 'torch']"
+    assert _python("import sys, pipeline.training.train_loop; " + heavy) == "['open_clip', 'torch']"
 
 
 @pytest.mark.parametrize("preset, expected", [(None, "1"), ("3", "3")])
 def test_local_ray_gets_one_parquet_footer_actor_unless_told(preset, expected):
     """A local Ray's driver and workers see RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1 (Ray Data's
     default of 32 processes per read swamps a laptop); a value the user set is kept. And the
-    local Ray a job starts serves no dashboard (README, "Security")."""
-    code = ("import os, ray; from pipeline.config import RayConfig; "
-            "from pipeline.raycluster import init_ray; init_ray(RayConfig(), num_cpus=1); "
+    local Ray a job starts serves no dashboard (docs/cluster.md, "Security")."""
+    code = ("import os, ray; from pipeline.core.config import RayConfig; "
+            "from pipeline.core.raycluster import init_ray; init_ray(RayConfig(), num_cpus=1); "
             "worker = ray.get(ray.remote(lambda: os.environ.get('RAY_DATA_PARQUET_FOOTER_NUM_ACTORS'))"
             ".remote()); print(os.environ['RAY_DATA_PARQUET_FOOTER_NUM_ACTORS'], worker, "
             "ray._private.worker._global_node.webui_url or 'no-dashboard')")

@@ -3,9 +3,9 @@
 import shutil
 from pathlib import Path
 
-from pipeline import registry
-from pipeline.config import load_config
-from pipeline.rundir import RunDir
+from pipeline.core import registry
+from pipeline.core.config import load_config
+from pipeline.core.rundir import RunDir
 
 # Four experts, as the demo: the world's four known domains (about 125 samples each).
 EXPERTS = 4
