@@ -1,6 +1,6 @@
 # The image every node of cluster.yaml and deploy/ runs: Ray's GPU image at the pinned Ray
 # version, plus this project's requirements at the tested versions. Build and push it once per
-# release (README, "Running on a cluster"):
+# release (docs/cluster.md):
 #   docker build -t <registry>/mode-on-ray:2.60.0 . && docker push <registry>/mode-on-ray:2.60.0
 # Jobs still ship their code with `ray job submit --working-dir .`: the copy in the image is a
 # fallback for `ray job submit` without a working dir, and the working dir wins on PYTHONPATH.
