@@ -15,7 +15,7 @@ import yaml
 from pipeline.core.config import load_config, parse_node_types
 
 REPO = Path(__file__).resolve().parents[1]
-PINNED_RAY = re.search(r"^ray\[[^\]]*\]==([\d.]+)", (REPO / "requirements.txt").read_text(), re.M).group(1)
+PINNED_RAY = re.search(r"^ray==([\d.]+)$", (REPO / "constraints.txt").read_text(), re.M).group(1)
 # vCPUs, GiB and GPUs of the instance types the configs name (AWS's published sizes)
 INSTANCES = {"m6i.2xlarge": (8, 32, 0), "m6i.8xlarge": (32, 128, 0), "g5.12xlarge": (48, 192, 4)}
 

@@ -292,3 +292,52 @@ def test_every_test_that_trains_is_marked_so():
                     and not marks & {"pytest.mark.trains", "pytest.mark.reliability", "pytest.mark.cluster"}:
                 unmarked.append(f"{path.name}::{node.name}")
     assert not unmarked, unmarked
+
+
+def _requirement_names(path: Path) -> dict[str, str]:
+    """{normalised distribution name: its specifier} of a requirements or constraints file."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            name, spec = re.match(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*(.*)", line).groups()
+            out[re.sub(r"[-_.]+", "-", name).lower()] = spec
+    return out
+
+
+def test_dependencies_are_ranges_and_the_constraints_pin_every_one():
+    """Installing the package asks for compatible versions; the project's own installs (the
+    Makefile, the Dockerfile) add constraints.txt, which pins each of them to the tested build."""
+    wanted = _requirement_names(REPO / "requirements.txt")
+    pins = _requirement_names(REPO / "constraints.txt")
+    assert wanted and not [n for n, spec in wanted.items() if "==" in spec or not spec], wanted
+    assert all(pins.get(n, "").startswith("==") for n in wanted), set(wanted) - set(pins)
+    assert "-c constraints.txt" in (REPO / "Makefile").read_text()
+
+
+def test_every_module_the_code_imports_is_declared():
+    """A third-party module imported by pipeline/, jobs/ or bench/ comes from a distribution that
+    requirements.txt names, not from whatever another package happens to pull in."""
+    import importlib.metadata
+    import sys
+
+    wanted = set(_requirement_names(REPO / "requirements.txt"))
+    providers = importlib.metadata.packages_distributions()
+    local = {"pipeline", *(p.stem for p in (REPO / "bench").glob("*.py"))}
+    undeclared = {}
+    for folder in ("pipeline", "jobs", "bench"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {n.split(".")[0] for n in names}:
+                    if top in sys.stdlib_module_names or top in local:
+                        continue
+                    dists = {re.sub(r"[-_.]+", "-", d).lower() for d in providers.get(top, [])}
+                    if not dists & wanted:
+                        undeclared.setdefault(top, str(path.relative_to(REPO)))
+    assert not undeclared, undeclared
