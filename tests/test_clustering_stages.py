@@ -244,3 +244,89 @@ def test_the_same_embeddings_in_another_layout_get_the_same_assignments(ray_loca
     pd.testing.assert_frame_equal(got["ordered"], got["shuffled"])
     counts = np.bincount(got["ordered"].fine_id, minlength=10)
     assert counts.max() <= 100 * (2 if block_rows < 1000 else 1)   # capacities held per block
+
+
+def _import_table(rows: pd.DataFrame, dim: int | None = None) -> pa.Table:
+    """Embeddings as another tool writes them: a variable-length list of float64 per key."""
+    vectors = [None if v is None else [float(x) for x in v] for v in rows.embedding]
+    return pa.table({"key": pa.array(rows.key.tolist(), pa.string()),
+                     "embedding": pa.array(vectors, pa.list_(pa.float64()))})
+
+
+def test_imported_embeddings_are_counted_normalised_and_clustered_end_to_end(ray_local, clustered, world, tmp_path):
+    """jobs/embed.py --from: vectors made elsewhere (not unit length, float64, in a layout of
+    their own) become the embeddings stage; a good sample without a usable vector is skipped
+    under its reason, a key ingest did not keep is counted and left out, and the stages after
+    it run on the import as on encoded vectors, down to training_data's counts."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(clustered, run_dir)
+    own = pd.read_parquet(clustered / "embeddings").sort_values("key").reset_index(drop=True)
+    rng = np.random.default_rng(0)
+    rows = own.copy()
+    rows["embedding"] = [np.asarray(v, np.float64) * s for v, s in
+                         zip(rows.embedding, rng.uniform(0.5, 4, len(rows)), strict=True)]
+    missing = set(rows.key[:5])
+    nan, zero, short, null = rows.key[5:9]
+    rows = rows.iloc[5:].reset_index(drop=True)
+    rows.at[0, "embedding"] = np.full(384, np.nan)
+    rows.at[1, "embedding"] = np.zeros(384)
+    rows.at[2, "embedding"] = rows.embedding[2][:383]
+    rows.at[3, "embedding"] = None
+    strangers = pd.DataFrame({"key": [f"elsewhere-{i}" for i in range(4)],
+                              "embedding": list(rng.normal(size=(4, 384)))})
+    source = tmp_path / "bought"
+    source.mkdir()
+    table = _import_table(pd.concat([rows, strangers]).sample(frac=1, random_state=1))
+    pq.write_table(table.slice(0, 1000), source / "a.parquet")
+    pq.write_table(table.slice(1000), source / "b.parquet")
+
+    common = ["--run-dir", str(run_dir), "--set", "cluster.fine_k=32", "--set", "cluster.restarts=2",
+              "--set", "cluster.capacity_slack=0.003"]
+    assert embed_job.main([*common, "--from", str(source)]) == 0
+    m = manifest(run_dir, "embeddings")
+    assert m["rows_in"] == len(own) and m["rows_out"] == len(own) - 9
+    assert m["rows_skipped"] == {"no_embedding": 6, "embedding_not_finite": 1, "embedding_zero": 1,
+                                 "embedding_wrong_dim": 1}
+    assert m["stats"]["unknown_keys"] == 4 and m["stats"]["imported_from"] == str(source)
+    imported = pd.read_parquet(run_dir / "embeddings").sort_values("key").reset_index(drop=True)
+    assert not set(imported.key) & {*missing, nan, zero, short, null, *strangers.key}
+    x = np.stack(imported.embedding.to_numpy())
+    assert x.dtype == np.float32 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-6)
+    mine = np.stack(own.set_index("key").loc[imported.key].embedding.to_numpy())
+    assert np.abs(x - mine).max() < 1e-6      # the same directions, made unit length again
+
+    # the stages after it take the import as they take encoded vectors
+    assert cluster_job.main(common) == 0 and assign_job.main(common) == 0
+    assert manifest(run_dir, "assignments")["rows_out"] == m["rows_out"]
+    cfg = load_config(str(run_dir / "config.yaml"))
+    td = stages.run_stage("training_data", cfg, RunDir(str(run_dir), StorageConfig()), log=lambda *_: None)
+    ingested = manifest(run_dir, "ingest")
+    assert td["rows_out"] == m["rows_out"] and td["rows_skipped"]["not_embedded"] == 9
+    assert td["rows_in"] == ingested["rows_in"] == td["rows_out"] + sum(td["rows_skipped"].values())
+
+
+def test_an_import_that_does_not_fit_is_refused_with_the_reason(ray_local, clustered, tmp_path):
+    """Vectors of another dimension than embed.model's (routing embeds class names with it), a
+    file without an `embedding` column, and a key given two vectors are refused, and the
+    embeddings the run had stay complete."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(clustered, run_dir)
+    own = pd.read_parquet(clustered / "embeddings")
+    args = ["--run-dir", str(run_dir), "--from"]
+    wide = own.assign(embedding=[np.ones(512)] * len(own))
+    pq.write_table(_import_table(wide), tmp_path / "wide.parquet")
+    with pytest.raises(ValueError, match=r"512-d, but embed.model .* gives 384-d"):
+        embed_job.main([*args, str(tmp_path / "wide.parquet")])
+    pq.write_table(pa.table({"key": own.key.tolist()}), tmp_path / "keys.parquet")
+    with pytest.raises(ValueError, match=r"no column \['embedding'\]"):
+        embed_job.main([*args, str(tmp_path / "keys.parquet")])
+    assert manifest(run_dir, "embeddings")["stats"]["captions_encoded"] > 0   # untouched so far
+    twice = pd.concat([own, own.iloc[:3]])
+    pq.write_table(_import_table(twice), tmp_path / "twice.parquet")
+    with pytest.raises(ValueError, match="3 rows repeat a key"):
+        embed_job.main([*args, str(tmp_path / "twice.parquet")])
+    assert not (run_dir / "embeddings" / "_manifest.json").exists()   # incomplete, not wrong

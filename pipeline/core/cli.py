@@ -154,7 +154,8 @@ def planned(p: argparse.ArgumentParser, cfg: Config, num_experts: int,
 
 
 def stage_job(description: str, stage: str, argv: Sequence[str] | None,
-              data: Literal["shards", "ingested"] | None = None) -> int:
+              data: Literal["shards", "ingested"] | None = None,
+              inputs: Sequence[tuple[str, str, str]] = ()) -> int:
     """A job that runs one stage: the common flags (and ``--data``), the config, Ray, the stage.
 
     Args:
@@ -163,12 +164,16 @@ def stage_job(description: str, stage: str, argv: Sequence[str] | None,
         argv: the command line (None: ``sys.argv``).
         data: ``"shards"``: ``--data`` names the shards to read (ingest); ``"ingested"``: an
             optional ``--data`` is checked against the shards ingest read.
+        inputs: optional external inputs of the stage, as (flag, stage keyword, help):
+            ``("--from", "source", "...")`` passes ``--from URI`` as ``source=URI``.
     """
     p = parser(description)
     if data == "shards":
         add_data_flag(p)
     elif data == "ingested":
         add_ingested_data_flag(p)
+    for flag, keyword, text in inputs:
+        p.add_argument(flag, dest=keyword, metavar="URI", help=text)
     args = p.parse_args(argv)
     cfg, run = load(args, write_config=False)
     external = {}
@@ -176,6 +181,7 @@ def stage_job(description: str, stage: str, argv: Sequence[str] | None,
         external["data"] = data_uri(p, args, cfg)
     elif data == "ingested":
         check_ingested_data(p, args, run)
-    print(start(cfg, run, external.get("data")))
+    external.update({k: getattr(args, k) for _, k, _ in inputs if getattr(args, k)})
+    print(start(cfg, run, *external.values()))
     stages.run_stage(stage, cfg, run, force=args.force, **external)
     return 0

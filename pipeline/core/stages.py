@@ -74,6 +74,9 @@ class Stage:
     # run(cfg, run, upstream, log, **external): the stage's own work; None for a training run,
     # which pipeline.training.checkpoints launches
     run: Callable[..., StageOutput] | None = None
+    # check(cfg, run, upstream, **external): refuses bad external input before the unit's
+    # manifest is dropped, so a refused rerun leaves the complete output it had
+    check: Callable[..., None] | None = None
 
     @property
     def module(self) -> str:
@@ -88,8 +91,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("embeddings", ("ingest",), ("embed.model",),
           ("embed.batch_size", "embed.rows_per_call", "embed.num_actors", "embed.num_gpus_per_actor",
            "embed.num_cpus_per_actor", "embed.actor_resources", "embed.cache_size",
-           "embed.rows_per_file"), (),
-          "key, unit-norm caption embedding", "jobs/embed.py", run=embeddings.run),
+           "embed.rows_per_file"), ("source",),
+          "key, unit-norm caption embedding", "jobs/embed.py", run=embeddings.run,
+          check=embeddings.check_source),
     Stage("clusters", ("embeddings",), CLUSTER_FIT_FIELDS, (), (),
           "fine and coarse centroids, fine-to-expert map", "jobs/cluster.py", run=clusters.run),
     Stage("assignments", ("embeddings", "clusters"),
@@ -321,20 +325,24 @@ def run_stage(name: str, cfg: Config, run: RunDir, *, force: bool = False, log: 
     stage = stage_of(name)
     if name.startswith("checkpoints"):
         raise ValueError("training runs are launched by pipeline.training.checkpoints, not run_stage")
-    if set(external) != set(stage.external):
+    if not set(external) <= set(stage.external):
         raise TypeError(f"stage {name} takes {sorted(stage.external)}, got {sorted(external)}")
+    # An input may be left out where the stage function has a default for it (embeddings'
+    # `source`: without it the captions are encoded); its signature says which are required.
     runs = run_units(run) if ALL_RUNS in stage.reads else []
     sr = StageRun(name, cfg, run, external, runs)
     done = sr.completed()
     if done is not None and not force:
         log(f"[{name}] complete for this config: skipped ({run.stage_uri(name)})")
         return done
-    started, t0 = sr.begin(), time.perf_counter()
     generation, _ = generation_of(name)
     where, upstream = run, sr.upstream
     if generation is not None:      # the stage code works inside the generation's directory
         where = run.generation(generation)
         upstream = {relative(u, generation): m for u, m in sr.upstream.items()}
+    if stage.check is not None:
+        stage.check(sr.cfg, where, upstream, **external)
+    started, t0 = sr.begin(), time.perf_counter()
     output = stage.run(sr.cfg, where, upstream, log=log, **external)
     manifest = sr.finish(output, started)
     log(summary(name, manifest, time.perf_counter() - t0) + f" -> {run.stage_uri(name)}")

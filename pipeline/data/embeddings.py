@@ -16,14 +16,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.data
 from ray.data import ActorPoolStrategy, SaveMode
 
 from pipeline.core.config import ConfigView, EmbedConfig, parse_resources
 from pipeline.core.console import Progress, Tally
 from pipeline.core.rundir import RunDir, StageOutput
-from pipeline.core.storage import pyarrow_filesystem
-from pipeline.core.tables import count_rows, embedding_table, parquet_schema
+from pipeline.core.storage import filesystem, pyarrow_filesystem, scheme
+from pipeline.core.tables import count_rows, embedding_table, parquet_files, parquet_schema
 from pipeline.data.encoders import CaptionEncoder, release_free_memory
 
 
@@ -64,8 +65,12 @@ def embed_dataset(ds: ray.data.Dataset, cfg: EmbedConfig,
         batch_size=cfg.rows_per_call, batch_format="numpy")
 
 
-def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> StageOutput:
-    """Embed the caption of every good sample of ``ingest/``; write ``embeddings/``."""
+def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print,
+        source: str | None = None) -> StageOutput:
+    """Embed the caption of every good sample of ``ingest/``; write ``embeddings/``. With
+    ``source``, import the embeddings found there instead (``import_embeddings``)."""
+    if source is not None:
+        return import_embeddings(cfg, run, upstream, source, log)
     rows_in = int(upstream["ingest"]["rows_out"])
     counter = Tally()
     ds = ray.data.read_parquet(run.stage_uri("ingest", "samples"), columns=["key", "caption"],
@@ -88,3 +93,152 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
     log(f"[embeddings] {rows_out:,} captions, {stats['captions_encoded']:,} distinct through "
         f"{cfg.embed.model} ({stats['dim']}-d)")
     return StageOutput(rows_in, rows_out, {}, stats)
+
+
+# ----------------------------------------------------------------------------- bring your own
+# Why an imported row is left out (manifest rows_skipped; a key ingest did not keep is counted
+# in the stats instead: it is not one of the stage's input rows).
+NO_EMBEDDING, NOT_FINITE, ZERO, WRONG_DIM = ("no_embedding", "embedding_not_finite",
+                                             "embedding_zero", "embedding_wrong_dim")
+
+
+def source_files(source: str, storage: Any) -> tuple[Any, list[str]]:
+    """The filesystem and parquet files of an import's ``source`` (a file or a folder)."""
+    fs, path = filesystem(source, storage)
+    files = [path] if path.endswith(".parquet") and fs.isfile(path) else parquet_files(fs, path)
+    if not files:
+        raise FileNotFoundError(f"--from {source}: no parquet files there")
+    return fs, files
+
+
+def source_dim(fs: Any, files: list[str], source: str) -> int:
+    """The vectors' dimension: a fixed-size list's, else the first row's length; a clear error
+    when the columns are not ``key`` (string) and ``embedding`` (a list of floats)."""
+    schema = pq.read_schema(files[0], filesystem=pyarrow_filesystem(fs))
+    missing = {"key", "embedding"} - set(schema.names)
+    if missing:
+        raise ValueError(f"--from {source}: no column {sorted(missing)} (it has {schema.names}); "
+                         "an import needs `key` (the samples' keys, as ingest wrote them) and "
+                         "`embedding` (a list of floats)")
+    kind = schema.field("embedding").type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
+            or not pa.types.is_floating(kind.value_type):
+        raise ValueError(f"--from {source}: column `embedding` is {kind}, not a list of floats")
+    if not (pa.types.is_string(schema.field("key").type) or pa.types.is_large_string(schema.field("key").type)):
+        raise ValueError(f"--from {source}: column `key` is {schema.field('key').type}, not a string")
+    if pa.types.is_fixed_size_list(kind):
+        return int(kind.list_size)
+    with fs.open(files[0], "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=["embedding"]):
+            lengths = [len(v) for v in batch.column(0).to_pylist() if v is not None]
+            if lengths:
+                return lengths[0]
+    raise ValueError(f"--from {source}: the first file holds no vector")
+
+
+def check_source(cfg: ConfigView, run: RunDir, upstream: dict[str, Any],
+                 source: str | None = None) -> tuple[Any, list[str], int] | None:
+    """Before an import replaces anything: ``source`` holds parquet files with ``key`` and
+    ``embedding`` columns, of the dimension ``embed.model``'s vectors have (routing embeds the
+    class names with it). Returns the filesystem, the files and the dimension."""
+    if source is None:
+        return None
+    fs, files = source_files(source, cfg.storage)
+    dim = source_dim(fs, files, source)
+    encoder_dim = CaptionEncoder(cfg.embed.model, batch_size=1, cache_size=1).encode(["a"]).shape[1]
+    if dim != encoder_dim:
+        raise ValueError(f"--from {source}: the vectors are {dim}-d, but embed.model "
+                         f"{cfg.embed.model!r} gives {encoder_dim}-d ones: evaluation routes by "
+                         "embedding class names with embed.model, so it must name the encoder "
+                         "that made these vectors (--set embed.model=...)")
+    return fs, files, dim
+
+
+class _Normalise:
+    """An imported batch as (key, unit vector, why it is unusable or ""): null vectors, vectors
+    of another length, non-finite or zero ones are marked, not dropped, so the sample they
+    belong to is counted under its own reason."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        col = batch.column("embedding").combine_chunks()
+        n = len(col)
+        if pa.types.is_fixed_size_list(col.type):
+            ok_len = np.full(n, col.type.list_size == self.dim)
+        else:
+            lengths = col.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+            ok_len = lengths == self.dim
+        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        usable = ok_len & valid
+        vectors = np.zeros((n, self.dim), np.float64)
+        if usable.any():    # the rows of the right length, flattened: exactly dim values each
+            values = col.filter(pa.array(usable)).flatten().to_numpy(zero_copy_only=False)
+            vectors[usable] = np.asarray(values, np.float64).reshape(-1, self.dim)
+        finite = np.isfinite(vectors).all(axis=1)
+        norms = np.linalg.norm(np.where(finite[:, None], vectors, 0.0), axis=1)
+        why = np.where(~valid, NO_EMBEDDING, np.where(~ok_len, WRONG_DIM, np.where(
+            ~finite, NOT_FINITE, np.where(norms == 0, ZERO, ""))))
+        unit = np.where((why == "")[:, None], vectors / np.maximum(norms, 1e-300)[:, None], 0.0)
+        table = embedding_table(batch.column("key").to_numpy(zero_copy_only=False), unit)
+        return table.append_column("unusable", pa.array(why.astype(object), pa.string()))
+
+
+def _classify(batch: pa.Table, counter: Tally) -> pa.Table:
+    """After the full outer join of ingest's keys with the imported rows: the usable rows of
+    kept samples, and counts of everything else."""
+    kept = batch.column("kept").is_valid().to_numpy(zero_copy_only=False)
+    imported = batch.column("embedding").is_valid().to_numpy(zero_copy_only=False)
+    why = np.asarray(batch.column("unusable").fill_null("").to_pylist(), dtype=object)
+    good = kept & imported & (why == "")
+    counts = {"unknown_keys": int((imported & ~kept).sum()), "written": int(good.sum())}
+    for reason in (NO_EMBEDDING, NOT_FINITE, ZERO, WRONG_DIM):     # a null vector: none
+        counts[reason] = int((kept & imported & (why == reason)).sum())
+    counts[NO_EMBEDDING] += int((kept & ~imported).sum())
+    keys = batch.column("key").to_pylist()
+    counter.add(counts, key=f"{keys[0]}|{keys[-1]}|{len(keys)}" if keys else None)
+    return batch.filter(pa.array(good)).select(["key", "embedding"])
+
+
+def import_embeddings(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], source: str,
+                      log=print) -> StageOutput:
+    """Precomputed caption embeddings at ``source`` as the ``embeddings`` stage: joined with the
+    keys ingest kept (a hash join on Ray Data, no table on the driver), normalised, counted.
+
+    The dimension must be that of ``embed.model``'s vectors, which routing embeds class names
+    with; a key that appears twice in ``source`` is an error (which vector would be meant?)."""
+    rows_in = int(upstream["ingest"]["rows_out"])
+    fs, files, dim = check_source(cfg, run, upstream, source)
+    log(f"[embeddings] importing {len(files)} file(s) of {dim}-d vectors from {source}")
+    counter = Tally()
+    kept = ray.data.read_parquet(run.stage_uri("ingest", "samples"), columns=["key"],
+                                 filesystem=pyarrow_filesystem(run.fs)) \
+        .map_batches(lambda b: b.append_column("kept", pa.array(np.ones(len(b), bool))),
+                     batch_format="pyarrow")
+    imported = ray.data.read_parquet([f"{scheme(source)}{f}" for f in files],
+                                     columns=["key", "embedding"], filesystem=pyarrow_filesystem(fs)) \
+        .map_batches(_Normalise, fn_constructor_kwargs={"dim": dim}, batch_format="pyarrow",
+                     compute=ActorPoolStrategy(min_size=1, max_size=cfg.embed.num_actors))
+    parts = max(1, int(np.ceil(rows_in / cfg.embed.rows_per_file)))
+    joined = kept.join(imported, join_type="full_outer", num_partitions=parts, on=("key",))
+    with Progress("embeddings", lambda: counter.get("written"), rows_in, unit="rows", say=log):
+        joined.map_batches(_classify, fn_kwargs={"counter": counter}, batch_format="pyarrow") \
+            .write_parquet(run.stage_path("embeddings"), filesystem=pyarrow_filesystem(run.fs),
+                           mode=SaveMode.OVERWRITE, min_rows_per_file=cfg.embed.rows_per_file)
+    totals = counter.totals()
+    counter.close()
+    rows_out = count_rows(run.fs, run.stage_path("embeddings"))
+    skipped = {r: totals.get(r, 0) for r in (NO_EMBEDDING, NOT_FINITE, ZERO, WRONG_DIM) if totals.get(r)}
+    if rows_out != totals.get("written", 0):
+        raise RuntimeError(f"[embeddings] {totals.get('written', 0)} rows imported but {rows_out} "
+                           "rows in the written files (a retried task, or files from elsewhere?)")
+    if rows_out + sum(skipped.values()) > rows_in:
+        raise ValueError(f"--from {source}: {rows_out + sum(skipped.values()) - rows_in:,} rows "
+                         "repeat a key that another row holds: give each caption one vector")
+    stats = {"model": cfg.embed.model, "dim": dim, "imported_from": source,
+             "unknown_keys": totals.get("unknown_keys", 0), "captions_encoded": 0,
+             "duplicate_captions_reused": 0}
+    log(f"[embeddings] imported {rows_out:,} vectors from {source}; {stats['unknown_keys']:,} "
+        f"keys ingest did not keep left out; skipped {skipped or 'none'}")
+    return StageOutput(rows_in, rows_out, skipped, stats)

@@ -138,8 +138,9 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
     log(f"[training_data] {rows_out:,} samples with images, by expert {per_expert} (no image "
         "decoded: ingest's verdicts)")
     skipped = dict(done_ingest["rows_skipped"])
-    if good > assigned:     # a generation trains on its novel samples only (docs/growth.md)
-        skipped["familiar"] = good - assigned
+    if good > assigned:     # a generation trains on its novel samples only (docs/growth.md);
+        # a run on imported embeddings leaves out the samples that came without a usable vector
+        skipped["familiar" if new_experts else "not_embedded"] = good - assigned
     return StageOutput(int(done_ingest["rows_in"]), rows_out, skipped, stats)
 
 
