@@ -27,7 +27,7 @@ def parser(description: str, run_dir: bool = True) -> argparse.ArgumentParser:
                    metavar="SECTION.FIELD=VALUE", help="override one config field (repeatable)")
     if run_dir:
         p.add_argument("--run-dir", required=True, metavar="URI",
-                       help="run directory: a local path or s3://bucket/prefix")
+                       help="run directory: a local path or a URL (s3://bucket/prefix, gs://, az://)")
     p.add_argument("--force", action="store_true",
                    help="rerun stages even when their manifest matches the config")
     p.add_argument("--print-config", action="store_true",
@@ -102,7 +102,7 @@ def start(cfg: Config, run: RunDir | None, *uris: str | None) -> str:
 
 def add_data_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="URI",
-                   help="shards: folder, prefix or glob, local or s3:// (default: data.train_uri)")
+                   help="shards: folder, prefix or glob, local or a URL (s3://, gs://...; default: data.train_uri)")
 
 
 def data_uri(p: argparse.ArgumentParser, args: argparse.Namespace, cfg: Config) -> str:

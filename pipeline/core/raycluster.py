@@ -10,7 +10,7 @@ from ray.autoscaler.v2.sdk import get_cluster_status
 
 from pipeline.core import console
 from pipeline.core.config import RayConfig, StorageConfig, parse_node_types
-from pipeline.core.storage import is_s3
+from pipeline.core.storage import is_remote
 
 # Ray Data's parquet reader (datasource V2) starts a pool of 32 footer-reading actors for every
 # read, a size meant for clusters. On a laptop each one is a fresh Python process: a demo expert
@@ -81,7 +81,7 @@ def unshared_paths(uris, nodes: int, cpus: float, shared_mount: str | None) -> l
     if nodes <= 1 and cpus > 0:
         return []
     mount = os.path.abspath(shared_mount) if shared_mount else None
-    return [u for u in uris if u and not is_s3(u)
+    return [u for u in uris if u and not is_remote(u)
             and not (mount and os.path.commonpath([mount, os.path.abspath(u)]) == mount)]
 
 
@@ -95,7 +95,7 @@ def require_shared_storage(uris, storage: StorageConfig) -> None:
         where = (f"{len(alive)} nodes" if len(alive) > 1 else "a head node that runs no task "
                  "(its work goes to worker nodes)")
         raise SystemExit(f"local paths on a Ray cluster of {where}: {', '.join(bad)}. Every node "
-                         "must reach the run directory and the data: use s3://bucket/prefix, or a "
+                         "must reach the run directory and the data: use s3://bucket/prefix (or gs://, az://), or a "
                          "path mounted on every node, declared with --set storage.shared_mount=PATH")
 
 

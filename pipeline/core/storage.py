@@ -1,8 +1,16 @@
-"""One way to reach local paths and ``s3://`` URIs, for our own files and for Ray's readers.
+"""One way to reach local paths and any fsspec URL (``s3://``, ``gs://``, ``az://``...), for our
+own files and for Ray's readers and writers.
 
-Credentials are never configured here: s3fs/botocore read them from the environment
-(``AWS_ACCESS_KEY_ID``...), a profile or the instance role. Only the endpoint of an
-S3-compatible store and the region come from ``StorageConfig``.
+Credentials are never configured here: each store's client reads them from the environment
+(``AWS_ACCESS_KEY_ID``, ``GOOGLE_APPLICATION_CREDENTIALS``...), a profile or the instance's role.
+Only the endpoint of an S3-compatible store and the region come from ``StorageConfig``.
+
+Two clients reach S3: s3fs (fsspec) for the project's own small files (manifests, registry,
+plots), and Arrow's native ``S3FileSystem`` for everything Ray Data and Ray Train read and write
+(``pyarrow_filesystem``): Arrow's C++ client streams parquet without passing every byte through
+Python, as a wrapped fsspec filesystem would. Other schemes go through their fsspec package
+(``gcsfs`` for ``gs://``, ``adlfs`` for ``az://``: ``pip install gcsfs`` or ``adlfs``), wrapped for
+Arrow.
 """
 
 from __future__ import annotations
@@ -10,13 +18,19 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import uuid
 from typing import Any
 
 import fsspec
+import fsspec.core
 import pyarrow.fs
 
 from pipeline.core.config import StorageConfig
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+# The package fsspec needs for a scheme, named in the error when it is missing.
+PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 
 
 def is_s3(uri: str) -> bool:
@@ -24,13 +38,20 @@ def is_s3(uri: str) -> bool:
 
 
 def scheme(uri: str) -> str:
-    """``"s3://"`` for an S3 URI, ``""`` for a local path."""
-    return "s3://" if is_s3(uri) else ""
+    """The scheme of a remote URI with its ``://`` (``"s3://"``, ``"gs://"``); ``""`` for a local
+    path or a ``file://`` URI."""
+    m = _SCHEME.match(uri)
+    return "" if m is None or m.group(1) == "file" else m.group(0)
+
+
+def is_remote(uri: str) -> bool:
+    """True for a URI of an object store or any other non-local fsspec filesystem."""
+    return scheme(uri) != ""
 
 
 def strip_scheme(uri: str) -> str:
-    """The path inside the filesystem: an ``s3://`` URI without its scheme, a local path as is."""
-    return uri[len("s3://"):] if is_s3(uri) else uri
+    """The path inside the filesystem: a remote URI without its scheme, a local path as is."""
+    return uri[len(scheme(uri)):]
 
 
 def filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -46,15 +67,41 @@ def filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSys
         # A fresh instance rather than fsspec's cache: tests start S3 servers on new ports.
         fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True)
         return fs, uri[len("s3://"):].rstrip("/")
-    if "://" in uri and not uri.startswith("file://"):
-        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/...")
+    if is_remote(uri):
+        name = scheme(uri)[:-3]
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+        except ImportError as e:
+            package = PACKAGES.get(name, "the fsspec implementation")
+            raise ValueError(f"{uri}: {name}:// needs {package}, which is not installed "
+                             f"(pip install {package}; docs/cloud.md)") from e
+        except ValueError as e:     # fsspec: "Protocol not known"
+            raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or a URL "
+                             f"fsspec knows (s3://, gs://, az://...): {e}") from None
+        return fs, path.rstrip("/")
     path = uri[len("file://"):] if uri.startswith("file://") else uri
     return fsspec.filesystem("file", auto_mkdir=True), os.path.abspath(path)
 
 
 def pyarrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
-    """Wrap an fsspec filesystem for pyarrow (Ray Train storage, pyarrow datasets)."""
+    """The filesystem Ray Data and Ray Train get for ``fs``: Arrow's native S3 client for S3
+    (same endpoint and region), else ``fs`` wrapped for Arrow."""
+    if "s3" in _protocols(fs):
+        kwargs = getattr(fs, "client_kwargs", None) or {}
+        endpoint, region = kwargs.get("endpoint_url"), kwargs.get("region_name")
+        options: dict[str, Any] = {}
+        if endpoint:
+            m = _SCHEME.match(endpoint)
+            options["endpoint_override"] = endpoint[m.end():] if m else endpoint
+            options["scheme"] = m.group(1) if m else "https"
+        if region:
+            options["region"] = region
+        return pyarrow.fs.S3FileSystem(**options)
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
 def join(base: str, *parts: str) -> str:
@@ -103,6 +150,13 @@ def create_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> bool:
         finally:
             os.unlink(tmp)
         return True
+    if "s3" not in _protocols(fs):
+        # Stores without a conditional PUT in their fsspec client: check, then write. Two
+        # writers racing within one request's time may both win; S3 and local paths cannot.
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
     try:
         fs.pipe_file(path, data, mode="create")
     except FileExistsError:
@@ -133,5 +187,4 @@ def expand_shards(uri: str, storage: StorageConfig, suffixes: tuple[str, ...]) -
     found = sorted(p for p in found if p.endswith(suffixes))
     if not found:
         raise FileNotFoundError(f"no {'/'.join(suffixes)} shards under {uri!r}")
-    prefix = "s3://" if is_s3(uri) else ""
-    return [prefix + p for p in found]
+    return [scheme(uri) + p for p in found]

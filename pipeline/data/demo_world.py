@@ -55,7 +55,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from pipeline.core.config import DemoConfig, StorageConfig
-from pipeline.core.storage import expand_shards, filesystem, join
+from pipeline.core.storage import expand_shards, filesystem, join, strip_scheme
 
 TRAIN_DOMAINS = ("shapes", "digits", "textures", "scenes")
 NEW_DOMAIN = "arrows"
@@ -623,7 +623,7 @@ def write_parquet_copy(src_tar_uri: str, dst_uri: str, storage: StorageConfig) -
     total = 0
     for uri in expand_shards(src_tar_uri, storage, (".tar",)):
         rows: dict[str, dict] = {}
-        with fs_src.open(uri.removeprefix("s3://"), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with fs_src.open(strip_scheme(uri), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
                 base, ext = member.name.rsplit(".", 1)
                 data = tar.extractfile(member).read()

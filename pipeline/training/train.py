@@ -32,7 +32,7 @@ from typing import Any
 import ray.data
 
 from pipeline.core.config import StorageConfig, TrainConfig, parse_resources
-from pipeline.core.storage import filesystem, is_s3, pyarrow_filesystem, scheme
+from pipeline.core.storage import filesystem, is_remote, pyarrow_filesystem, scheme
 from pipeline.training.checkpoint_io import list_checkpoints
 from pipeline.training.inputs import preprocess_batch
 
@@ -139,7 +139,7 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         dataset: rows with ``caption`` (str) and ``image`` (encoded bytes), e.g. training_data's
             rows; it is passed over repeatedly, one epoch after another, until ``end_samples``.
         cfg: the ``train`` config section (or a stage's view of it).
-        storage_path: where Ray Train keeps runs: a local folder or an ``s3://`` URI.
+        storage_path: where Ray Train keeps runs: a local folder or a remote URI (``s3://``, ``gs://``).
         end_samples: absolute samples_seen at which the run stops (a multiple of the batch is
             reached exactly; otherwise the last step overshoots by less than a batch).
         schedule_total: samples over which the cosine runs (default ``cfg.total_samples``; the
@@ -178,7 +178,7 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         "init_checkpoint": init_checkpoint, "storage": dataclasses.asdict(storage),
         "crash_at_step": crash_at_step, "order_seed": cfg.seed if order_seed is None else order_seed,
     }
-    s3 = is_s3(storage_path)
+    remote = is_remote(storage_path)
     fs, path = filesystem(storage_path, storage)
     # Each start of the worker group leaves a file here (train_loop._record_start).
     starts_uri = f"{storage_path.rstrip('/')}/{name}/{STARTS}/{uuid.uuid4().hex[:12]}"
@@ -194,8 +194,8 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
                                      resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(
             name=name,
-            storage_path=path if s3 else storage_path,
-            storage_filesystem=pyarrow_filesystem(fs) if s3 else None,
+            storage_path=path if remote else storage_path,
+            storage_filesystem=pyarrow_filesystem(fs) if remote else None,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
