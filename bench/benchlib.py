@@ -37,3 +37,24 @@ def tree_cpu_seconds() -> float:
         tree.add(pid)
         todo.extend(child for child, p in parent.items() if p == pid and child not in tree)
     return sum(cpu.get(pid, 0.0) for pid in tree)
+
+
+def markdown_table(header: Sequence, rows: Sequence[Sequence]) -> str:
+    """A markdown table (docs/benchmarks.md's form), numbers right-aligned."""
+    def align(column: int) -> str:
+        numeric = all(isinstance(r[column], (int, float)) or str(r[column]).strip() == ""
+                      or _number(str(r[column])) for r in rows)
+        return "---:" if rows and numeric else "---"
+
+    lines = ["| " + " | ".join(str(h) for h in header) + " |",
+             "|" + "|".join(align(i) for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text.replace(",", "").rstrip("x%"))
+    except ValueError:
+        return False
+    return True

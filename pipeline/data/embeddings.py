@@ -219,6 +219,7 @@ def import_embeddings(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], so
     imported = ray.data.read_parquet([f"{scheme(source)}{f}" for f in files],
                                      columns=["key", "embedding"], filesystem=pyarrow_filesystem(fs)) \
         .map_batches(_Normalise, fn_constructor_kwargs={"dim": dim}, batch_format="pyarrow",
+                     batch_size=cfg.embed.rows_per_call,   # its float64 copies stay bounded
                      compute=ActorPoolStrategy(min_size=1, max_size=cfg.embed.num_actors))
     parts = max(1, int(np.ceil(rows_in / cfg.embed.rows_per_file)))
     joined = kept.join(imported, join_type="full_outer", num_partitions=parts, on=("key",))
