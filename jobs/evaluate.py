@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         p.error("nothing to evaluate: pass --tasks URI (or --retrieval URI), or run next to a "
                 "demo world")
     tasks, retrieval, truth = inputs
-    print(cli.start(cfg, run, *tasks, retrieval))
+    print(cli.start(cfg, run, *tasks, retrieval, steps=("eval",)))
     stages.run_stage("eval", cfg, run, force=args.force, tasks=tasks, retrieval=retrieval,
                      truth=truth)
     print()

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg, run = cli.load(args, write_config=False)
     jobs = cli.planned(p, cfg, checkpoints.num_experts(run), args.experts, args.baselines)
-    print(cli.start(cfg, run))
+    print(cli.start(cfg, run, steps=("runs",), runs=jobs))
     if any(job.kind == "onestep" for job in jobs):
         stages.run_stage("onestep", cfg, run)
     done, failed = checkpoints.launch(cfg, run, jobs, cfg.train.max_concurrent, force=args.force)

@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg, run = cli.load(args, write_config=False)
     cli.check_ingested_data(p, args, run)
-    print(cli.start(cfg, run))
+    print(cli.start(cfg, run, steps=("training_data", "seed")))
     stages.run_stage("training_data", cfg, run, force=args.force)
     checkpoints.train_seed(cfg, run, force=args.force)
     return 0

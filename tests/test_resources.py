@@ -21,10 +21,16 @@ def test_half_cpu_workers_on_one_cpu_nodes_leave_no_node_for_a_whole_cpu_data_ta
     nodes = [HEAD, ONE_CPU, ONE_CPU]
     plan = check(nodes, {"CPU": 0.5}, 1, 2, data_cpus=1.0)
     assert not plan.fits and "spread over the nodes" in plan.reason
-    assert "Lower train.data_cpus to 0.5 or less" in plan.reason
     # half-CPU reads would fit, but Ray Data lists a read's files in a task of a whole CPU
     listing = check(nodes, {"CPU": 0.5}, 1, 2, data_cpus=0.5)
     assert not listing.fits and "whole CPU Ray Data's file listing asks for" in listing.reason
+    # so lower data_cpus is no fix, nor is 0 CPUs for a worker that reserves nothing else (Ray
+    # refuses a bundle of zeros): one run at a time is
+    for refused in (plan, listing):
+        assert refused.remedies == ("train.max_concurrent=1",)
+        assert refused.reason.endswith(": set train.max_concurrent=1, or add nodes")
+    assert check(nodes, {"CPU": 0.5}, 1, 1, data_cpus=1.0).fits
+    assert not check(nodes, {"CPU": 0.0}, 1, 2, data_cpus=1.0).fits
     # packed instead, one node keeps its CPU: both placements must work, so this is not enough
     assert place([{"CPU": 0.5}] * 2, nodes, spread=False)[2] == ONE_CPU
 
@@ -41,7 +47,10 @@ def test_custom_resources_pin_one_worker_per_node_and_count_against_the_runs():
     assert plan.fits and plan.data_slots == 4
     too_many = check(nodes, worker, 1, 3, data_cpus=0.5)
     assert not too_many.fits and "do not fit on the nodes" in too_many.reason
-    assert "2 x {CPU: 1, accel: 1}" in too_many.reason
+    assert "2 x {CPU: 1, accel: 1}" in too_many.reason and too_many.remedies == ("train.max_concurrent=2",)
+    # a worker that reserves a custom resource may reserve no CPU
+    assert check(nodes, {"CPU": 0.5, "accel": 1.0}, 1, 2, data_cpus=1.0).remedies == \
+        ("train.max_concurrent=1", "train.cpus_per_worker=0")
 
 
 def test_worker_resources_come_from_config_and_refuse_cpu_and_gpu():

@@ -8,10 +8,12 @@ import sys
 from collections.abc import Sequence
 from typing import Literal
 
+import ray
 import yaml
 
 from pipeline.core import console, stages
 from pipeline.core.config import PRESETS, Config, ConfigError, load_config
+from pipeline.core.plan import STEPS, at_start
 from pipeline.core.raycluster import init_ray, require_shared_storage
 from pipeline.core.rundir import RunDir
 from pipeline.training.runs import Job, plan
@@ -86,18 +88,38 @@ def show(args: argparse.Namespace, cfg: Config, source: str) -> None:
     raise SystemExit(0)
 
 
-def start(cfg: Config, run: RunDir | None, *uris: str | None) -> str:
+def start(cfg: Config, run: RunDir | None, *uris: str | None, steps: Sequence[str] = STEPS,
+          runs: Sequence[Job] | None = None) -> str:
     """What a job does before its work: start or join Ray; on a cluster of several nodes, refuse
     a local run directory or data (``uris``, and the shards ingest read) that not every node can
-    reach (``raycluster.require_shared_storage``); then write the run directory's config.yaml.
-    Returns what ``init_ray`` did, for the job to print."""
+    reach (``raycluster.require_shared_storage``); refuse a config whose ``steps`` (the plan's
+    steps this job may run: ``pipeline.core.plan.STEPS``) do not fit the cluster, the checks of
+    ``jobs/plan.py`` (``pipeline.core.plan.at_start``); then write the run directory's
+    config.yaml. ``runs``: the training runs after the seed the job trains (default: every
+    expert and the default baselines). Returns what ``init_ray`` did and the plan's line, for
+    the job to print."""
     what = init_ray(cfg.ray)
     ingested = run.manifest("ingest") if run is not None else None
     shards = ingested["inputs"]["external"].get("data") if ingested else None
     require_shared_storage([run.uri if run is not None else None, *uris, shards], cfg.storage)
+    fits = at_start(cfg, ray.nodes(), *_left(cfg, run, steps, runs))
     if run is not None:
         run.write_config(cfg)
-    return what
+    return f"{what}\n{fits}"
+
+
+def _left(cfg: Config, run: RunDir | None, steps: Sequence[str],
+          runs: Sequence[Job] | None) -> tuple[list[str], int]:
+    """The steps a job has left to run, a complete one skipped as the job will skip it, and the
+    training runs after the seed it has left (at most ``train.max_concurrent`` go at once: the
+    launcher checks the same number when it starts them)."""
+    runs = list(runs) if runs is not None else plan(cfg.train, cfg.cluster.num_experts)
+    if run is None:
+        return list(steps), len(runs)
+    pending = [j for j in runs if run.manifest(j.unit) is None]
+    units = {"seed": "checkpoints/seed"}
+    done = {s for s in steps if s not in ("runs", "eval") and run.manifest(units.get(s, s)) is not None}
+    return [s for s in steps if s not in done and (s != "runs" or pending)], len(pending)
 
 
 def add_data_flag(p: argparse.ArgumentParser) -> None:
@@ -182,6 +204,6 @@ def stage_job(description: str, stage: str, argv: Sequence[str] | None,
     elif data == "ingested":
         check_ingested_data(p, args, run)
     external.update({k: getattr(args, k) for _, k, _ in inputs if getattr(args, k)})
-    print(start(cfg, run, *external.values()))
+    print(start(cfg, run, *external.values(), steps=(stage,)))
     stages.run_stage(stage, cfg, run, force=args.force, **external)
     return 0
