@@ -1,7 +1,8 @@
 """The plan before anything starts (pipeline/core/plan.py, jobs/plan.py, docs/plan.md): every
 preset fits the cluster files it names, an oversized config is refused with its reason and
-changes that work, the memory estimate holds against a peak measured on CPU, and every job
-checks the plan when it starts."""
+changes that work, the memory estimate holds against a peak measured on CPU, every job
+checks the plan when it starts, and the costs it adds up are its times x what each step
+reserves (docs/scale.md)."""
 
 import contextlib
 import re
@@ -190,6 +191,104 @@ def test_only_the_job_start_starts_ray():
     callers = [str(p.relative_to(REPO)) for folder in ("jobs", "pipeline") for p in (REPO / folder).rglob("*.py")
                if "init_ray(" in p.read_text()]
     assert sorted(callers) == ["pipeline/core/cli.py", "pipeline/core/raycluster.py"], callers
+
+
+# ----------------------------------------------------------------------------- costs (docs/scale.md)
+BILLION = 1_000_000_000
+
+
+def _laion(*changes, rows=BILLION):
+    p = plan.make(load_config("laion", list(changes)), plan.read_cluster(REPO / "cluster.yaml"), rows=rows)
+    return p, {s.name: s for s in p.steps}
+
+
+def test_a_training_run_reserves_its_gpus_and_their_nodes_for_its_time():
+    """GPU-hours are a run's wall time x the GPUs its workers reserve (32 A10Gs for laion), and
+    its dollars those of the 8 g5.12xlarge the workers pack onto, for the same time."""
+    p, steps = _laion()
+    seed = steps["seed"]
+    assert seed.gpu_hours == pytest.approx(seed.seconds * 32 / 3600)
+    assert seed.cpu_hours == pytest.approx(seed.seconds * (32 * 4 + 1) / 3600)
+    assert seed.dollars == pytest.approx(8 * 5.672 * seed.seconds / 3600)
+    later = p.steps[plan.STEPS.index("runs")]
+    assert later.runs == 5 and later.gpu_hours == pytest.approx(5 * later.run_seconds * 32 / 3600)
+    # the data stages hold every node that runs a task, the head none: it is priced apart
+    ingest = steps["ingest"]
+    assert ingest.gpu_hours == 0 and ingest.cpu_hours == pytest.approx(ingest.seconds * 640 / 3600)
+    assert ingest.dollars == pytest.approx((8 * 1.536 + 8 * 5.672) * ingest.seconds / 3600)
+    head, dollars = p.head
+    assert head.where == "m6i.2xlarge" and dollars == pytest.approx(0.384 * p.seconds / 3600)
+
+
+def test_what_the_stages_write_grows_linearly_with_the_rows():
+    _, one = _laion(rows=BILLION)
+    _, two = _laion(rows=2 * BILLION)
+    for name in ("ingest", "embeddings", "assignments", "training_data"):
+        assert two[name].written == 2 * one[name].written > 0, name
+    assert one["embeddings"].written == BILLION * (plan.KEY_BYTES + 768 * 4)     # SimCSE: 768-d float32
+    assert one["training_data"].written > BILLION * plan.IMAGE_BYTES
+    small = plan.make(load_config("laion"), plan.read_cluster(REPO / "cluster.yaml"), rows=BILLION,
+                      image_bytes=10_000).steps[plan.STEPS.index("training_data")]
+    assert one["training_data"].written - small.written == BILLION * (plan.IMAGE_BYTES - 10_000)
+    assert two["seed"].written == one["seed"].written == 2 * 149_620_737 * 12   # ViT-B-16, 2 kept
+
+
+@pytest.mark.parametrize("experts", [4, 8, 16])
+def test_mode_costs_f_plus_n_times_one_minus_f_of_the_dense_baseline(experts):
+    """MoDE-n trains the seed (f T) and n experts ((1 - f) T each); the dense baseline full-0
+    one run of T: (f T + n (1 - f) T) / T, the paper's (27 + 5 n) / 32."""
+    assert plan.mode_over_dense(27 / 32, 4) == pytest.approx(47 / 32) and round(47 / 32, 2) == 1.47
+    p, steps = _laion(f"cluster.num_experts={experts}")
+    v = p.versus
+    assert v.experts == experts and v.samples[1] == 12_800_000_000
+    # the seed ends on a whole batch of 32,768
+    assert v.ratio == pytest.approx(plan.mode_over_dense(27 / 32, experts), rel=1e-5)
+    assert v.ratio == pytest.approx((27 + 5 * experts) / 32, rel=1e-5)
+    # the GPU-hours and dollars follow the samples (each run also pays its 40 s start)
+    for mode, dense in (v.gpu_hours, v.dollars):
+        assert mode / dense == pytest.approx(v.ratio, rel=1e-3)
+    seed, later = steps["seed"], p.steps[plan.STEPS.index("runs")]
+    assert v.gpu_hours[1] == pytest.approx(seed.gpu_hours + later.gpu_hours / later.runs)
+    assert v.seconds == pytest.approx((seed.seconds + experts * later.run_seconds,
+                                       seed.seconds + later.run_seconds))     # one run at a time
+
+
+def test_the_clusters_fit_does_not_speed_up_with_more_cpus():
+    """The fit runs on its sample (256 rows per centre), one task a block of 65,536 rows: 4
+    tasks, however many CPUs; only the pass that draws the sample spreads over them all."""
+    cfg = load_config("laion")
+    sample = cfg.cluster.fine_k * cfg.cluster.sample_per_centre
+
+    def clusters(cpus):
+        nodes = [plan.NodeType("cpu", 1, {"CPU": float(cpus)})]
+        return {s.name: s for s in plan.make(cfg, nodes, rows=sample).steps}["clusters"].seconds
+
+    fit = 20 * sample * 1024 * 768 * 2 / (plan.RATES["kmeans_fit"].value * 4)
+    assert clusters(8) == pytest.approx(fit, rel=0.1)
+    assert clusters(800) == pytest.approx(fit, rel=0.01) and clusters(2) > 1.9 * fit
+
+
+def test_the_job_prints_the_costs_the_prices_and_mode_against_dense(capsys, tmp_path):
+    args = ["--config", "laion", "--rows", str(BILLION), "--set", "cluster.num_experts=8"]
+    assert plan_job.main([*args, "--cluster", str(REPO / "cluster.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\[seed\] .*\n.*\n.*\n    reserves: [\d,]+ GPU-hours, [\d,]+ CPU-hours; \$[\d,]+ on demand "
+                     r"\(8 x gpu_worker \(g5\.12xlarge, \$5\.672/h\)", out)
+    assert re.search(r"\[training_data\] .*\n.*\n.*\n    writes: 25\.\d TB", out)
+    assert "MoDE-8 against the dense baseline full-0" in out and "(2.09x)" in out
+    assert "prices: us-east-1 on demand, https://github.com/aws/karpenter-provider-aws/" in out
+    assert re.search(r"longest step: expert-0, .*, full-0, 1\d\d\.\d days \(6\d% of", out)   # 9 runs
+    # the same instance types in another region have no price here, and the plan says so
+    text = (REPO / "cluster.yaml").read_text().replace("region: us-east-1", "region: eu-west-1")
+    (tmp_path / "cluster.yaml").write_text(text)
+    assert plan_job.main([*args, "--cluster", str(tmp_path / "cluster.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "no on-demand price known in eu-west-1" in out and "on demand: not known" in out
+
+
+def test_every_price_is_of_an_instance_type_the_plan_knows():
+    assert set(plan.PRICES) <= set(plan.INSTANCES)
+    assert {"m6i.2xlarge", "m6i.8xlarge", "g5.12xlarge"} <= set(plan.PRICES)   # cluster.yaml's
 
 
 # ----------------------------------------------------------------------------- the model's arithmetic

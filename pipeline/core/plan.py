@@ -10,6 +10,11 @@ every job runs the same check when it starts (``pipeline.core.cli.start``).
 
 A plan that does not fit names its reasons and the changes (``--set section.field=value``)
 that make it fit; each change is checked by planning again with it, so following one works.
+
+With a row count, every step also says what it costs: the CPU- and GPU-hours it reserves (its
+time x what its tasks, actors or workers reserve at once), the bytes it writes, and, where the
+cluster file names instance types with a known price, what the nodes it holds cost on demand;
+and the plan compares MoDE-n's training with the paper's dense baseline (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -91,6 +96,9 @@ RATES = {
                       "bench_embed: MiniLM-L6, batch 256, 2 threads"),
     "kmeans_fit": Rate(262_144 * 1024 * 384 * 2 * 20 / 32.5 / 2, "FLOP/s per CPU",
                        "bench_kmeans: fit of 262,144 rows x 1,024 centres x 384-d, 20 iterations, 32.5 s on 2 cores"),
+    "cluster_sample": Rate(4_000_000 / 11.5 / 2, "rows/s per CPU at 64-d",
+                           "bench_scale: the clusters stage's pass over 4,000,000 rows of 64-d vectors "
+                           "that draws the fit sample, 11.5 s on 2 cores"),
     "assign": Rate(88.5e9 / 2, "FLOP/s per CPU",
                    "bench_kmeans: balanced assignment, 88.5 GFLOP/s on 2 cores"),
     "training_data": Rate(10_000 / 15 / 2, "rows/s per CPU",
@@ -110,6 +118,34 @@ ENCODERS = {"minilm-offline": (6, 384, 384), "minilm-l6": (6, 384, 384), "mpnet-
             "bert-base": (12, 768, 768), "bert-large": (24, 1024, 1024)}
 
 
+# ----------------------------------------------------------------------------- prices and sizes
+# On-demand Linux prices in us-east-1, $ an hour, of the instance types of ``INSTANCES``. Read
+# (2026-12-06) from Karpenter's table of AWS's on-demand prices, which its maintainers generate
+# from AWS's price list API (this version on 2026-02-09): not read from AWS's own pricing page.
+# p5e.48xlarge is not in it, so it has no price here. Spot, which cluster.yaml's workers use,
+# costs less and moves with demand.
+PRICE_REGION = "us-east-1"
+PRICE_SOURCE = ("https://github.com/aws/karpenter-provider-aws/blob/265ee0ba5b8e337dec6b82dde965b03021ccb418/"
+                "pkg/providers/pricing/zz_generated.pricing_aws.go (generated 2026-02-09, read 2026-12-06)")
+PRICES = {
+    "m6i.2xlarge": 0.384, "m6i.4xlarge": 0.768, "m6i.8xlarge": 1.536, "m6i.16xlarge": 3.072,
+    "g5.xlarge": 1.006, "g5.2xlarge": 1.212, "g5.4xlarge": 1.624, "g5.8xlarge": 2.448,
+    "g5.12xlarge": 5.672, "g5.16xlarge": 4.096, "g5.24xlarge": 8.144, "g5.48xlarge": 16.288,
+    "g6.xlarge": 0.8048, "g6.12xlarge": 4.6016, "g6.48xlarge": 13.3504,
+    "p4d.24xlarge": 21.957642, "p4de.24xlarge": 27.44705, "p5.48xlarge": 55.04,
+}
+# Bytes a row of each artifact takes (parquet; float vectors and JPEG bytes do not compress).
+KEY_BYTES = 13              # img2dataset's 9-digit key and parquet's 4-byte string offset
+# An assumption: web alt-texts are short (LAION-400M kept those of 5 characters or more).
+CAPTION_BYTES = 100
+# img2dataset's LAION-400M example at 256 px (its default JPEG quality, 95) reports "The result
+# is 10TB" for 400M samples: 25 KB a sample, its caption, JSON and tar headers included.
+IMAGE_BYTES = 25_000
+# A checkpoint holds the fp32 weights and AdamW's two fp32 moments (train_loop's state dicts): 12
+# bytes a parameter; the scaler and counters are a few bytes.
+CHECKPOINT_BYTES_PER_PARAM = 12
+
+
 # ----------------------------------------------------------------------------- node types
 @dataclasses.dataclass(frozen=True)
 class NodeType:
@@ -118,6 +154,8 @@ class NodeType:
     resources: Mapping[str, float]  # what one node offers tasks and actors: CPU, GPU, custom
     gpu: str | None = None          # the GPU model (a key of ``GPUS``), when known
     where: str = ""                 # the instance type, or where the type was read
+    head: bool = False              # the head node: up for the whole run, whatever runs
+    region: str = ""                # the cloud region the file names ("": none named)
 
     def text(self) -> str:
         res = "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(self.resources.items())) + "}"
@@ -159,13 +197,14 @@ def read_cluster(path: str | Path) -> list[NodeType]:
 
 def _launcher(doc: dict) -> list[NodeType]:
     head = doc.get("head_node_type")
+    region = str((doc.get("provider") or {}).get("region", ""))
     out = []
     for name, t in doc["available_node_types"].items():
         instance = (t.get("node_config") or {}).get("InstanceType")
         res, gpu = _instance(name, instance, t.get("resources") or {})
         count = 1 if name == head else int(t.get("max_workers", doc.get("max_workers", 0)))
         if count:
-            out.append(NodeType(name, count, res, gpu, instance or ""))
+            out.append(NodeType(name, count, res, gpu, instance or "", name == head, region))
     return out
 
 
@@ -181,7 +220,7 @@ def _kuberay(doc: dict) -> list[NodeType]:
     groups += [(g["groupName"], int(g.get("maxReplicas", g.get("replicas", 0))), g)
                for g in spec.get("workerGroupSpecs", [])]
     out = []
-    for name, count, g in groups:
+    for i, (name, count, g) in enumerate(groups):
         pod = g["template"]["spec"]
         limits = pod["containers"][0].get("resources", {}).get("limits", {})
         params = g.get("rayStartParams") or {}
@@ -194,7 +233,7 @@ def _kuberay(doc: dict) -> list[NodeType]:
         res.update(_schedulable(json.loads(params["resources"].strip("'\"").replace('\\"', '"'))
                                 if params.get("resources") else {}))
         if count:
-            out.append(NodeType(name, count, res, gpu, instance or ""))
+            out.append(NodeType(name, count, res, gpu, instance or "", i == 0))
     return out
 
 
@@ -249,10 +288,69 @@ class Step:
     seconds: float | None = None
     time_note: str = ""             # how the time was reckoned
     remedies: tuple[str, ...] = ()  # resource-level changes (checked by resources.check)
+    cpu_hours: float | None = None  # its time x the CPUs its tasks, actors or workers reserve
+    gpu_hours: float | None = None  # its time x the GPUs they reserve
+    dollars: float | None = None    # the nodes it keeps busy, on demand; None: a price is not known
+    price_note: str = ""            # which nodes, at what price, for how long
+    written: float | None = None    # bytes it writes
+    written_note: str = ""
+    runs: int = 1                   # training runs in it, and one run's time
+    run_seconds: float | None = None
 
     @property
     def fits(self) -> bool:
         return not self.problems
+
+
+@dataclasses.dataclass(frozen=True)
+class Versus:
+    """MoDE-n's training (the seed, then its n experts) against the paper's dense baseline
+    (``full-0``: the seed continued on all data for one expert's budget); each pair is (MoDE,
+    dense), None where the plan has no estimate."""
+    experts: int
+    seed_fraction: float
+    samples: tuple[int, int]
+    gpu_hours: tuple[float, float] | None
+    cpu_hours: tuple[float, float] | None
+    dollars: tuple[float, float] | None
+    seconds: tuple[float, float] | None
+    at_once: int
+
+    @property
+    def ratio(self) -> float:
+        return self.samples[0] / self.samples[1]
+
+    def text(self) -> str:
+        def pair(v: tuple[float, float], fmt) -> str:
+            return f"{fmt(v[0])} against {fmt(v[1])} ({v[0] / v[1]:.2f}x)" if v[1] else \
+                f"{fmt(v[0])} against {fmt(v[1])}"
+
+        f = self.seed_fraction
+        lines = [f"MoDE-{self.experts} against the dense baseline full-0 (the seed continued on all "
+                 "data for one expert's budget):",
+                 f"    samples: {pair(self.samples, lambda x: f'{x:,.0f}')}; "
+                 f"f + n (1 - f) = {mode_over_dense(f, self.experts):.2f} at seed_fraction f = {f:g}"]
+        if self.gpu_hours and self.gpu_hours[1]:
+            lines.append(f"    GPU-hours: {pair(self.gpu_hours, _hours)}")
+        if self.cpu_hours:
+            lines.append(f"    CPU-hours: {pair(self.cpu_hours, _hours)}")
+        if self.dollars:
+            lines.append(f"    on demand: {pair(self.dollars, lambda x: f'${x:,.0f}')}")
+        if self.seconds:
+            lines.append(f"    wall time: {pair(self.seconds, _duration)} (the seed, then "
+                         f"{self.experts} expert run(s) {self.at_once} at a time, against one run)")
+        return "\n".join(lines)
+
+
+def mode_over_dense(seed_fraction: float, experts: int) -> float:
+    """MoDE-n's training samples over the dense baseline's: (f T + n (1 - f) T) / T; the
+    paper's (27 + 5 n) / 32, 1.47 for n = 4."""
+    return seed_fraction + experts * (1 - seed_fraction)
+
+
+def reserved_hours(seconds: float, units: float) -> float:
+    """What a step reserves, in unit-hours: its time x the CPUs (or GPUs) it holds at once."""
+    return seconds * units / 3600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +359,20 @@ class Plan:
     nodes: tuple[NodeType, ...]
     steps: tuple[Step, ...]
     remedies: tuple[tuple[str, ...], ...] = ()   # each a set of --set changes that makes it fit
+    versus: Versus | None = None
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds or 0 for s in self.steps)
+
+    @property
+    def head(self) -> tuple[NodeType, float | None] | None:
+        """The head node and what it costs on demand for the plan's whole time."""
+        head = next((t for t in self.nodes if t.head), None)
+        if head is None:
+            return None
+        price = price_of(head)
+        return head, None if price is None else price * self.seconds / 3600
 
     @property
     def fits(self) -> bool:
@@ -282,9 +394,18 @@ class Plan:
                              + (f"; {s.memory_note}" if s.memory_note else ""))
             when = _duration(s.seconds) if s.seconds is not None else "not estimated"
             lines.append(f"    time: {when}" + (f" ({s.time_note})" if s.time_note else ""))
+            if s.cpu_hours is not None:
+                lines.append(f"    reserves: {_hours(s.gpu_hours or 0)} GPU-hours, {_hours(s.cpu_hours)} CPU-hours; "
+                             + (f"${s.dollars:,.0f} on demand" if s.dollars is not None else "$ not known")
+                             + (f" ({s.price_note})" if s.price_note else ""))
+            if s.written is not None:
+                lines.append(f"    writes: {_bytes(s.written)} ({s.written_note})")
             lines += [f"    DOES NOT FIT: {p}" for p in s.problems]
-        total = sum(s.seconds or 0 for s in self.steps)
+        total = self.seconds
         lines += ["", f"total of the estimated times: {_duration(total)}"]
+        lines += self._totals()
+        if self.versus is not None:
+            lines.append(self.versus.text())
         if self.fits:
             lines.append("fits: every stage and training run")
         else:
@@ -292,6 +413,48 @@ class Plan:
             lines += [f"  fix: --set {' --set '.join(r)}" for r in self.remedies] or \
                      ["  no change of the config found that makes it fit: add nodes or larger ones"]
         return "\n".join(lines)
+
+    def _totals(self) -> list[str]:
+        costed = [s for s in self.steps if s.cpu_hours is not None]
+        if not costed:
+            return []
+        longest = max(costed, key=lambda s: s.seconds or 0)
+        share = (longest.seconds or 0) / self.seconds if self.seconds else 0.0
+        lines = [f"longest step: {longest.name}, {_duration(longest.seconds or 0)} "
+                 f"({share:.0%} of the estimated time)",
+                 f"total reserved: {_hours(sum(s.gpu_hours or 0 for s in costed))} GPU-hours, "
+                 f"{_hours(sum(s.cpu_hours or 0 for s in costed))} CPU-hours; written: "
+                 f"{_bytes(sum(s.written or 0 for s in self.steps))}"]
+        dollars = [s.dollars for s in costed]
+        head = self.head
+        if None in dollars or (head is not None and head[1] is None):
+            lines.append("on demand: not known for every node type (prices: plan.PRICES)")
+        else:
+            steps = sum(d or 0 for d in dollars)
+            up = (head[1] or 0.0) if head else 0.0
+            extra = (f" + ${up:,.0f} for the head ({head[0].where}, up for all {_duration(self.seconds)})"
+                     if head else "")
+            lines += [f"on demand: ${steps:,.0f} for the steps{extra} = ${steps + up:,.0f}",
+                      f"prices: {PRICE_REGION} on demand, {PRICE_SOURCE}"]
+        return lines
+
+
+def price_of(node: NodeType) -> float | None:
+    """A node's on-demand $ an hour: its instance type's in ``PRICES``, in ``PRICE_REGION``."""
+    if node.region not in ("", PRICE_REGION):
+        return None
+    return PRICES.get(node.where)
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.0f}" if h >= 10 or h == 0 else f"{h:.2g}"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def _duration(seconds: float) -> str:
@@ -311,7 +474,8 @@ def _res(bundle: Mapping[str, float]) -> str:
 
 
 def make(cfg: Config, nodes: Sequence[NodeType], *, runs: int | None = None,
-         rows: int | None = None, title: str = "", steps: Sequence[str] = STEPS) -> Plan:
+         rows: int | None = None, title: str = "", steps: Sequence[str] = STEPS,
+         image_bytes: int = IMAGE_BYTES) -> Plan:
     """The plan of ``cfg`` on ``nodes``: the data stages, the seed, the runs after it and the
     evaluation, as ``jobs/run_pipeline.py`` runs them.
 
@@ -320,46 +484,78 @@ def make(cfg: Config, nodes: Sequence[NodeType], *, runs: int | None = None,
             baselines); at most ``train.max_concurrent`` of them at once.
         rows: samples in the shards, for the data stages' times (None: not estimated).
         steps: the steps to plan (``STEPS``), the others left out.
+        image_bytes: an image's encoded bytes, for what ``training_data`` writes.
     """
-    plan = _make(cfg, nodes, runs, rows, title)
+    plan = _make(cfg, nodes, runs, rows, title, image_bytes)
     keep = [s for key, s in zip(STEPS, plan.steps, strict=True) if key in steps]
     return dataclasses.replace(plan, steps=tuple(keep))
 
 
 def _make(cfg: Config, nodes: Sequence[NodeType], runs: int | None, rows: int | None,
-          title: str) -> Plan:
+          title: str, image_bytes: int) -> Plan:
     cpus = sum(t.count * t.resources.get("CPU", 0.0) for t in nodes)
+    per_row = {"ingest": KEY_BYTES + CAPTION_BYTES + 8 + 2,
+               "training_data": KEY_BYTES + CAPTION_BYTES + image_bytes + 8}
     steps = [_tasks("ingest", "jobs/ingest.py", nodes, _per_cpu("decode", rows, cpus,
-                    "each image opened as training's decoding does"))]
+                    "each image opened as training's decoding does"),
+                    _rows_written(rows, per_row["ingest"], "key, caption, shard, pos"))]
     steps.append(_embeddings(cfg, nodes, rows))
     dim = _encoder(cfg.embed.model)[2] if _encoder(cfg.embed.model) else None
     c = cfg.cluster
     if rows is not None and dim is not None:
-        sample = rows if c.sample_per_centre == 0 else min(rows, c.fine_k * c.sample_per_centre)
-        fit = c.restarts * c.iterations * sample * c.fine_k * dim * 2
-        steps.append(_tasks("clusters", "jobs/cluster.py", nodes,
-                            _flops("kmeans_fit", fit, cpus, f"{c.restarts} x {c.iterations} iterations "
-                                   f"over {sample:,} rows, {c.fine_k} centres, {dim}-d")))
+        steps.append(_clusters(cfg, nodes, rows, dim))
         steps.append(_tasks("assignments", "jobs/assign.py", nodes,
                             _flops("assign", rows * c.fine_k * dim * 2, cpus,
-                                   f"{rows:,} rows x {c.fine_k} centres x {dim}-d")))
+                                   f"{rows:,} rows x {c.fine_k} centres x {dim}-d"),
+                            _rows_written(rows, KEY_BYTES + 8, "key, fine_id, distance")))
     else:
         why = (None, "pass --rows" if rows is None else f"no dimension known for {cfg.embed.model}")
         steps += [_tasks("clusters", "jobs/cluster.py", nodes, why),
                   _tasks("assignments", "jobs/assign.py", nodes, why)]
     steps.append(_tasks("training_data", "jobs/train_seed.py", nodes,
-                        _per_cpu("training_data", rows, cpus, "")))
+                        _per_cpu("training_data", rows, cpus, ""),
+                        _rows_written(rows, per_row["training_data"],
+                                      f"key, caption, an image of {image_bytes / 1e3:g} KB, fine_id, random_id")))
     after = run_plan(cfg.train, cfg.cluster.num_experts)
     n = len(after) if runs is None else runs
-    steps.append(_training(cfg, nodes, "seed", "jobs/train_seed.py", 1, 1,
-                           seed_job(cfg.train).end_samples))
+    seed = _training(cfg, nodes, "seed", "jobs/train_seed.py", 1, 1, seed_job(cfg.train).end_samples)
+    steps.append(seed)
     names = ", ".join(j.name for j in after) if runs is None else f"{n} run(s)"
-    steps.append(_training(cfg, nodes, names, "jobs/train_experts.py", n,
-                           min(cfg.train.max_concurrent, n), after[0].end_samples - seed_end(cfg.train))
-                 if n else Step("runs", "jobs/train_experts.py", "nothing", (), "no run left to train"))
+    continuation = after[0].end_samples - seed_end(cfg.train)
+    later = _training(cfg, nodes, names, "jobs/train_experts.py", n, min(cfg.train.max_concurrent, n),
+                      continuation) if n else \
+        Step("runs", "jobs/train_experts.py", "nothing", (), "no run left to train")
+    steps.append(later)
     steps.append(_tasks("eval", "jobs/evaluate.py", nodes,
                         (None, "depends on the tasks; the models run in the job's driver")))
-    return Plan(title, tuple(nodes), tuple(steps))
+    versus = _versus(cfg, seed, later, continuation) if runs is None and n else None
+    return Plan(title, tuple(nodes), tuple(steps), versus=versus)
+
+
+def _versus(cfg: Config, seed: Step, later: Step, continuation: int) -> Versus:
+    """MoDE-n (the seed and n expert runs) against full-0 (the seed and one run), from the
+    seed's figures and one run's of the runs after it (every run is as long)."""
+    m = cfg.cluster.num_experts
+    at_once = min(cfg.train.max_concurrent, m)
+    start = seed_end(cfg.train)
+
+    def pair(a: float | None, b: float | None) -> tuple[float, float] | None:
+        if a is None or b is None:
+            return None
+        return a + m * b / later.runs, a + b / later.runs
+
+    seconds = None
+    if seed.seconds is not None and later.run_seconds is not None:
+        seconds = (seed.seconds + math.ceil(m / at_once) * later.run_seconds, seed.seconds + later.run_seconds)
+    return Versus(m, cfg.train.seed_fraction, (start + m * continuation, start + continuation),
+                  pair(seed.gpu_hours, later.gpu_hours), pair(seed.cpu_hours, later.cpu_hours),
+                  pair(seed.dollars, later.dollars), seconds, at_once)
+
+
+def _rows_written(rows: int | None, per_row: int, what: str) -> tuple[float, str] | None:
+    if rows is None:
+        return None
+    return rows * per_row, f"{rows:,} rows x {per_row:,} bytes: {what}"
 
 
 def _per_cpu(rate: str, rows: int | None, cpus: float, note: str) -> tuple[float | None, str]:
@@ -375,14 +571,79 @@ def _flops(rate: str, flops: float, cpus: float, what: str) -> tuple[float, str]
     return flops / (r.value * cpus), f"{what} at {r.value / 1e9:.0f} GFLOP/s per CPU x {cpus:g} CPUs"
 
 
-def _tasks(name: str, job: str, nodes: Sequence[NodeType], timed: tuple[float | None, str]) -> Step:
-    """A data stage: Ray Data (and k-means) tasks of one CPU, as many as the CPUs allow."""
+def _clusters(cfg: Config, nodes: Sequence[NodeType], rows: int, dim: int) -> Step:
+    """A pass over every row draws the fit sample, spread over every CPU; the fit then runs
+    its iterations over that sample, one task a block of ``cluster.fit_block_rows``: however
+    many CPUs the cluster has, no more of them than the sample has blocks."""
+    c = cfg.cluster
+    cpus = sum(t.count * t.resources.get("CPU", 0.0) for t in _holding(nodes, TASK))
+    sample = rows if c.sample_per_centre == 0 else min(rows, c.fine_k * c.sample_per_centre)
+    blocks = math.ceil(sample / c.fit_block_rows)
+    busy = max(1.0, min(cpus, blocks))
+    r = RATES["cluster_sample"]
+    per_cpu = r.value * 64 / dim
+    passing = rows / (per_cpu * max(cpus, 1.0))
+    fit_rate = RATES["kmeans_fit"].value
+    fitting = c.restarts * c.iterations * sample * c.fine_k * dim * 2 / (fit_rate * busy)
+    note = (f"the sample pass: {rows:,} rows at {per_cpu:,.0f} rows/s per CPU (bench_scale's at 64-d, "
+            f"scaled by the vector's size) x {cpus:g} CPUs, {_duration(passing)}; the fit: "
+            f"{c.restarts} x {c.iterations} iterations over {sample:,} rows, {c.fine_k} centres, {dim}-d, "
+            f"at {fit_rate / 1e9:.0f} GFLOP/s per CPU x {busy:g} CPUs (its {blocks} block(s) of "
+            f"{c.fit_block_rows:,} rows), {_duration(fitting)}")
+    written = ((c.fine_k + c.num_experts) * dim * 4 + c.fine_k * 12,
+               f"{c.fine_k} fine and {c.num_experts} coarse {dim}-d float32 centres, the fine clusters' "
+               "experts and sizes")
+    return _tasks("clusters", "jobs/cluster.py", nodes, (passing + fitting, note), written,
+                  cpu_seconds=passing * cpus + fitting * busy)
+
+
+def _tasks(name: str, job: str, nodes: Sequence[NodeType], timed: tuple[float | None, str],
+           written: tuple[float, str] | None = None, cpu_seconds: float | None = None) -> Step:
+    """A data stage: Ray Data (and k-means) tasks of one CPU, as many as the CPUs allow; it
+    holds every node that can run one for its time (``cpu_seconds``: the CPU-seconds its tasks
+    reserve, when they do not fill every CPU all along)."""
     on = _holding(nodes, TASK)
     cpus = sum(t.count * t.resources.get("CPU", 0.0) for t in on)
     problems = () if on else (f"no node type has the whole CPU a Ray Data task asks for "
                               f"({_describe(nodes)}): add a node type with CPUs",)
+    seconds = timed[0]
+    cost: dict = {}
+    if seconds is not None:
+        held = [(t, t.count) for t in on]
+        dollars, note = _priced(held, seconds)
+        cost = dict(cpu_hours=cpu_seconds / 3600 if cpu_seconds is not None else reserved_hours(seconds, cpus),
+                    gpu_hours=0.0, dollars=dollars, price_note=note)
+    if written is not None:
+        cost.update(written=written[0], written_note=written[1])
     return Step(name, job, f"Ray Data tasks of {_res(TASK)}", tuple(t.name for t in on),
-                f"up to {int(cpus)} task(s) at once", problems, seconds=timed[0], time_note=timed[1])
+                f"up to {int(cpus)} task(s) at once", problems, seconds=seconds, time_note=timed[1], **cost)
+
+
+def _packed(nodes: Sequence[NodeType], bundles: Sequence[Mapping[str, float]]) -> list[tuple[NodeType, int]]:
+    """The nodes of each type that ``bundles`` land on, packed as Ray packs them (empty: they
+    do not fit)."""
+    flat = [t for t in nodes for _ in range(min(t.count, len(bundles)))]
+    before = [dict(t.resources) for t in flat]
+    after = resources.place(bundles, before, spread=False)
+    if after is None:
+        return []
+    used = [t.name for t, b, a in zip(flat, before, after, strict=True) if a != b]
+    return [(t, used.count(t.name)) for t in nodes if t.name in used]
+
+
+def _priced(held: Sequence[tuple[NodeType, int]], seconds: float) -> tuple[float | None, str]:
+    """What ``held`` (node type, nodes) costs on demand for ``seconds`` each, and how."""
+    if not held:
+        return None, "holds no node"
+    parts, total = [], 0.0
+    for t, k in held:
+        price = price_of(t)
+        if price is None:
+            why = f"in {t.region}" if t.where in PRICES else f"of {t.where or t.name}"
+            return None, f"no on-demand price known {why}"
+        total += k * price * seconds / 3600
+        parts.append(f"{k} x {t.name} ({t.where}, ${price:g}/h)")
+    return total, f"{', '.join(parts)} for {_duration(seconds)} each"
 
 
 def _describe(nodes: Sequence[NodeType]) -> str:
@@ -434,10 +695,21 @@ def _embeddings(cfg: Config, nodes: Sequence[NodeType], rows: int | None) -> Ste
                                                              ", scaled by the encoder's FLOPs")
         seconds = rows / (rate * at_once)
         note = f"{rows:,} captions at {rate:,.0f}/s per actor x {at_once}: {how}"
+    cost: dict = {}
+    if seconds is not None:
+        held = _packed(nodes, [actor] * at_once)
+        dollars, price_note = _priced(held, seconds)
+        cost = dict(cpu_hours=reserved_hours(seconds, at_once * e.num_cpus_per_actor + TASK["CPU"]),
+                    gpu_hours=reserved_hours(seconds, at_once * e.num_gpus_per_actor),
+                    dollars=dollars, price_note=price_note)
+    if rows is not None and enc is not None:
+        per_row = KEY_BYTES + 4 * enc[2]
+        cost.update(written=rows * per_row,
+                    written_note=f"{rows:,} rows x {per_row:,} bytes: key, {enc[2]}-d float32 embedding")
     return Step("embeddings", "jobs/embed.py", f"encoder actors of {_res(actor)} and read tasks of "
                 f"{_res(TASK)}", tuple(t.name for t in on),
                 f"{at_once} of {e.num_actors} actor(s) at once", problems,
-                seconds=seconds, time_note=note)
+                seconds=seconds, time_note=note, **cost)
 
 
 def _custom(text: str) -> dict[str, float]:
@@ -487,16 +759,32 @@ def _training(cfg: Config, nodes: Sequence[NodeType], name: str, job: str, runs:
             note = "CPU workers (host memory, not checked)"
     else:
         note = unmodelled
-    seconds, how = _train_time(cfg, nodes, arch, gpu, name, runs, at_once, samples)
+    per_run, how = _train_time(cfg, nodes, arch, gpu, name, runs, at_once, samples)
     runs_text = f"{at_once} run(s) at once" + (f" of {runs}" if runs > at_once else "")
+    seconds = None if per_run is None else math.ceil(runs / at_once) * per_run
+    cost: dict = {}
+    if per_run is not None:
+        # Each run holds its workers, and the nodes they pack onto, for its own time.
+        held = _packed(nodes, [worker] * t.num_workers)
+        dollars, price_note = _priced(held, runs * per_run)
+        cost = dict(cpu_hours=runs * reserved_hours(per_run, t.num_workers * t.cpus_per_worker + t.data_cpus),
+                    gpu_hours=runs * reserved_hours(per_run, t.num_workers if t.use_gpu else 0),
+                    dollars=dollars, price_note=price_note, runs=runs, run_seconds=per_run)
+    if arch is not None:
+        each = arch.params * CHECKPOINT_BYTES_PER_PARAM
+        cost.update(written=runs * t.keep_checkpoints * each,
+                    written_note=f"{runs} run(s) x {t.keep_checkpoints} checkpoint(s) kept x {_bytes(each)}: "
+                                 f"{arch.params:,} parameters' fp32 weights and AdamW moments")
     return Step(name, job, f"{t.num_workers} worker(s) of {_res(worker)} per run, data tasks of "
                 f"{t.data_cpus:g} CPU", tuple(x.name for x in on), runs_text, tuple(problems),
-                estimate, limit, note, seconds, how, fit.remedies)
+                estimate, limit, note, seconds, how, fit.remedies, **cost)
 
 
 def _train_time(cfg: Config, nodes: Sequence[NodeType], arch: memory.Architecture | None,
                 gpu: str | None, name: str, runs: int, at_once: int,
                 samples: int) -> tuple[float | None, str]:
+    """One run's time, start included, and how it was reckoned (``runs`` go ``at_once`` at a
+    time, in rounds)."""
     t = cfg.train
     if arch is None:
         return None, "no FLOP count for this architecture"
@@ -532,10 +820,8 @@ def _train_time(cfg: Config, nodes: Sequence[NodeType], arch: memory.Architectur
         how = (f"{rate:,.0f} samples/s a run: {threads} torch thread(s) x {t.num_workers} worker(s) "
                f"at mode-tiny's measured {RATES[key].value:.0f} samples/s a thread"
                + ("" if arch.name == "mode-tiny" else ", scaled by FLOPs"))
-    waves = math.ceil(runs / at_once)
-    per_run = samples / rate + start
-    each = f"{samples:,} samples" + (f" a run, {waves} round(s) of runs" if runs > 1 else "")
-    return waves * per_run, f"{each}; {how}; +{start:.0f} s a start"
+    each = f"{samples:,} samples" + (f" a run, {math.ceil(runs / at_once)} round(s) of runs" if runs > 1 else "")
+    return samples / rate + start, f"{each}; {how}; +{start:.0f} s a start"
 
 
 # ----------------------------------------------------------------------------- remedies
@@ -572,11 +858,11 @@ def _candidates(cfg: Config, plan: Plan) -> list[tuple[str, ...]]:
 
 def checked(cfg: Config, nodes: Sequence[NodeType], *, runs: int | None = None,
             rows: int | None = None, title: str = "", steps: Sequence[str] = STEPS,
-            most: int = 4) -> Plan:
+            most: int = 4, image_bytes: int = IMAGE_BYTES) -> Plan:
     """``make``, and for a plan that does not fit, up to ``most`` changes of the config that
     make it fit: each is loaded (so it passes the config's own checks) and planned again. Of
     the changes to one set of fields, only the first that works (the mildest) is kept."""
-    plan = make(cfg, nodes, runs=runs, rows=rows, title=title, steps=steps)
+    plan = make(cfg, nodes, runs=runs, rows=rows, title=title, steps=steps, image_bytes=image_bytes)
     if plan.fits:
         return plan
     works: list[tuple[str, ...]] = []
