@@ -70,6 +70,13 @@ def test_the_launcher_refuses_runs_that_cannot_all_progress_before_starting_any(
 
 
 def test_the_watchdog_names_a_run_without_steps_and_what_the_cluster_waits_for(ray_local):
+    from pipeline.core import raycluster
+
+    # Ray's cluster status lists the node a few seconds after Ray starts (this test may be the
+    # first to use it): what the watchdog reports is the status of a running cluster
+    deadline = time.monotonic() + 60
+    while "no node" in raycluster.pending() and time.monotonic() < deadline:
+        time.sleep(0.5)
     lines = []
     watch = checkpoints.Watchdog(0.2, lines.append)
     console.beats()                         # the job's console actor exists, as under launch
