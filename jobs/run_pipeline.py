@@ -8,7 +8,8 @@ experts and baselines, evaluate (or the parts up to --until).
 What jobs/ingest.py, embed.py, cluster.py, assign.py, train_seed.py, train_experts.py and
 evaluate.py do one after the other, in one driver: one `ray job submit` for the lot, Ray's
 worker processes started once. Each part is skipped when complete, as its own job would skip
-it, so a stopped or failed job submitted again goes on where it stopped. --tasks and
+it, so a stopped or failed job submitted again goes on where it stopped; embeddings imported
+with jobs/embed.py --from stay imported. --tasks and
 --retrieval are evaluate.py's (without them, a run directory next to a demo world is evaluated
 on the demo's tasks). Exits 1 if a training run failed, after the others finish, without
 evaluating.
@@ -17,6 +18,7 @@ evaluating.
 import sys
 
 from pipeline.core import cli, registry, stages
+from pipeline.data import embeddings
 from pipeline.evaluation import eval as evaluation
 from pipeline.training import checkpoints
 from pipeline.training.runs import DEFAULT_BASELINES
@@ -50,8 +52,10 @@ def main(argv=None) -> int:
                     "demo world, or stop earlier with --until experts")
     print(cli.start(cfg, run, data, *(inputs[0] if inputs else ()), inputs and inputs[1]))
     for part in [p for p in parts if p in STAGE]:
-        stages.run_stage(STAGE[part], cfg, run, force=args.force,
-                         **({"data": data} if part == "ingest" else {}))
+        external = {"data": data} if part == "ingest" else {}
+        if part == "embed" and embeddings.imported_source(run):    # jobs/embed.py --from
+            external["source"] = embeddings.imported_source(run)
+        stages.run_stage(STAGE[part], cfg, run, force=args.force, **external)
     if "seed" in parts:
         checkpoints.train_seed(cfg, run, force=args.force)
     if "experts" in parts:

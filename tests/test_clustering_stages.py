@@ -305,6 +305,10 @@ def test_imported_embeddings_are_counted_normalised_and_clustered_end_to_end(ray
     ingested = manifest(run_dir, "ingest")
     assert td["rows_out"] == m["rows_out"] and td["rows_skipped"]["not_embedded"] == 9
     assert td["rows_in"] == ingested["rows_in"] == td["rows_out"] + sum(td["rows_skipped"].values())
+    # the whole-pipeline job keeps the import: every stage up to assign is complete as it is
+    from jobs import run_pipeline
+    assert run_pipeline.main([*common, "--data", str(world / "train"), "--until", "assign"]) == 0
+    assert manifest(run_dir, "embeddings") == m
 
 
 def test_an_import_that_does_not_fit_is_refused_with_the_reason(ray_local, clustered, tmp_path):

@@ -136,6 +136,13 @@ def source_dim(fs: Any, files: list[str], source: str) -> int:
     raise ValueError(f"--from {source}: the first file holds no vector")
 
 
+def imported_source(run: RunDir) -> str | None:
+    """The URI the run's embeddings were imported from (None: encoded, or none yet), so that a
+    job running every stage keeps an import rather than encoding the captions again."""
+    m = run.manifest("embeddings")
+    return m["inputs"]["external"].get("source") if m else None
+
+
 def check_source(cfg: ConfigView, run: RunDir, upstream: dict[str, Any],
                  source: str | None = None) -> tuple[Any, list[str], int] | None:
     """Before an import replaces anything: ``source`` holds parquet files with ``key`` and
