@@ -272,6 +272,9 @@ _TRAINS = re.compile(r"(TorchTrainer|train\.train|(train_seed|train_experts|expe
                      r"run_pipeline|demo)\.main|checkpoints\.launch(_many)?)\(")
 
 
+_DATA_ONLY = re.compile(r'"--until", "(ingest|embed|cluster|assign|training_data)"')
+
+
 def test_every_test_that_trains_is_marked_so():
     """`make test-fast` leaves out the tests marked ``trains``: a test that starts a training
     run without a training fixture (which marks it, tests/conftest.py) must say so itself."""
@@ -286,8 +289,10 @@ def test_every_test_that_trains_is_marked_so():
             marks = {ast.unparse(d) for d in node.decorator_list}
             uses = {a.arg for a in node.args.args}
             calls = [ast.get_source_segment(src, c) for c in ast.walk(node) if isinstance(c, ast.Call)]
+            # --help and --print-config exit before any work; --until a data part stops before
+            # the seed
             trains = any(_TRAINS.match(c) and "--help" not in c and "--print-config" not in c
-                         for c in calls)     # --help and --print-config exit before any work
+                         and not _DATA_ONLY.search(c) for c in calls)
             if trains and not uses & TRAINING_FIXTURES \
                     and not marks & {"pytest.mark.trains", "pytest.mark.reliability", "pytest.mark.cluster"}:
                 unmarked.append(f"{path.name}::{node.name}")
