@@ -85,7 +85,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import markdown_table
+from benchlib import descendants, markdown_table
 
 # The paper's clustering; every other field keeps the library default (the module docstring).
 OVERRIDES = ("data.format=parquet", "embed.model=open_clip:mode-tiny", "cluster.fine_k=1024",
@@ -196,27 +196,6 @@ def _status(pid: int | str) -> dict[str, str]:
 
 def _mb(status: dict[str, str], field: str) -> float:
     return int(status.get(field, "0 kB").split()[0]) / 1024
-
-
-def descendants() -> list[int]:
-    """Every process below this one (Ray's GCS, raylet, workers and actors)."""
-    parent = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    parent[int(entry.name)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:     # the process ended while /proc was being read
-                continue
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parent.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = [], [os.getpid()]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
 
 
 class MemoryProbe(threading.Thread):

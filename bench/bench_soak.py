@@ -46,6 +46,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchlib import descendants
+
 N = int(os.environ.get("BENCH_SOAK_N", 2_000_000))
 ROWS_PER_CAPTION = int(os.environ.get("BENCH_SOAK_ROWS_PER_CAPTION", 8))
 K = int(os.environ.get("BENCH_SOAK_K", 1024))
@@ -90,25 +92,8 @@ class Sampler(threading.Thread):
         self.every, self.stop = every, threading.Event()
         self.seen: dict[int, dict] = {}
 
-    def _below(self) -> list[int]:
-        parent = {}
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                try:
-                    with open(f"/proc/{entry.name}/stat") as f:
-                        parent[int(entry.name)] = int(f.read().rsplit(")", 1)[1].split()[1])
-                except OSError:
-                    continue
-        out, todo = [], [os.getpid()]
-        while todo:
-            pid = todo.pop()
-            kids = [c for c, p in parent.items() if p == pid]
-            out += kids
-            todo += kids
-        return out
-
     def poll(self) -> None:
-        for pid in self._below():
+        for pid in descendants():
             try:
                 with open(f"/proc/{pid}/status") as f:
                     status = dict(line.split(":", 1) for line in f if ":" in line)

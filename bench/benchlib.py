@@ -14,12 +14,9 @@ def print_table(header: Sequence, rows: Sequence[Sequence]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-def tree_cpu_seconds() -> float:
-    """CPU seconds (user + system, all threads) used so far by this process and every process it
-    started: Ray's GCS, raylet, workers and actors. Read from /proc (Linux); unlike wall time,
-    other people's work on the machine barely changes it."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parent, cpu = {}, {}
+def _stats() -> dict[int, list[str]]:
+    """The fields of /proc/<pid>/stat after the process name, by pid (Linux)."""
+    out = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -28,16 +25,32 @@ def tree_cpu_seconds() -> float:
                 stat = f.read()
         except OSError:         # the process ended while /proc was being read
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        parent[int(entry.name)] = int(fields[1])
-        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, todo = set(), [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        tree.add(pid)
-        todo.extend(child for child, p in parent.items() if p == pid and child not in tree)
-    return sum(cpu.get(pid, 0.0) for pid in tree)
+        out[int(entry.name)] = stat[stat.rindex(")") + 2:].split()
+    return out
 
+
+def descendants(stats: dict[int, list[str]] | None = None) -> list[int]:
+    """Every process below this one (Ray's GCS, raylet, workers and actors)."""
+    stats = _stats() if stats is None else stats
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    out, todo = [], [os.getpid()]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system, all threads) used so far by this process and every process it
+    started: Ray's GCS, raylet, workers and actors. Read from /proc (Linux); unlike wall time,
+    other people's work on the machine barely changes it."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = _stats()
+    tree = [os.getpid(), *descendants(stats)]
+    return sum((int(stats[p][11]) + int(stats[p][12])) / tick for p in tree if p in stats)
 
 def markdown_table(header: Sequence, rows: Sequence[Sequence]) -> str:
     """A markdown table (docs/benchmarks.md's form), numbers right-aligned."""

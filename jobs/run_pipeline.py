@@ -53,8 +53,9 @@ def main(argv=None) -> int:
     print(cli.start(cfg, run, data, *(inputs[0] if inputs else ()), inputs and inputs[1]))
     for part in [p for p in parts if p in STAGE]:
         external = {"data": data} if part == "ingest" else {}
-        if part == "embed" and embeddings.imported_source(run):    # jobs/embed.py --from
-            external["source"] = embeddings.imported_source(run)
+        source = embeddings.imported_source(run) if part == "embed" else None
+        if source:      # made by jobs/embed.py --from: stays imported
+            external["source"] = source
         stages.run_stage(STAGE[part], cfg, run, force=args.force, **external)
     if "seed" in parts:
         checkpoints.train_seed(cfg, run, force=args.force)

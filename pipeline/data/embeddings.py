@@ -144,12 +144,12 @@ def imported_source(run: RunDir) -> str | None:
 
 
 def check_source(cfg: ConfigView, run: RunDir, upstream: dict[str, Any],
-                 source: str | None = None) -> tuple[Any, list[str], int] | None:
+                 source: str | None = None) -> None:
     """Before an import replaces anything: ``source`` holds parquet files with ``key`` and
     ``embedding`` columns, of the dimension ``embed.model``'s vectors have (routing embeds the
-    class names with it). Returns the filesystem, the files and the dimension."""
+    class names with it)."""
     if source is None:
-        return None
+        return
     fs, files = source_files(source, cfg.storage)
     dim = source_dim(fs, files, source)
     encoder_dim = CaptionEncoder(cfg.embed.model, batch_size=1, cache_size=1).encode(["a"]).shape[1]
@@ -158,7 +158,6 @@ def check_source(cfg: ConfigView, run: RunDir, upstream: dict[str, Any],
                          f"{cfg.embed.model!r} gives {encoder_dim}-d ones: evaluation routes by "
                          "embedding class names with embed.model, so it must name the encoder "
                          "that made these vectors (--set embed.model=...)")
-    return fs, files, dim
 
 
 class _Normalise:
@@ -216,7 +215,9 @@ def import_embeddings(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], so
     The dimension must be that of ``embed.model``'s vectors, which routing embeds class names
     with; a key that appears twice in ``source`` is an error (which vector would be meant?)."""
     rows_in = int(upstream["ingest"]["rows_out"])
-    fs, files, dim = check_source(cfg, run, upstream, source)
+    # the stage row's check (check_source) has compared the dimension with embed.model's
+    fs, files = source_files(source, cfg.storage)
+    dim = source_dim(fs, files, source)
     log(f"[embeddings] importing {len(files)} file(s) of {dim}-d vectors from {source}")
     counter = Tally()
     kept = ray.data.read_parquet(run.stage_uri("ingest", "samples"), columns=["key"],
