@@ -7,10 +7,13 @@ experts (`jobs/run_pipeline.py --until experts --baselines ""`, the demo preset 
 CHAOS_SET below):
 - once undisturbed, into <out>/reference;
 - then --runs times, into <out>/run-<i>, while a helper thread SIGKILLs one Ray worker process
-  of that run at a time: a training worker, a Ray Data task or an embedding actor. At each
-  kill the helper watches the run's processes for 5 s (polling every 0.1 s: data tasks live for
-  a fraction of a second), draws a kind among those it saw, waits for a live process of that
-  kind and kills it; one that does not come back within 10 s is counted as a miss.
+  of that run at a time, of any kind the job owns (KINDS): a training worker, a Ray Data task,
+  an embedding actor, the job's console actor, a run's Ray Train controller or one of its
+  helpers (placement-group cleaner, dataset manager, synchronisation actor), one of Ray Data's
+  helper actors. At each kill the helper watches the run's processes for 5 s (polling every
+  0.1 s: data tasks live for a fraction of a second), draws a kind among those it saw, waits
+  for a live process of that kind and kills it; one that does not come back within 10 s is
+  counted as a miss.
 
 Kills come every --every seconds on average (uniform in 0.5-1.5 x every, the first after one
 interval), never faster: a training run takes about 40 s to restart on 2 cores. Only processes
@@ -23,8 +26,12 @@ Each run must:
   embeddings within 1e-5, clusters and assignments bit-identical when the embeddings are);
 - end every training run at exactly its planned samples.
 
-Writes <out>/chaos.json and prints one line per run: wall time, kills by kind, worker-group
-restarts, outcome. Exits 1 if a run failed a check.
+Writes <out>/chaos.json and prints one line per run: wall time, kills and recoveries by kind,
+worker-group restarts, relaunches, outcome. A kill counts as recovered when its run passed every
+check. The job log says how: a training run's relaunch (its controller or a helper died:
+``relaunch``), a worker-group restart (``restarts`` in the registry), a stage that counted from
+its data (its console actor died: ``counts are incomplete``); Ray retries tasks and restarts
+actors silently. Exits 1 if a run failed a check.
 """
 
 from __future__ import annotations
@@ -56,11 +63,22 @@ CHAOS_SET = ["cluster.fine_k=16", "cluster.num_experts=2", "cluster.restarts=1",
              "train.log_every_steps=4", "train.max_failures=10"]
 WORLD = DemoConfig(samples=2_000, samples_per_shard=250, new_domain_samples=0, eval_per_class=2)
 # What a process's title (Ray sets it: ray::<what it runs>) says it is.
+# Checked in order: the first kind whose mark the title holds.
 KINDS = {"training worker": ("RayTrainWorker",),
+         "train controller": ("ray::TrainController",),
+         "train helper": ("ray::PlacementGroupCleaner", "ray::DatasetManager",
+                          "ray::SynchronizationActor"),
+         "console actor": ("ray::_Console",),
+         # Ray Data's own actors beside the map pools: its stats and autoscaling coordinators,
+         # a split coordinator, the parquet footer reader
+         "data helper actor": ("ray::_StatsActor", "ray::_AutoscalingCoordinator",
+                               "ray::SplitCoordinator", "ray::FooterReader"),
          "embedding actor": ("EmbedBatches", "MapWorker"),
          # tasks only: a hash-shuffle aggregator is an actor whose state a kill would lose
          "data task": ("ray::Read", "ray::MapBatches", "ray::Map(", "ray::Write", "ray::Filter",
                        "ray::Project", "ray::_map_task", "ray::Sort")}
+# What the job log says when it recovers on its own (beyond Ray's silent task retries).
+RECOVERY_LINES = {"relaunches": "] relaunch ", "counts_from_data": "counts are incomplete"}
 POLL_S = 0.1    # how often the killer looks at the processes
 WATCH_S = 5.0   # how long it watches before it draws a kind among those it saw
 
@@ -185,6 +203,13 @@ def check(run_dir: Path, reference: Path | None, overrides: list[str]) -> list[s
     return problems
 
 
+def recoveries(log: Path) -> dict[str, int]:
+    """The job log's recovery lines (RECOVERY_LINES), counted."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return {name: sum(mark in line for line in text.splitlines())
+            for name, mark in RECOVERY_LINES.items()}
+
+
 def restarts(run_dir: Path) -> int:
     entries = registry.finished(RunDir(str(run_dir), StorageConfig()))
     return sum(e.get("restarts", 0) for e in entries.values())
@@ -230,22 +255,29 @@ def main(argv=None) -> int:
             problems = [f"exit {rc}: see {out / (name + '.log')}"]
         else:
             problems = check(run_dir, out / "reference" if i else None, args.overrides)
+        by_kind = dict(Counter(k["kind"] for k in kills))
         result = {"run": name, "wall_s": round(wall, 1), "exit": rc, "kills": kills,
-                  "kills_by_kind": dict(Counter(k["kind"] for k in kills)),
+                  "kills_by_kind": by_kind,
+                  "recovered_by_kind": {} if problems else by_kind,
                   "misses_by_kind": dict(killer.misses) if killer else {},
-                  "restarts": restarts(run_dir) if rc == 0 else None, "problems": problems}
+                  "restarts": restarts(run_dir) if rc == 0 else None,
+                  **recoveries(out / f"{name}.log"), "problems": problems}
         results.append(result)
-        print(f"[chaos] {name}: {wall:.0f} s, {len(kills)} kills {result['kills_by_kind']} "
+        print(f"[chaos] {name}: {wall:.0f} s, {len(kills)} kills {by_kind} "
               f"(missed: {result['misses_by_kind'] or 'none'}), "
-              f"{result['restarts']} worker-group restarts: "
+              f"{result['restarts']} worker-group restarts, {result['relaunches']} relaunches, "
+              f"{result['counts_from_data']} stages counted from their data: "
               f"{'OK' if not problems else 'FAILED ' + '; '.join(problems)}", flush=True)
         if i == 0 and problems:
             print("[chaos] the undisturbed reference run failed: nothing to compare with")
             break
     (out / "chaos.json").write_text(json.dumps(results, indent=1))
     bad = [r["run"] for r in results if r["problems"]]
-    print(f"[chaos] {len(results) - 1} disturbed runs, "
-          f"{sum(len(r['kills']) for r in results)} kills, failed: {bad or 'none'}; {out / 'chaos.json'}")
+    kills = sum((Counter(r["kills_by_kind"]) for r in results), Counter())
+    recovered = sum((Counter(r["recovered_by_kind"]) for r in results), Counter())
+    print(f"[chaos] {len(results) - 1} disturbed runs, {sum(kills.values())} kills, recovered "
+          f"by kind: {', '.join(f'{k} {recovered[k]}/{n}' for k, n in sorted(kills.items())) or 'none'}; "
+          f"failed: {bad or 'none'}; {out / 'chaos.json'}")
     return 1 if bad else 0
 
 

@@ -41,6 +41,14 @@ def test_bad_type_and_range_are_named():
         load_config("demo", ["cluster.fine_k=0"])
     with pytest.raises(ConfigError, match=r"train\.seed_fraction"):
         load_config("demo", ["train.seed_fraction=1.5"])
+    with pytest.raises(ConfigError, match=r"train\.max_relaunches: must be >= 0"):
+        load_config("demo", ["train.max_relaunches=-1"])
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_relaunches_a_run_whose_control_processes_died(preset):
+    """A run's controller or helper lost at night is started again without anyone there."""
+    assert load_config(preset).train.max_relaunches >= 1
 
 
 def test_unknown_preset_lists_presets():

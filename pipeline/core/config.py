@@ -288,6 +288,11 @@ class TrainConfig:
         0, ge=0,
         doc="Worker-group failures retried from the latest checkpoint within one run (a lost node, a "
             "preempted spot instance); the registry counts the restarts a run took.")
+    max_relaunches: int = setting(
+        2, ge=0,
+        doc="Times the launcher starts a run again, from its newest whole checkpoint, after its "
+            "Ray Train controller, one of its helper actors or its worker group died (not after "
+            "an error of its own code or data); each relaunch is logged with its cause.")
     stall_warning_s: float = setting(
         300.0, ge=0,
         doc="A run whose step has not moved for this many seconds says so in the job log, with what "
@@ -298,7 +303,9 @@ class TrainConfig:
             "longest first. The seed, which trains alone, gets the torch threads of this many.")
     rows_per_file: int = setting(
         10_000, gt=0,
-        doc="Rows per parquet file of training_data/ (samples with their encoded images).")
+        doc="Rows per partition of training_data/'s join (samples with their encoded images); each "
+            "partition is written to every expert's folder, so a file holds about "
+            "`rows_per_file / num_experts` rows.")
 
 
 @dataclass(frozen=True)

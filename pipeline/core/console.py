@@ -10,6 +10,13 @@ it back (docs/cluster.md, "What a job prints").
 Lines from code running in Ray workers (the training loop) reach the job's console through the
 job's console actor (``relay``), which also sums the counts behind the progress lines
 (``Tally``): worker output itself is not forwarded.
+
+Everything that goes through the console actor only reports, so it is best effort: a call that
+fails (the actor died, or the driver's call did not answer in ``CALL_TIMEOUT_S``) is dropped and
+counted (``dropped``), the driver creates the actor again, and the work goes on. A ``Tally``'s
+totals are the one exception: a stage may write them into its manifest, so ``Tally.totals``
+raises ``CountsLost`` when the actor that summed them died since the tally opened, and the stage
+counts from its data instead (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0
 ACTOR_NAME = "mode-console"
 LEVEL_ENV = "MODE_LOG_LEVEL"
+# A console call that waits for its answer in the driver (a progress poll, the relay, the
+# watchdog's heartbeats, a tally's totals) gives up after this long: a stuck actor must not hold
+# up the job. A tally's totals then say CountsLost.
+CALL_TIMEOUT_S = 30.0
 
 
 def format_seconds(seconds: float) -> str:
@@ -152,7 +163,31 @@ def quiet_ray_data() -> None:
 
 
 # ----------------------------------------------------------------------------- the job's actor
-@ray.remote(num_cpus=0)
+class CountsLost(RuntimeError):
+    """A ``Tally``'s totals are incomplete: the console actor that summed them died (and was
+    started again, empty) after the tally opened."""
+
+
+_dropped: collections.Counter[str] = collections.Counter()
+
+
+def dropped() -> dict[str, int]:
+    """Console calls this process dropped because they failed, by kind (``add``, ``totals``,
+    ``drain``, ``beats``, ``beat``, ``say``, ``open``, ``spoil``, ``forget``)."""
+    return dict(_dropped)
+
+
+def _drop(kind: str, error: BaseException) -> None:
+    first = not _dropped
+    _dropped[kind] += 1
+    (log.warning if first else log.debug)(
+        "console: a %s call failed (%s: %s); dropped, the work goes on", kind,
+        type(error).__name__, str(error).strip().splitlines()[0][:200] if str(error).strip() else "")
+
+
+# Restarted by Ray when its process dies (its owner, the driver, is alive): the handles that
+# tasks and workers hold stay valid. Its state is lost then, which ``Tally.totals`` detects.
+@ray.remote(num_cpus=0, max_restarts=-1)
 class _Console:
     """One small actor per job: counts that map tasks report (by scope), and lines that code in
     Ray workers sends for the driver to print. One process for every stage's progress and the
@@ -161,8 +196,16 @@ class _Console:
     def __init__(self) -> None:
         self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self.once: dict[str, dict[str, dict[str, int]]] = collections.defaultdict(dict)
+        self.opened: set[str] = set()
         self.lines: list[str] = []
         self.steps: dict[str, tuple[int, float]] = {}
+
+    def open(self, scope: str) -> None:
+        self.opened.add(scope)
+
+    def spoil(self, scope: str) -> None:
+        """Some counts of ``scope`` were dropped: its totals are incomplete."""
+        self.opened.discard(scope)
 
     def add(self, scope: str, counts: dict[str, int], key: str | None = None) -> None:
         if key is None:
@@ -170,15 +213,17 @@ class _Console:
         else:   # a retried task reports the same key again: its counts replace, not add
             self.once[scope][key] = {k: int(v) for k, v in counts.items()}
 
-    def totals(self, scope: str) -> dict[str, int]:
+    def totals(self, scope: str) -> tuple[bool, dict[str, int]]:
+        """(whether this actor saw the scope opened, so holds all of its counts; its totals)."""
         total = collections.Counter(self.counts.get(scope, {}))
         for counts in self.once.get(scope, {}).values():
             total.update(counts)
-        return dict(total)
+        return scope in self.opened, dict(total)
 
     def forget(self, scope: str) -> None:
         self.counts.pop(scope, None)
         self.once.pop(scope, None)
+        self.opened.discard(scope)
 
     def say(self, line: str) -> None:
         self.lines.append(line)
@@ -208,8 +253,13 @@ def on_this_node() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def _actor() -> ray.actor.ActorHandle:
+def _actor(renew: bool = False) -> ray.actor.ActorHandle:
+    """The job's console actor, created by the first call (in the driver, which owns it).
+    ``renew``: after a call to it failed, look it up again, and create it again if it is gone
+    for good (``ray.kill`` does not restart an actor)."""
     job = ray.get_runtime_context().get_job_id()
+    if renew:
+        _handles.pop(job, None)
     if job not in _handles:
         # On the driver's node (the head under `ray job submit`): a lost worker node must not
         # take the job's console with it.
@@ -218,29 +268,89 @@ def _actor() -> ray.actor.ActorHandle:
     return _handles[job]
 
 
+def _find() -> ray.actor.ActorHandle | None:
+    """In a Ray worker: the job's console actor, if there is one now. Workers never create it:
+    an actor is owned by the process that creates it, and a map task's process may go."""
+    try:
+        return ray.get_actor(ACTOR_NAME)
+    except ValueError:
+        return None
+
+
 class Tally:
     """Counts that tasks and actors add, batch by batch, summed in the job's console actor.
 
-    Picklable: hand it to map tasks (``fn_kwargs``); each use gets its own scope.
+    Picklable: hand it to map tasks (``fn_kwargs``); each use gets its own scope. Adding is best
+    effort (a failed call is dropped); ``totals`` says whether anything was lost.
     """
 
     def __init__(self) -> None:
-        self._actor, self._scope = _actor(), uuid.uuid4().hex
+        self._scope, self._owner = uuid.uuid4().hex, os.getpid()
+        self._actor = _actor()
+        for attempt in range(2):    # a dead actor's handle first: open the tally on a new one
+            try:
+                ray.get(self._actor.open.remote(self._scope), timeout=CALL_TIMEOUT_S)
+                break
+            except Exception as e:  # noqa: BLE001 - an unopened tally's totals say CountsLost
+                _drop("open", e)
+                if attempt == 0:
+                    self._actor = _actor(renew=True)
+
+    def _renew(self) -> None:
+        if os.getpid() == self._owner:
+            self._actor = _actor(renew=True)
+        else:
+            self._actor = _find() or self._actor
 
     def add(self, counts: dict[str, int], key: str | None = None) -> None:
         """Add counts and wait until they are in (a batch's counts are not lost with its task).
         With ``key`` (what the counts are of: a shard, a batch's first and last keys) a task
-        that Ray retries after its worker died counts once: the same key replaces its counts."""
-        ray.get(self._actor.add.remote(self._scope, counts, key))
+        that Ray retries after its worker died counts once: the same key replaces its counts.
+        A failed call (the actor died, or was out of reach) is sent once more when keyed (the
+        same key replaces: the counts cannot add up twice), and then dropped: the work goes on,
+        and ``totals`` raises ``CountsLost``. No time limit here: a call that timed out could
+        still arrive after the stage read its totals, which would be short without saying so."""
+        for _ in range(2 if key is not None else 1):
+            try:
+                ray.get(self._actor.add.remote(self._scope, counts, key))
+                return
+            except Exception as e:  # noqa: BLE001 - counting must never fail the work it counts
+                _drop("add", e)
+                self._renew()
+        try:    # the actor may be alive (it was out of reach): its totals must not look whole
+            ray.get(self._actor.spoil.remote(self._scope), timeout=CALL_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - dead or restarted: it has lost the scope already
+            _drop("spoil", e)
+
+    def _read(self) -> tuple[bool, dict[str, int]]:
+        try:
+            return ray.get(self._actor.totals.remote(self._scope), timeout=CALL_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - said as CountsLost or as a missing progress line
+            _drop("totals", e)
+            self._renew()
+            raise CountsLost(f"the job's console actor did not answer ({type(e).__name__})") from e
 
     def totals(self) -> dict[str, int]:
-        return ray.get(self._actor.totals.remote(self._scope))
+        """Every count added, or ``CountsLost`` when some may be missing: the console actor
+        died (and so restarted empty) since this tally opened, or does not answer."""
+        whole, totals = self._read()
+        if not whole:
+            raise CountsLost("the job's console actor was restarted while the counts were added")
+        return totals
 
     def get(self, name: str) -> int:
-        return self.totals().get(name, 0)
+        """One count as far as it goes, for a progress line: after a loss, what the restarted
+        actor has been told since; 0 while it does not answer."""
+        try:
+            return self._read()[1].get(name, 0)
+        except CountsLost:
+            return 0
 
     def close(self) -> None:
-        self._actor.forget.remote(self._scope)
+        try:
+            self._actor.forget.remote(self._scope)
+        except Exception as e:  # noqa: BLE001 - a scope left behind in a dead actor is gone anyway
+            _drop("forget", e)
 
 
 class Progress:
@@ -296,13 +406,18 @@ def relay(say: Callable[[str], None] = print, every: float = 1.0) -> Iterator[No
     stop = threading.Event()
 
     def pump() -> None:
+        nonlocal actor
         while True:
             stopping = stop.wait(every)
             try:
-                for line in ray.get(actor.drain.remote()):
+                for line in ray.get(actor.drain.remote(), timeout=CALL_TIMEOUT_S):
                     say(line)
             except Exception as e:  # noqa: BLE001 - the console must never fail a run
-                log.debug("console relay failed: %s", e)
+                _drop("drain", e)
+                try:
+                    actor = _actor(renew=True)
+                except Exception as again:  # noqa: BLE001 - tried again at the next line
+                    log.debug("console actor not created again: %s", again)
             if stopping:
                 return
 
@@ -323,28 +438,45 @@ class Heartbeat:
 
     def __init__(self, name: str, every_s: float = 2.0) -> None:
         self.name, self.every_s, self.sent = name, every_s, -math.inf
-        try:
-            self.actor = ray.get_actor(ACTOR_NAME)
-        except ValueError:      # not under a job's launcher (a direct call of train.train)
-            self.actor = None
+        # None: not under a job's launcher (a direct call of train.train)
+        self.actor = _find()
+        self.last: ray.ObjectRef | None = None
 
     def __call__(self, step: int) -> None:
         now = time.monotonic()
-        if self.actor is not None and now - self.sent >= self.every_s:
-            self.sent = now
-            self.actor.beat.remote(self.name, step)
+        if self.actor is None or now - self.sent < self.every_s:
+            return
+        self.sent = now
+        if self.last is not None and ray.wait([self.last], timeout=0)[0]:
+            try:    # the previous beat, long answered: a failure means the actor died for good
+                ray.get(self.last)
+            except Exception as e:  # noqa: BLE001 - a heartbeat must never fail a run
+                _drop("beat", e)
+                self.actor = _find() or self.actor
+        try:
+            self.last = self.actor.beat.remote(self.name, step)
+        except Exception as e:  # noqa: BLE001 - as above
+            _drop("beat", e)
 
 
 def beats() -> dict[str, tuple[int, float]]:
-    """In the driver: each run's last step and how many seconds ago it was taken."""
-    return ray.get(_actor().beats.remote())
+    """In the driver: each run's last step and how many seconds ago it was taken (the
+    watchdog's input: a failure is the caller's to drop, and the actor is created again)."""
+    try:
+        return ray.get(_actor().beats.remote(), timeout=CALL_TIMEOUT_S)
+    except Exception as e:
+        _drop("beats", e)
+        _actor(renew=True)
+        raise
 
 
 def say(line: str) -> None:
     """From a Ray worker: a line for the job's console (printed locally when there is none)."""
-    try:
-        actor = ray.get_actor(ACTOR_NAME)
-    except ValueError:
+    actor = _find()
+    if actor is None:
         print(line, flush=True)
         return
-    actor.say.remote(line)
+    try:
+        actor.say.remote(line)
+    except Exception as e:  # noqa: BLE001 - a log line must never fail the work it reports
+        _drop("say", e)

@@ -47,7 +47,8 @@ TRAIN_FIELDS = ("train.model", "train.batch_size", "train.lr", "train.total_samp
 # rounding (accumulation included: docs/training.md).
 TRAIN_KNOBS = ("train.checkpoint_every_steps", "train.keep_checkpoints", "train.log_every_steps",
                "train.num_workers", "train.use_gpu", "train.cpus_per_worker",
-               "train.threads_per_worker", "train.max_failures", "train.decode_in_worker",
+               "train.threads_per_worker", "train.max_failures", "train.max_relaunches",
+               "train.decode_in_worker",
                "train.data_cpus", "train.worker_resources", "train.stall_warning_s",
                "train.prefetch_batches", "train.compile", "train.channels_last",
                "train.grad_checkpointing", "train.accum_steps")

@@ -7,7 +7,10 @@ sample (docs/stages.md, "The run directory")::
     embeddings/*.parquet    key: string, embedding: fixed_size_list<float32>[d], unit L2 norm
 
 The counts come from a small counter actor that every batch reports to, and ``rows_out`` is read
-back from the written files' metadata, so the manifest's arithmetic checks the write too.
+back from the written files' metadata, so the manifest's arithmetic checks the write too. Should
+the counter actor die mid-stage (``CountsLost``), the write is checked against the rows read
+instead (one embedding per caption), and ``captions_encoded``, which only the encoders know, is
+recorded as unknown (null).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import ray.data
 from ray.data import ActorPoolStrategy, SaveMode
 
 from pipeline.core.config import ConfigView, EmbedConfig, parse_resources
-from pipeline.core.console import Progress, Tally
+from pipeline.core.console import CountsLost, Progress, Tally
 from pipeline.core.rundir import RunDir, StageOutput
 from pipeline.core.storage import filesystem, pyarrow_filesystem, scheme
 from pipeline.core.tables import count_rows, embedding_table, parquet_files, parquet_schema
@@ -80,18 +83,26 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print,
     with Progress("embeddings", lambda: counter.get("embedded"), rows_in, unit="captions", say=log):
         ds.write_parquet(run.stage_path("embeddings"), filesystem=pyarrow_filesystem(run.fs),
                          mode=SaveMode.OVERWRITE, min_rows_per_file=cfg.embed.rows_per_file)
-    totals = counter.totals()
+    try:
+        totals: dict[str, int] | None = counter.totals()
+    except CountsLost as e:
+        totals = None
+        log(f"[embeddings] the stage's counts are incomplete ({e}): the written rows are checked "
+            "against the rows read instead, and captions_encoded is unknown")
     counter.close()
     rows_out = count_rows(run.fs, run.stage_path("embeddings"))
-    if rows_out != totals.get("embedded", 0):
-        raise RuntimeError(f"[embeddings] {totals.get('embedded', 0)} rows embedded but {rows_out} "
-                           "rows in the written files (a retried task, or files from elsewhere?)")
+    embedded = rows_in if totals is None else totals.get("embedded", 0)
+    if rows_out != embedded:
+        raise RuntimeError(f"[embeddings] {embedded} rows {'read' if totals is None else 'embedded'} "
+                           f"but {rows_out} rows in the written files (a retried task, or files "
+                           "from elsewhere?)")
     schema = parquet_schema(run.fs, run.stage_path("embeddings"))
+    encoded = None if totals is None else totals.get("encoded", 0)
     stats = {"model": cfg.embed.model, "dim": int(schema.field("embedding").type.list_size),
-             "captions_encoded": totals.get("encoded", 0),
-             "duplicate_captions_reused": rows_out - totals.get("encoded", 0)}
-    log(f"[embeddings] {rows_out:,} captions, {stats['captions_encoded']:,} distinct through "
-        f"{cfg.embed.model} ({stats['dim']}-d)")
+             "captions_encoded": encoded,
+             "duplicate_captions_reused": None if encoded is None else rows_out - encoded}
+    log(f"[embeddings] {rows_out:,} captions, {'?' if encoded is None else f'{encoded:,}'} "
+        f"distinct through {cfg.embed.model} ({stats['dim']}-d)")
     return StageOutput(rows_in, rows_out, {}, stats)
 
 
@@ -191,9 +202,9 @@ class _Normalise:
         return table.append_column("unusable", pa.array(why.astype(object), pa.string()))
 
 
-def _classify(batch: pa.Table, counter: Tally) -> pa.Table:
-    """After the full outer join of ingest's keys with the imported rows: the usable rows of
-    kept samples, and counts of everything else."""
+def _classes(batch: pa.Table) -> tuple[np.ndarray, dict[str, int]]:
+    """After the full outer join of ingest's keys with the imported rows: which rows are the
+    usable rows of kept samples, and counts of everything else."""
     kept = batch.column("kept").is_valid().to_numpy(zero_copy_only=False)
     imported = batch.column("embedding").is_valid().to_numpy(zero_copy_only=False)
     why = np.asarray(batch.column("unusable").fill_null("").to_pylist(), dtype=object)
@@ -202,9 +213,19 @@ def _classify(batch: pa.Table, counter: Tally) -> pa.Table:
     for reason in (NO_EMBEDDING, NOT_FINITE, ZERO, WRONG_DIM):     # a null vector: none
         counts[reason] = int((kept & imported & (why == reason)).sum())
     counts[NO_EMBEDDING] += int((kept & ~imported).sum())
+    return good, counts
+
+
+def _classify(batch: pa.Table, counter: Tally) -> pa.Table:
+    """The usable rows of a joined batch; its counts go to ``counter``."""
+    good, counts = _classes(batch)
     keys = batch.column("key").to_pylist()
     counter.add(counts, key=f"{keys[0]}|{keys[-1]}|{len(keys)}" if keys else None)
     return batch.filter(pa.array(good)).select(["key", "embedding"])
+
+
+def _class_counts(batch: pa.Table) -> pa.Table:
+    return pa.table({k: [v] for k, v in _classes(batch)[1].items()})
 
 
 def import_embeddings(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], source: str,
@@ -235,7 +256,12 @@ def import_embeddings(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], so
         joined.map_batches(_classify, fn_kwargs={"counter": counter}, batch_format="pyarrow") \
             .write_parquet(run.stage_path("embeddings"), filesystem=pyarrow_filesystem(run.fs),
                            mode=SaveMode.OVERWRITE, min_rows_per_file=cfg.embed.rows_per_file)
-    totals = counter.totals()
+    try:
+        totals = counter.totals()
+    except CountsLost as e:     # the skip counts go into the manifest: count them again
+        log(f"[embeddings] the stage's counts are incomplete ({e}): counting the join again")
+        counts = joined.map_batches(_class_counts, batch_format="pyarrow").to_pandas()
+        totals = {name: int(n) for name, n in counts.sum().items()}
     counter.close()
     rows_out = count_rows(run.fs, run.stage_path("embeddings"))
     skipped = {r: totals.get(r, 0) for r in (NO_EMBEDDING, NOT_FINITE, ZERO, WRONG_DIM) if totals.get(r)}

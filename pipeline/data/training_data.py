@@ -30,7 +30,7 @@ import ray.data
 from ray.data import SaveMode
 
 from pipeline.core.config import ConfigView
-from pipeline.core.console import Tally
+from pipeline.core.console import CountsLost, Tally
 from pipeline.core.keys import key_rank, uniform
 from pipeline.core.rundir import RunDir, StageOutput
 from pipeline.core.storage import pyarrow_filesystem
@@ -127,11 +127,18 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log=print) -> St
                            f"{assigned:,} assigned samples: they changed since ingest ran; rerun "
                            "jobs/ingest.py (and the stages after it)")
     per_expert = {str(e): count_rows(run.fs, run.stage_path(STAGE, f"expert_id={e}")) for e in ids}
-    per_run = counter.totals()
+    try:
+        per_run: dict[str, int] | None = counter.totals()
+    except CountsLost as e:
+        per_run = None
+        if not new_experts:
+            log(f"[training_data] the stage's counts are incomplete ({e}): counting the written "
+                "files instead")
     counter.close()
     if new_experts:     # the launcher counts a new expert's rows (its out-of-cluster share too)
         per_run = {}
-    elif per_run.pop("rows", 0) != rows_out:     # a retried task counted twice: count the files
+    elif per_run is None or per_run.pop("rows", 0) != rows_out:
+        # the counter actor died, or a retried task counted twice: count the files
         per_run = _count_runs(run, len(sizes), ratio, seed)
     stats = {"rows_per_expert": per_expert, "rows_per_run": per_run,
              "ooc": {"ratio": ratio, "seed": seed}, "images_decoded": 0}

@@ -27,10 +27,12 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import ray.data
 
+from pipeline.core import console
 from pipeline.core.config import StorageConfig, TrainConfig, parse_resources
 from pipeline.core.storage import filesystem, is_remote, pyarrow_filesystem, scheme
 from pipeline.training.checkpoint_io import list_checkpoints
@@ -129,10 +131,12 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
     """Train (or resume) the run ``name`` until ``end_samples`` samples seen in total.
 
     Rerunning a name resumes from its latest checkpoint; a run already at ``end_samples``
-    trains no further (Ray Train still starts, ~15 s). Without a checkpoint of its own, the run
-    starts from ``init_checkpoint`` (a checkpoint directory URI, e.g. the seed's final one:
-    model, optimizer, step and samples_seen carry over) or from a fresh model seeded by
-    ``cfg.seed``.
+    trains no further (Ray Train still starts, ~15 s). A run that fails because one of its
+    processes died (its controller, a helper actor, its worker group past ``cfg.max_failures``:
+    ``died``) is started again the same way, up to ``cfg.max_relaunches`` times. Without a
+    checkpoint of its own, the run starts from ``init_checkpoint`` (a checkpoint directory URI,
+    e.g. the seed's final one: model, optimizer, step and samples_seen carry over) or from a
+    fresh model seeded by ``cfg.seed``.
 
     Args:
         name: the run's name: its checkpoints go to ``<storage_path>/<name>/``.
@@ -150,7 +154,8 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         crash_at_step: tests only (``pipeline.core.faults.after_step``): rank 0 kills its own
             worker process (SIGKILL) after this step, in a worker group that did not resume from
             a checkpoint of the run's own, like a worker lost mid-run; with
-            ``cfg.max_failures`` >= 1 Ray Train restarts the group.
+            ``cfg.max_failures`` >= 1 Ray Train restarts the group, otherwise the run is
+            relaunched (``cfg.max_relaunches``).
         label: what the run's log lines and heartbeats are prefixed with (default ``name``;
             runs of several replicas launched together need a longer one, e.g.
             "seed-2/dense-matched").
@@ -187,25 +192,30 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
     loop_config["run_uri"] = f"{storage_path.rstrip('/')}/{name}"
     # Training curves, beside the checkpoints (train_loop's docstring says why there).
     loop_config["tensorboard_uri"] = f"{storage_path.rstrip('/')}/{name}/tensorboard"
-    trainer = trainer_class(
-        _train_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=worker_resources(cfg)),
-        run_config=RunConfig(
-            name=name,
-            storage_path=path if remote else storage_path,
-            storage_filesystem=pyarrow_filesystem(fs) if remote else None,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
-        datasets={"train": inputs},
-        # One worker takes the whole dataset: Ray Data then runs it in the worker, as a plain
-        # iterator, instead of starting a split coordinator actor for it (a Python process per
-        # run: about 4 s of CPU, and seconds before the first batch).
-        dataset_config=DataConfig(datasets_to_split="all" if cfg.num_workers > 1 else []),
-    )
-    result = trainer.fit()
+    # A trainer per attempt (``_fit_relaunching``): the same RunConfig(name, storage_path)
+    # resumes the run where the last attempt left its checkpoints.
+    def build():
+        return trainer_class(
+            _train_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                         resources_per_worker=worker_resources(cfg)),
+            run_config=RunConfig(
+                name=name,
+                storage_path=path if remote else storage_path,
+                storage_filesystem=pyarrow_filesystem(fs) if remote else None,
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+            ),
+            datasets={"train": inputs},
+            # One worker takes the whole dataset: Ray Data then runs it in the worker, as a plain
+            # iterator, instead of starting a split coordinator actor for it (a Python process per
+            # run: about 4 s of CPU, and seconds before the first batch).
+            dataset_config=DataConfig(datasets_to_split="all" if cfg.num_workers > 1 else []),
+        )
+
+    result = _fit_relaunching(build, cfg.max_relaunches, label or name,
+                              lambda: _newest(fs, f"{path.rstrip('/')}/{name}"))
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training ended without a checkpoint")
     _prune(fs, f"{path.rstrip('/')}/{name}", cfg.keep_checkpoints, result.checkpoint.path)
@@ -218,6 +228,78 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         wall_s=time.perf_counter() - started, cached_rows=done["cached_rows"], fed=done.get("fed"),
         first_step_s=done.get("first_step_s"), first_batches=done.get("first_batches"),
         starts=tuple(_starts(starts_uri, storage)))
+
+
+# ----------------------------------------------------------------------------- relaunching
+def died(error: BaseException) -> str | None:
+    """What died, when ``fit`` failed because a process of the run died: its Ray Train
+    controller, a helper actor (placement-group cleaner, dataset manager, split coordinator), its
+    worker group or their node. None when the run failed for its own reasons (its training code
+    or its data raised: a relaunch would fail the same way).
+
+    Ray reports a death as ``RayActorError`` (``ActorDiedError``, ``ActorUnavailableError``),
+    ``WorkerCrashedError``, ``NodeDiedError`` or ``OwnerDiedError``, raised by ``fit`` itself
+    (the controller) or wrapped: in a ``ControllerError``, or per worker in a
+    ``WorkerGroupError`` (a worker's health check that failed, or its loop's exception, which is
+    a death when the loop only passed on one, e.g. from the dataset manager). A
+    ``WorkerGroupError`` is a death only when every failed worker's error is one.
+    """
+    from ray import exceptions as rx  # late import: as for ray.train below
+    from ray.train import ControllerError, WorkerGroupError
+
+    deaths = (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError, rx.OwnerDiedError,
+              rx.LocalRayletDiedError)
+
+    def find(e: BaseException | None, depth: int = 0) -> str | None:
+        if e is None or depth > 8:
+            return None
+        if isinstance(e, WorkerGroupError):
+            found = [find(f, depth + 1) for f in e.worker_failures.values()]
+            return f"its worker group died ({found[0]})" if found and all(found) else None
+        if isinstance(e, ControllerError):
+            return find(e.controller_failure, depth + 1)
+        # Ray Train's wrappers of a worker's exception and of a failed health check are private
+        # classes: known by name, and by the attribute that holds what they wrap
+        if type(e).__name__ == "UserExceptionWithTraceback":
+            return find(getattr(e, "_base_exc", None) or e.__cause__, depth + 1)
+        if type(e).__name__ == "WorkerHealthCheckFailedError":
+            return find(getattr(e, "health_check_failure", None) or e.__cause__, depth + 1)
+        if isinstance(e, rx.RayTaskError):  # before `deaths`: its class also subclasses its cause's
+            return find(e.cause, depth + 1)
+        if isinstance(e, deaths):
+            text = str(e).strip()
+            what = next((line.strip() for line in text.splitlines() if "class_name" in line), "")
+            return f"{type(e).__name__}{': ' + what if what else ''}"
+        return find(e.__cause__, depth + 1)
+
+    return find(error)
+
+
+def _fit_relaunching(build: Callable[[], Any], relaunches: int, label: str,
+                     newest: Callable[[], str | None]) -> Any:
+    """``build().fit()``, built and fitted again, up to ``relaunches`` times, after a process of
+    the run died (``died``). The same ``RunConfig(name, storage_path)`` resumes the run from its
+    newest whole checkpoint; an error of the run's own is raised at once."""
+    for attempt in range(relaunches + 1):
+        try:
+            return build().fit()
+        except Exception as e:
+            cause = died(e)
+            if cause is None or attempt == relaunches:
+                if cause is not None:
+                    console.say(f"[{label}] {cause}, after {relaunches} relaunch(es) "
+                                "(train.max_relaunches): failed")
+                raise
+            where = newest()
+            console.say(f"[{label}] relaunch {attempt + 1} of {relaunches} (train.max_relaunches): "
+                        f"{cause}; resuming from "
+                        f"{where.rsplit('/', 1)[-1] if where else 'its start (no checkpoint yet)'}")
+    raise AssertionError("unreachable")
+
+
+def _newest(fs, run_path: str) -> str | None:
+    found = list_checkpoints(fs, run_path)
+    return found[-1] if found else None
 
 
 def _prune(fs, run_path: str, keep: int, result: str) -> None:

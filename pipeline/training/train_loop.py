@@ -207,10 +207,20 @@ def train_step(model: torch.nn.Module, loss_fn: ClipLoss, images: torch.Tensor,
     return loss.detach()
 
 
-def _resume(checkpoint: Checkpoint, config: dict[str, Any],
+def _own_checkpoints(config: dict[str, Any]) -> bool:
+    """Whether the run's folder holds checkpoints of its own (``run_uri``: absent for a loop
+    called outside ``train.train``)."""
+    if not config.get("run_uri"):
+        return False
+    fs, run_path = filesystem(config["run_uri"], StorageConfig(**config["storage"]))
+    return bool(list_checkpoints(fs, run_path))
+
+
+def _resume(checkpoint: Checkpoint | None, config: dict[str, Any],
             rank: int) -> tuple[dict, list, bool]:
     """The state and log lines of the run's newest intact checkpoint in its folder, and whether
-    it is Ray Train's latest registered one.
+    it is Ray Train's latest registered one (``checkpoint``; None when Ray Train has none: a run
+    relaunched after its worker or controller died before the first report was taken in).
 
     Usually that is Ray Train's latest registered checkpoint. Two cases differ, both after a
     worker died (docs/bad_input.md, "Killed workers and damaged checkpoints"):
@@ -226,7 +236,7 @@ def _resume(checkpoint: Checkpoint, config: dict[str, Any],
     """
     label = config.get("label", config["name"])
     fs, run_path = filesystem(config["run_uri"], StorageConfig(**config["storage"]))
-    registered = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+    registered = checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if checkpoint is not None else ""
     problems = []
     for path in reversed(list_checkpoints(fs, run_path)):
         name = path.rsplit("/", 1)[-1]
@@ -236,9 +246,14 @@ def _resume(checkpoint: Checkpoint, config: dict[str, Any],
             problems.append(str(e))
             continue
         if rank == 0 and name != registered:
-            why = "newer than Ray Train's latest registered one, " \
-                  f"{registered} (the worker died before its report was taken in)" \
-                if name > registered else f"the later ones are damaged: {'; '.join(problems)}"
+            if not registered:
+                why = "Ray Train took in none of the run's checkpoints (its worker or its " \
+                      "controller died before the first report was taken in)"
+            elif name > registered:
+                why = f"newer than Ray Train's latest registered one, {registered} (the worker " \
+                      "died before its report was taken in)"
+            else:
+                why = f"the later ones are damaged: {'; '.join(problems)}"
             console.say(f"[{label}] resuming from {name}: {why}")
         return (*found, name == registered)
     raise DamagedCheckpoint(f"{config['name']}: no intact checkpoint to resume from in "
@@ -319,9 +334,15 @@ def _prepare(config: dict[str, Any], cfg: TrainConfig, device: torch.device, ran
     model, *_ = create(cfg_model)
     state, history, registered = None, [], True
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state, history, registered = _resume(checkpoint, config, rank)
-    elif config["init_checkpoint"]:
+    resumed = checkpoint is not None or _own_checkpoints(config)
+    if resumed:
+        try:
+            state, history, registered = _resume(checkpoint, config, rank)
+        except DamagedCheckpoint:
+            if checkpoint is not None:
+                raise
+            resumed = False     # none whole and none registered: start as if there were none
+    if not resumed and config["init_checkpoint"]:
         state = read_checkpoint(config["init_checkpoint"], StorageConfig(**config["storage"]))
     if state is not None:
         if state["model_name"] != cfg_model:
@@ -341,14 +362,14 @@ def _prepare(config: dict[str, Any], cfg: TrainConfig, device: torch.device, ran
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, samples_seen = int(state["step"]), int(state["samples_seen"])
-    if checkpoint is None and samples_seen >= config["end_samples"]:
+    if not resumed and samples_seen >= config["end_samples"]:
         raise ValueError(f"{name}: the init checkpoint has seen {samples_seen:,} samples already, "
                          f"not fewer than end_samples = {config['end_samples']:,}")
     # torch.compile wraps the DDP model (PyTorch's advice); the checkpoint keeps core's weights.
     return Prepared(forward=torch.compile(model) if cfg.compile else model, core=core,
                     no_sync=model.no_sync if hasattr(model, "no_sync") else None,
                     optimizer=optimizer, scaler=scaler, step=step, samples_seen=samples_seen,
-                    history=history, resumed=checkpoint is not None, registered=registered)
+                    history=history, resumed=resumed, registered=registered)
 
 
 class Window:
