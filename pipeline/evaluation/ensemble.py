@@ -190,6 +190,11 @@ class MoDEEnsemble:
         if missing:
             raise ValueError(f"{run_uri}: experts {missing} are not registered yet (trained: "
                              f"{sorted(self.registry)}); run jobs/train_experts.py first")
+        self._start_caches()
+
+    def _start_caches(self) -> None:
+        """The empty caches of models, heads and routes (an ensemble loaded another way, such
+        as ``pipeline.evaluation.export.BundleEnsemble``, starts them the same)."""
         self._models: dict[str, tuple] = {}
         self._encoder = None
         self._heads: dict[tuple, Any] = {}        # (run, classes, templates) -> text head
