@@ -1,3 +1,4 @@
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -126,6 +127,41 @@ def trained(seeded, tmp_path_factory):
                                "--set", "train.max_concurrent=3",
                                "--set", "train.cpus_per_worker=0.3"]) == 0
     return Path(run.uri)
+
+
+# The tiny run has 4 experts of about 125 samples; a new one needs at least 50 novel samples.
+GROW = ["--set", "grow.min_novel_rows=50"]
+
+
+def digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under a run directory, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def grown(trained, tiny_world, tmp_path_factory):
+    """The trained tiny run, evaluated, then grown by the held-out domain (arrows) by one
+    add_experts job, then evaluated again. With the digests of its files before the growth and
+    the report before it. (A killed add_experts job: make test-reliability.) Shared by the
+    growth and serving tests: a test that changes it puts it back."""
+    from jobs import add_experts as add_job
+    from jobs import evaluate as evaluate_job
+    from pipeline.core.config import StorageConfig
+    from pipeline.core.rundir import RunDir
+    from pipeline.evaluation import eval as evaluation
+    from tests.tiny import copy_run
+
+    run_dir = tmp_path_factory.mktemp("grown") / "run"
+    copy_run(trained, run_dir)
+    tasks = [arg for t in ("shapes", "digits", "arrows") for arg in ("--tasks", str(tiny_world / "eval" / t))]
+    assert evaluate_job.main(["--run-dir", str(run_dir), *tasks]) == 0
+    before = digests(run_dir)
+    report_before = evaluation.load_report(RunDir(str(run_dir), StorageConfig()))
+    assert add_job.main(["--run-dir", str(run_dir), "--data", str(tiny_world / "new_domain"),
+                         "--name", "arrows", *GROW]) == 0
+    assert evaluate_job.main(["--run-dir", str(run_dir), *tasks]) == 0
+    return run_dir, before, report_before
 
 
 # The fixtures that train models (Ray Train runs): a test that uses one trains, and is marked

@@ -2,7 +2,6 @@
 nothing earlier rewritten, novelty that tells known domains from new ones, a registry that
 several jobs write at once, and bad input refused before anything is written."""
 
-import hashlib
 import multiprocessing
 import os
 import signal
@@ -18,7 +17,6 @@ import pandas as pd
 import pytest
 
 from jobs import add_experts as add_job
-from jobs import evaluate as evaluate_job
 from jobs import train_experts as experts_job
 from pipeline.clustering import clusters
 from pipeline.core import registry
@@ -29,18 +27,11 @@ from pipeline.evaluation import eval as evaluation
 from pipeline.grow import generations, growth, levels
 from pipeline.training.runs import run_name
 from tests import races
+from tests.conftest import GROW, digests
 from tests.tiny import EXPERTS, TINY, copy_run, registry_of
 
-# The tiny run has 4 experts of about 125 samples; a new one needs at least 50 novel samples.
-GROW = ["--set", "grow.min_novel_rows=50"]
 NEW = f"expert-{EXPERTS}"   # the first added expert's name
 QUIET = {"log": lambda *_: None}
-
-
-def digests(root: Path) -> dict[str, str]:
-    """sha256 of every file under a run directory, by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def web(tmp_path_factory, name: str, domains: dict[str, float], seed: int, samples: int) -> Path:
@@ -71,23 +62,6 @@ def add_killed_then_rerun(run_dir: Path, data: Path) -> None:
         job.wait(60)
     assert not (gen / "checkpoints" / NEW / "_manifest.json").exists(), "killed too late"
     assert add_job.main(["--run-dir", str(run_dir), "--data", str(data), "--name", "arrows", *GROW]) == 0
-
-
-@pytest.fixture(scope="module")
-def grown(trained, tiny_world, tmp_path_factory):
-    """The trained tiny run, evaluated, then grown by the held-out domain (arrows) by one
-    add_experts job, then evaluated again. With the digests of its files before the growth and
-    the report before it. (A killed add_experts job: make test-reliability.)"""
-    run_dir = tmp_path_factory.mktemp("grown") / "run"
-    copy_run(trained, run_dir)
-    tasks = [arg for t in ("shapes", "digits", "arrows") for arg in ("--tasks", str(tiny_world / "eval" / t))]
-    assert evaluate_job.main(["--run-dir", str(run_dir), *tasks]) == 0
-    before = digests(run_dir)
-    report_before = evaluation.load_report(RunDir(str(run_dir), StorageConfig()))
-    assert add_job.main(["--run-dir", str(run_dir), "--data", str(tiny_world / "new_domain"),
-                         "--name", "arrows", *GROW]) == 0
-    assert evaluate_job.main(["--run-dir", str(run_dir), *tasks]) == 0
-    return run_dir, before, report_before
 
 
 def test_adding_an_expert_rewrites_nothing_that_was_there(grown):

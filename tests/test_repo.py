@@ -33,7 +33,7 @@ def test_every_job_answers_help(capsys):
 
 
 # What each job needs on its command line besides --print-config.
-_REQUIRED = {"add_experts": ["--data", "x"], "make_demo_data": ["--out", "x"],
+_REQUIRED = {"add_experts": ["--data", "x"], "export": ["--out", "x"], "make_demo_data": ["--out", "x"],
              "predict": ["--image", "x", "--labels", "x"]}
 
 

@@ -382,7 +382,7 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-PACKAGES = ("core", "data", "clustering", "training", "evaluation", "grow")
+PACKAGES = ("core", "data", "clustering", "training", "evaluation", "grow", "serving")
 
 
 def markdown_tree() -> str:
