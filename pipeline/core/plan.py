@@ -527,7 +527,8 @@ def _make(cfg: Config, nodes: Sequence[NodeType], runs: int | None, rows: int | 
         Step("runs", "jobs/train_experts.py", "nothing", (), "no run left to train")
     steps.append(later)
     steps.append(_tasks("eval", "jobs/evaluate.py", nodes,
-                        (None, "depends on the tasks; the models run in the job's driver")))
+                        (None, "depends on the tasks; the models run in a pool of scoring actors, "
+                               "one CPU or one GPU each")))
     versus = _versus(cfg, seed, later, continuation) if runs is None and n else None
     return Plan(title, tuple(nodes), tuple(steps), versus=versus)
 

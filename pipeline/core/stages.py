@@ -124,8 +124,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("checkpoints/onestep", ("training_data", "onestep", "checkpoints/seed"),
           (*TRAIN_FIELDS, "train.ooc_ratio", "train.data_seed"), TRAIN_KNOBS, (),
           "checkpoints of `onestep-<e>`", "jobs/experiment.py"),
-    Stage("eval", ("clusters", "assignments", ALL_RUNS), ("embed.model",), ("embed.batch_size",),
-          ("tasks", "retrieval", "truth"), "report.json, report.md, plots", "jobs/evaluate.py",
+    Stage("eval", ("clusters", "assignments", ALL_RUNS), ("embed.model",),
+          ("embed.batch_size", "train.use_gpu"), ("tasks", "retrieval", "truth"),
+          "report.json, report.md, plots, clip_benchmark/*.json", "jobs/evaluate.py",
           run=evaluation.run),
 )}
 

@@ -8,6 +8,14 @@ Writes ``eval/`` in the run directory::
     eval/routing.png        routing weights per task and routed method (heat maps)
     eval/sizes.png          fine-cluster and expert sizes (from the assignments manifest)
     eval/curves.png         every run's training loss against samples seen (pipeline/training/curves.py)
+    eval/clip_benchmark/    one clip_benchmark result file per task and row: acc1, acc5, mean per-class recall
+
+Zero-shot tasks stream (``pipeline.evaluation.scoring``): this module computes what depends on
+class names only (``task_mixes``: every row's runs and routing weights) and turns the tallies the
+scoring actors return (``tally``: per class, images and top-1/top-5 hits) into the report. No
+task image enters this process. ``read_task`` + ``zero_shot_task`` do the same for a task held
+in memory (small tasks, tests); retrieval (``read_pairs``) holds its pairs, as recall needs the
+whole image-by-caption matrix.
 
 Zero-shot tasks are clip_benchmark-format webdataset folders (``classnames.txt``,
 ``zeroshot_classification_templates.txt``, ``test/*.tar`` with an image and a ``.cls`` per
@@ -46,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,12 +68,14 @@ from pipeline.core.config import ConfigView, StorageConfig
 from pipeline.core.rundir import RunDir, StageOutput
 from pipeline.core.storage import filesystem, join, pyarrow_filesystem, write_bytes_atomic
 from pipeline.data.images import open_rgb
+from pipeline.evaluation import scoring
 from pipeline.evaluation.ensemble import MoDEEnsemble
+from pipeline.evaluation.metrics import IMAGE_EXTS, Mix, clip_metrics, runs_of, tally, tally_accuracy
 from pipeline.training import curves
 from pipeline.training.runs import parse_name, run_name
 
 STAGE = "eval"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
 # Ways to mix the experts, by report label: the parameters of ``routing_weights`` each one uses.
 # The authors' temperature 8 is nearly uniform with a few classes; 1 is the sharper routing that
 # calibration favoured at this scale (docs/routing.md, "Temperature").
@@ -118,8 +129,8 @@ def _lines(fs, path: str) -> list[str]:
     return [line.strip() for line in fs.cat_file(path).decode().splitlines() if line.strip()]
 
 
-def _rows(uri: str, storage: StorageConfig, split: str = "test") -> list[dict[str, Any]]:
-    """Every sample of a webdataset folder's ``<split>/`` tars (Ray Data's webdataset reader)."""
+def shards(uri: str, storage: StorageConfig, split: str = "test") -> list[str]:
+    """The ``.tar`` shards of a webdataset folder's ``<split>/`` (paths inside its filesystem)."""
     fs, path = filesystem(uri, storage)
     folder = join(path, split)
     if not fs.exists(folder):
@@ -127,11 +138,19 @@ def _rows(uri: str, storage: StorageConfig, split: str = "test") -> list[dict[st
     tars = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".tar"))
     if not tars:
         raise FileNotFoundError(f"{uri}/{split} has no .tar shards")
-    ds = ray.data.read_webdataset(tars, filesystem=pyarrow_filesystem(fs), decoder=None)
+    return tars
+
+
+def _rows(uri: str, storage: StorageConfig, split: str = "test") -> list[dict[str, Any]]:
+    """Every sample of a webdataset folder's ``<split>/`` tars, in memory (Ray Data's reader)."""
+    fs, _ = filesystem(uri, storage)
+    ds = ray.data.read_webdataset(shards(uri, storage, split), filesystem=pyarrow_filesystem(fs),
+                                  decoder=None)
     return ds.take_all()
 
 
-def _image(row: dict[str, Any], uri: str) -> Image.Image:
+def image_of(row: dict[str, Any], uri: str) -> Image.Image:
+    """The image of a webdataset sample (its first ``IMAGE_EXTS`` member)."""
     for ext in IMAGE_EXTS:
         if row.get(ext) is not None:
             return open_rgb(row[ext])     # any mode, 16-bit scaled; Pillow's size limit
@@ -143,26 +162,40 @@ def has_split(uri: str, storage: StorageConfig, split: str) -> bool:
     return fs.exists(join(path, split))
 
 
-def read_task(uri: str, storage: StorageConfig, split: str = "test") -> Task:
-    """A zero-shot classification task in clip_benchmark's webdataset layout (its ``split``)."""
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """A zero-shot task without its images: what routing and the report need."""
+    uri: str
+    name: str
+    classnames: list[str]
+    templates: list[str]
+
+
+def task_info(uri: str, storage: StorageConfig) -> TaskInfo:
+    """A clip_benchmark task's name, class names and templates (its images stay where they are)."""
     fs, path = filesystem(uri, storage)
     for f in ("classnames.txt", "zeroshot_classification_templates.txt"):
         if not fs.exists(join(path, f)):
             raise FileNotFoundError(f"{uri}: no {f} (clip_benchmark's webdataset layout)")
-    classnames = _lines(fs, join(path, "classnames.txt"))
-    templates = _lines(fs, join(path, "zeroshot_classification_templates.txt"))
+    return TaskInfo(uri, path.rstrip("/").split("/")[-1], _lines(fs, join(path, "classnames.txt")),
+                    _lines(fs, join(path, "zeroshot_classification_templates.txt")))
+
+
+def read_task(uri: str, storage: StorageConfig, split: str = "test") -> Task:
+    """A zero-shot classification task in clip_benchmark's webdataset layout (its ``split``),
+    every image in memory: for small tasks and tests; the stage streams them (``scoring``)."""
+    info = task_info(uri, storage)
     rows = sorted(_rows(uri, storage, split), key=lambda r: r["__key__"])
     labels = np.array([int(bytes(r["cls"]).decode().strip()) for r in rows])
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(classnames)):
-        raise ValueError(f"{uri}: class indices must be in 0..{len(classnames) - 1}")
-    name = path.rstrip("/").split("/")[-1]
-    return Task(name, classnames, templates, [_image(r, uri) for r in rows], labels)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(info.classnames)):
+        raise ValueError(f"{uri}: class indices must be in 0..{len(info.classnames) - 1}")
+    return Task(info.name, info.classnames, info.templates, [image_of(r, uri) for r in rows], labels)
 
 
 def read_pairs(uri: str, storage: StorageConfig) -> Pairs:
     """Held-out image-caption pairs (``.jpg`` + ``.txt``) for retrieval."""
     rows = sorted(_rows(uri, storage), key=lambda r: r["__key__"])
-    return Pairs([_image(r, uri) for r in rows], [bytes(r["txt"]).decode().strip() for r in rows])
+    return Pairs([image_of(r, uri) for r in rows], [bytes(r["txt"]).decode().strip() for r in rows])
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -175,6 +208,11 @@ def recall_at(similarity: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, f
     true = similarity[np.arange(len(similarity)), np.arange(len(similarity))][:, None]
     rank = (similarity > true).sum(axis=1)          # candidates scored above the true one
     return {k: float((rank < k).mean()) for k in ks}
+
+
+# Keys of the mixes scored beside the report's rows: each ROUTING_GRID point, and each routed
+# method of the ensemble before the last generation.
+GRID, BEFORE = "grid: ", "before: "
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -197,6 +235,63 @@ def onestep_rows(ens: MoDEEnsemble) -> dict[str, list[str]]:
     return {f"OneStep-{len(ens.onestep_runs)}": ens.onestep_runs} if ens.onestep_runs else {}
 
 
+def grid_mixes(ens: MoDEEnsemble, classnames: Sequence[str],
+               templates: Sequence[str]) -> dict[str, Mix]:
+    """The experts mixed at every ``ROUTING_GRID`` point, keyed ``GRID + label``."""
+    experts = tuple(run_name("expert", e) for e in range(ens.num_experts))
+    return {GRID + label: Mix(experts, tuple(ens.weights(classnames, templates, **params).tolist()))
+            for label, params in ROUTING_GRID.items()}
+
+
+def task_mixes(ens: MoDEEnsemble, classnames: Sequence[str], templates: Sequence[str],
+               validated: dict[str, Any] | None = None) -> dict[str, Mix]:
+    """The ``Mix`` of every zero-shot row of a task, in report order, and the routed methods of
+    the ensemble before the last generation (``BEFORE + label``). Routing weights depend on the
+    class names alone: computed here once per task, never per image."""
+    m = ens.num_experts
+    experts = tuple(run_name("expert", e) for e in range(m))
+    mixes = {e: Mix((e,)) for e in experts}
+    routed = {**({VALIDATED: validated} if validated is not None else {}), **METHODS}
+    for label, params in routed.items():
+        mixes[label] = Mix(experts, tuple(ens.weights(classnames, templates, **params).tolist()))
+    for label, runs in baseline_rows(ens).items():
+        mixes[label] = Mix(tuple(runs))
+    for label, runs in onestep_rows(ens).items():
+        w = ens.weights(classnames, templates, centres="onestep", **METHODS[DEFAULT_METHOD])
+        mixes[label] = Mix(tuple(runs), tuple(w.tolist()))
+    if len(ens.levels) > 1:     # the ensemble before the last generation, on the same logits
+        before = len(ens.levels) - 2
+        m_before = ens.levels[before][1]
+        for label, params in METHODS.items():
+            w = ens.weights(classnames, templates, level=before, **params)
+            mixes[BEFORE + label] = Mix(experts[:m_before], tuple(w.tolist()))
+    return mixes
+
+
+def zero_shot_result(tallies: dict[str, np.ndarray], mixes: dict[str, Mix],
+                     num_experts: int) -> dict[str, Any]:
+    """One task's entry of the report from the tallies of its mixes (``task_mixes``): accuracy
+    of every row (``oracle``: the best expert), the routing weights of the routed rows, and
+    growth before and after the last generation."""
+    experts = [run_name("expert", e) for e in range(num_experts)]
+    acc = {e: tally_accuracy(tallies[e]) for e in experts}
+    acc["oracle"] = max(acc[e] for e in experts)
+    weights, growth = {}, {}
+    for label, mix in mixes.items():
+        if label in acc or label.startswith((GRID, BEFORE)):
+            continue
+        acc[label] = tally_accuracy(tallies[label])
+        if label in (VALIDATED, *METHODS) and METHODS.get(label, {}).get("mode") != "uniform":
+            weights[label] = list(mix.weights)
+    for label in METHODS:
+        if BEFORE + label in mixes:
+            growth[label] = {"before": tally_accuracy(tallies[BEFORE + label]), "after": acc[label],
+                             "weights_before": list(mixes[BEFORE + label].weights)}
+    first = tallies[experts[0]]
+    return {"classes": len(first), "images": int(first[:, 0].sum()), "chance": 1.0 / len(first),
+            "accuracy": acc, "weights": weights, "growth": growth}
+
+
 def _expert_logits(ens: MoDEEnsemble, task: Task) -> list[np.ndarray]:
     return [ens.logits(run_name("expert", e), task.images, task.classnames, task.templates)
             for e in range(ens.num_experts)]
@@ -210,7 +305,7 @@ def _mixed(ens: MoDEEnsemble, task: Task, experts: list[np.ndarray],
 
 
 def grid_accuracy(ens: MoDEEnsemble, validation: Task) -> dict[str, float]:
-    """Accuracy of every ``ROUTING_GRID`` point on a task's validation split."""
+    """Accuracy of every ``ROUTING_GRID`` point on a task's validation split held in memory."""
     experts = _expert_logits(ens, validation)
     return {label: accuracy(_mixed(ens, validation, experts, params)[1], validation.labels)
             for label, params in ROUTING_GRID.items()}
@@ -225,40 +320,14 @@ def choose_routing(validation: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 
 def zero_shot_task(ens: MoDEEnsemble, task: Task, validated: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Accuracy of every method on one task, and the routing weights each routed method used;
-    ``validated``: the routing parameters chosen on validation (``choose_routing``)."""
-    m = ens.num_experts
-    experts = _expert_logits(ens, task)
-    acc = {run_name("expert", e): accuracy(lg, task.labels) for e, lg in enumerate(experts)}
-    acc["oracle"] = max(acc[run_name("expert", e)] for e in range(m))
-    weights = {}
-    if validated is not None:
-        w, mixed = _mixed(ens, task, experts, validated)
-        acc[VALIDATED], weights[VALIDATED] = accuracy(mixed, task.labels), w.tolist()
-    for label, params in METHODS.items():
-        w = ens.weights(task.classnames, task.templates, **params)
-        acc[label] = accuracy(sum(w[e] * experts[e] for e in range(m)), task.labels)
-        if params.get("mode") != "uniform":
-            weights[label] = w.tolist()
-    growth = {}
-    if len(ens.levels) > 1:     # the ensemble before the last generation, on the same logits
-        before = len(ens.levels) - 2
-        m_before = ens.levels[before][1]
-        for label, params in METHODS.items():
-            w = ens.weights(task.classnames, task.templates, level=before, **params)
-            growth[label] = {"before": accuracy(sum(w[e] * experts[e] for e in range(m_before)),
-                                                task.labels),
-                             "after": acc[label], "weights_before": w.tolist()}
-    for label, runs in baseline_rows(ens).items():
-        acc[label] = accuracy(np.mean([ens.logits(n, task.images, task.classnames, task.templates)
-                                       for n in runs], axis=0), task.labels)
-    for label, runs in onestep_rows(ens).items():
-        w = ens.weights(task.classnames, task.templates, centres="onestep", **METHODS[DEFAULT_METHOD])
-        acc[label] = accuracy(sum(w[e] * ens.logits(n, task.images, task.classnames, task.templates)
-                                  for e, n in enumerate(runs)), task.labels)
-    return {"classes": len(task.classnames), "images": len(task.labels),
-            "chance": 1.0 / len(task.classnames), "accuracy": acc, "weights": weights,
-            "growth": growth}
+    """Accuracy of every method on one task held in memory (``read_task``), and the routing
+    weights each routed method used; ``validated``: the routing parameters chosen on validation
+    (``choose_routing``). The stage streams its tasks instead (``scoring.score``); both sum
+    the same tallies of the same mixes."""
+    mixes = task_mixes(ens, task.classnames, task.templates, validated)
+    logits = {r: ens.logits(r, task.images, task.classnames, task.templates) for r in runs_of(mixes)}
+    tallies = {k: tally(mix.logits(logits), task.labels, len(task.classnames)) for k, mix in mixes.items()}
+    return zero_shot_result(tallies, mixes, ens.num_experts)
 
 
 def _similarities(ens: MoDEEnsemble, name: str, pairs: Pairs) -> np.ndarray:
@@ -567,22 +636,87 @@ def inputs(run_uri: str, tasks: Sequence[str], retrieval: str | None, demo_data:
     return tasks, retrieval, truth
 
 
+def use_gpu(cfg) -> bool:
+    """Whether scoring actors take a GPU each: where the config trains on GPUs
+    (``train.use_gpu``, as pipeline/training/train.py decides), when the view may read it."""
+    if isinstance(cfg, ConfigView) and "train.use_gpu" not in (*cfg.fields, *cfg.knobs):
+        return False
+    return bool(cfg.train.use_gpu)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """What a streaming pass returns for one task: its test split's tallies of every mix, and
+    its validation split's accuracy of every ``ROUTING_GRID`` point (with the images behind
+    each)."""
+    info: TaskInfo
+    mixes: dict[str, Mix] | None            # None: test split not scored
+    tallies: dict[str, np.ndarray] | None
+    validation: dict[str, float] | None     # None: the task has no val/ split
+    val_images: int = 0
+
+
+def score_tasks(ens: MoDEEnsemble, tasks: Sequence[str], storage: StorageConfig, *,
+                test: bool = True, actors: int | None = None) -> list[Scored]:
+    """Every task's ``val/`` split (the ``ROUTING_GRID`` mixes) and, with ``test``, its test
+    split (every row of the report, and the grid) in one streaming pass (``scoring.score``):
+    images never reach this process, only tallies do."""
+    infos = [task_info(uri, storage) for uri in dict.fromkeys(tasks)]   # each task once
+    parts, plan = [], []
+    for info in infos:
+        splits = [s for s in (VAL_SPLIT, "test") if (s == "test" and test) or
+                  (s == VAL_SPLIT and has_split(info.uri, storage, VAL_SPLIT))]
+        for split in splits:
+            mixes = grid_mixes(ens, info.classnames, info.templates)
+            if split == "test":
+                mixes = {**task_mixes(ens, info.classnames, info.templates), **mixes}
+            parts.append(scoring.Part(info.uri, split, tuple(shards(info.uri, storage, split)),
+                                      tuple(info.classnames), tuple(info.templates),
+                                      tuple(mixes.values())))
+            plan.append((info.name, split, mixes))
+    tallies = scoring.score(ens.run.uri, ens.cfg, parts, storage, use_gpu=use_gpu(ens.cfg),
+                            actors=actors)
+    found: dict[str, dict[str, Any]] = {}
+    for (name, split, mixes), t in zip(plan, tallies, strict=True):
+        by_key = dict(zip(mixes, t, strict=True))
+        if split == VAL_SPLIT:
+            found.setdefault(name, {})["validation"] = {
+                label: tally_accuracy(by_key[GRID + label]) for label in ROUTING_GRID}
+            found[name]["val_images"] = int(t[0][:, 0].sum())
+        else:
+            found.setdefault(name, {}).update(mixes=mixes, tallies=by_key)
+    return [Scored(info, **{"mixes": None, "tallies": None, "validation": None, **found.get(info.name, {})})
+            for info in infos]
+
+
+def _selection(scored: Sequence[Scored], log: Callable[[str], None]) -> dict[str, Any] | None:
+    validation = {s.info.name: s.validation for s in scored if s.validation is not None}
+    if not validation:
+        return None
+    selection = choose_routing(validation)
+    log(f"[eval] routing chosen on the validation splits of {len(validation)} task(s): "
+        f"{selection['chosen']} ({selection['mean'][selection['chosen']]:.1%} mean validation accuracy)")
+    return {**selection, "images": sum(s.val_images for s in scored)}
+
+
 def select_on_validation(ens: MoDEEnsemble, tasks: Sequence[str], storage: StorageConfig,
                          log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """``choose_routing`` over the ``val/`` splits of ``tasks`` (None when none has one); reads
     no test split. ``images``: the validation images it scored."""
-    scores, images = {}, 0
-    for uri in tasks:
-        if has_split(uri, storage, VAL_SPLIT):
-            val = read_task(uri, storage, VAL_SPLIT)
-            scores[val.name] = grid_accuracy(ens, val)
-            images += len(val.labels)
-    if not scores:
-        return None
-    selection = choose_routing(scores)
-    log(f"[eval] routing chosen on the validation splits of {len(scores)} task(s): "
-        f"{selection['chosen']} ({selection['mean'][selection['chosen']]:.1%} mean validation accuracy)")
-    return {**selection, "images": images}
+    return _selection(score_tasks(ens, tasks, storage, test=False), log)
+
+
+def clip_benchmark_result(dataset: str, method: str, pretrained: str, t: np.ndarray) -> dict[str, Any]:
+    """One method on one task as clip_benchmark's ``zeroshot_classification`` result file."""
+    return {"dataset": dataset, "model": method, "pretrained": pretrained,
+            "task": "zeroshot_classification", "metrics": clip_metrics(t), "language": "en"}
+
+
+def clip_benchmark_name(dataset: str, method: str) -> str:
+    """The result file's name, clip_benchmark's ``{dataset}_{model}_{language}_{task}.json``
+    with the method's label made safe for a path."""
+    slug = re.sub(r"[^A-Za-z0-9.=+-]+", "-", method).strip("-")
+    return f"{dataset}_{slug}_en_zeroshot_classification.json"
 
 
 def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[str], None] = print, *,
@@ -594,17 +728,30 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[s
                               "experts_before_last_generation": ens.levels[-2][1] if ens.generations else None,
                               "runs": sorted(ens.registry), "methods": METHODS, "zero_shot": {}}
     images = 0
-    selection = select_on_validation(ens, tasks, cfg.storage, log)
+    scored = score_tasks(ens, tasks, cfg.storage)
+    selection = _selection(scored, log)
     if selection is not None:
         report["routing_selection"] = selection
         images += selection.pop("images")
     validated = selection["params"] if selection else None
-    for uri in tasks:
-        task = read_task(uri, cfg.storage)
-        result = report["zero_shot"][task.name] = zero_shot_task(ens, task, validated)
-        images += len(task.labels)
+    fs = run.fs
+    results = run.stage_path(STAGE, "clip_benchmark")
+    if fs.exists(results):
+        fs.rm(results, recursive=True)
+    for s in scored:
+        info, tallies = s.info, dict(s.tallies)
+        mixes = task_mixes(ens, info.classnames, info.templates, validated)
+        if validated is not None:     # the chosen grid point, scored in the same pass
+            tallies[VALIDATED] = tallies[GRID + selection["chosen"]]
+        result = report["zero_shot"][info.name] = zero_shot_result(tallies, mixes, ens.num_experts)
+        images += result["images"]
+        for method in result["accuracy"]:
+            if method != "oracle":
+                write_bytes_atomic(fs, join(results, clip_benchmark_name(info.name, method)),
+                                   json.dumps(clip_benchmark_result(info.name, method, run.uri,
+                                                                    tallies[method])).encode())
         acc = result["accuracy"]
-        log(f"[eval] {task.name}: {len(task.labels)} images, {len(task.classnames)} classes; "
+        log(f"[eval] {info.name}: {result['images']} images, {len(info.classnames)} classes; "
             f"{DEFAULT_METHOD} {acc[DEFAULT_METHOD]:.1%}, {PAPER_DENSE} "
             f"{acc.get(PAPER_DENSE, float('nan')):.1%}")
     if retrieval:
@@ -621,7 +768,6 @@ def run(cfg: ConfigView, run: RunDir, upstream: dict[str, Any], log: Callable[[s
     if truth:
         report["confusion"] = {str(k): {str(e): int(v) for e, v in col.items()}
                                for k, col in confusion(run, truth, cfg.storage).items()}
-    fs = run.fs
     write_bytes_atomic(fs, run.stage_path(STAGE, "report.json"),
                        (json.dumps(report, indent=2) + "\n").encode())
     write_bytes_atomic(fs, run.stage_path(STAGE, "report.md"), markdown(report).encode())

@@ -45,6 +45,7 @@ from pipeline.core.rundir import RunDir, code_version, now
 from pipeline.core.storage import filesystem, is_remote, join, write_bytes_atomic, write_json_atomic
 from pipeline.data.encoders import OPEN_CLIP_PREFIX, CaptionEncoder
 from pipeline.evaluation.ensemble import MoDEEnsemble, routing_weights
+from pipeline.evaluation.eval import DEFAULT_METHOD, METHODS
 from pipeline.training.checkpoint_io import read_checkpoint
 from pipeline.training.runs import run_name
 
@@ -252,8 +253,6 @@ def _evaluation(run: RunDir, ens: MoDEEnsemble, exported: list[dict[str, Any]],
 
 
 def _routing(ens: MoDEEnsemble, encoder: dict[str, Any], evaluation: dict[str, Any] | None) -> dict[str, Any]:
-    from pipeline.evaluation.eval import DEFAULT_METHOD, METHODS  # late import: Ray, for the export only
-
     defaults = {k: p.default for k, p in inspect.signature(routing_weights).parameters.items()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY}
     selection = evaluation["routing_selection"] if evaluation else None

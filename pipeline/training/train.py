@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray.data
+import ray.exceptions as rx
 
 from pipeline.core import console
 from pipeline.core.config import StorageConfig, TrainConfig, parse_resources
@@ -244,8 +245,7 @@ def died(error: BaseException) -> str | None:
     a death when the loop only passed on one, e.g. from the dataset manager). A
     ``WorkerGroupError`` is a death only when every failed worker's error is one.
     """
-    from ray import exceptions as rx  # late import: as for ray.train below
-    from ray.train import ControllerError, WorkerGroupError
+    from ray.train import ControllerError, WorkerGroupError  # late import: ray.train, as above
 
     deaths = (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError, rx.OwnerDiedError,
               rx.LocalRayletDiedError)
