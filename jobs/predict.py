@@ -21,9 +21,8 @@ from pipeline.core import cli
 from pipeline.evaluation import scoring
 from pipeline.evaluation.ensemble import MoDEEnsemble
 from pipeline.evaluation.eval import use_gpu
+from pipeline.evaluation.metrics import DEFAULT_TEMPLATES
 from pipeline.training.runs import run_name
-
-DEFAULT_TEMPLATES = ("a photo of a {c}.", "a {c}.", "{c}")
 
 
 def main(argv=None) -> int:

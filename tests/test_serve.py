@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import yaml
 
-from jobs import predict
+from pipeline.evaluation.metrics import DEFAULT_TEMPLATES
 from pipeline.serving import mixing
 from pipeline.serving.app import APP_NAME, build
-from pipeline.serving.options import DEFAULT_TEMPLATES, ServeOptions
+from pipeline.serving.options import ServeOptions
 from pipeline.training.runs import run_name
 from tests.tiny import EXPERTS, copy_run
 
@@ -62,7 +62,7 @@ def task(folder: Path) -> tuple[list[str], object]:
 
 def in_process(ens, image, labels) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, weights) of jobs/predict.py's formula on MoDEEnsemble.zero_shot."""
-    out = ens.zero_shot([image], labels, list(predict.DEFAULT_TEMPLATES))
+    out = ens.zero_shot([image], labels, list(DEFAULT_TEMPLATES))
     scale = np.mean([float(ens.model(run_name("expert", e))[0].logit_scale.detach().exp())
                      for e in out.expert_logits])
     z = scale * out.logits[0]
@@ -108,7 +108,6 @@ def served(ray_local, grown, tmp_path_factory):
 
 
 def test_the_mix_is_predicts_formula_and_options_are_checked():
-    assert DEFAULT_TEMPLATES == predict.DEFAULT_TEMPLATES
     w = np.array([0.5, 0.0, 0.5])
     logits = {0: np.array([0.2, 0.1, 0.3]), 2: np.array([0.1, 0.4, 0.0])}
     p = mixing.probabilities(w, logits, {0: 10.0, 2: 30.0})

@@ -9,6 +9,8 @@ import numpy as np
 
 # The members of a webdataset sample that hold its image, in the order they are looked for.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Prompt templates of labels given without their own (jobs/predict.py, the serving app).
+DEFAULT_TEMPLATES = ("a photo of a {c}.", "a {c}.", "{c}")
 
 
 # Columns of a tally: per true class, its images and how many of them the method put first and
@@ -64,3 +66,10 @@ class Mix:
 def runs_of(mixes: dict[str, Mix]) -> list[str]:
     """The runs whose logits some mix reads, each once, in first-use order."""
     return list(dict.fromkeys(r for mix in mixes.values() for r in mix.runs))
+
+
+def label_probabilities(mixed: np.ndarray, scale: float) -> np.ndarray:
+    """Softmax over labels of mixed cosine logits (one row per image) times a logit scale."""
+    z = scale * np.atleast_2d(mixed)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)

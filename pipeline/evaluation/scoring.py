@@ -27,7 +27,7 @@ from pipeline.core.config import StorageConfig
 from pipeline.core.storage import filesystem, is_s3, pyarrow_filesystem
 from pipeline.data.images import open_rgb
 from pipeline.evaluation.ensemble import MoDEEnsemble
-from pipeline.evaluation.metrics import IMAGE_EXTS, TALLY, Mix, runs_of, tally
+from pipeline.evaluation.metrics import IMAGE_EXTS, TALLY, Mix, label_probabilities, runs_of, tally
 from pipeline.training.runs import run_name
 
 # Images per actor call: one forward pass of every run (a few MB of pixels at 224 px).
@@ -186,13 +186,6 @@ def score(run_uri: str, cfg, parts: Sequence[Part], storage: StorageConfig, *, u
 
 
 # ----------------------------------------------------------------------------- prediction
-def label_probabilities(mixed: np.ndarray, scale: float) -> np.ndarray:
-    """Softmax over labels of mixed cosine logits (one row per image) times a logit scale."""
-    z = scale * np.atleast_2d(mixed)
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    return p / p.sum(axis=1, keepdims=True)
-
-
 def routed_probabilities(ens: MoDEEnsemble, images, labels: Sequence[str], templates: Sequence[str],
                          weights: np.ndarray) -> np.ndarray:
     """(N, labels) probabilities of images under routing ``weights``: the experts of nonzero

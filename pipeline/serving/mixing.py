@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from pipeline.evaluation.metrics import label_probabilities
+
 
 def probabilities(weights: np.ndarray, logits: Mapping[int, np.ndarray],
                   scales: Mapping[int, float]) -> np.ndarray:
@@ -19,9 +21,7 @@ def probabilities(weights: np.ndarray, logits: Mapping[int, np.ndarray],
     if not logits:
         raise ValueError("no expert logits to mix")
     mixed = sum(float(weights[e]) * np.asarray(lg, np.float64) for e, lg in logits.items())
-    z = float(np.mean([scales[e] for e in logits])) * mixed
-    p = np.exp(z - z.max())
-    return p / p.sum()
+    return label_probabilities(mixed, float(np.mean([scales[e] for e in logits])))[0]
 
 
 def ranked(labels: Sequence[str], probs: np.ndarray) -> tuple[list[str], list[float]]:

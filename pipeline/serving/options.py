@@ -6,8 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.evaluation.metrics import DEFAULT_TEMPLATES
+
 # The prompt templates of jobs/predict.py, so that the service and the job give the same answer.
-DEFAULT_TEMPLATES = ("a photo of a {c}.", "a {c}.", "{c}")
 
 
 @dataclass(frozen=True)
