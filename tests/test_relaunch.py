@@ -1,6 +1,7 @@
 """The launcher starts a run again when a process of the run died (its Ray Train controller, a
 helper actor, its worker group), from its newest whole checkpoint, and never after an error of
-the run's own (pipeline/training/train.py: ``died``, ``_fit_relaunching``)."""
+the run's own (pipeline/core/faults.py: ``died``; pipeline/training/train.py:
+``_fit_relaunching``)."""
 
 import glob
 import os
@@ -14,7 +15,8 @@ import ray.exceptions as rx
 from ray.train import ControllerError, WorkerGroupError
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, WorkerHealthCheckFailedError
 
-from pipeline.training.train import _fit_relaunching, died
+from pipeline.core.faults import died
+from pipeline.training.train import _fit_relaunching
 
 
 def _user(e: BaseException) -> UserExceptionWithTraceback:
@@ -34,6 +36,12 @@ def _user(e: BaseException) -> UserExceptionWithTraceback:
     (WorkerGroupError("w", {0: _user(rx.RayTaskError("f", "tb", OSError("unreadable"))
                                      .as_instanceof_cause())}), False),  # its data
     (ControllerError(RuntimeError("bad config")), False),
+    (rx.ObjectLostError("0" * 56, "owner", "call site"), True),         # its node took an object
+    (rx.UnserializableException(                                         # as Ray Data's reader
+        "ray.exceptions.RayTaskError: ray::ListFiles()\n  File ...\n"
+        "ray.exceptions.ActorDiedError: The actor died unexpectedly.\n\tclass_name: FooterReader"), True),
+    (rx.UnserializableException("ray.exceptions.RayTaskError: ray::ListFiles()\n"
+                                "ValueError: unreadable footer"), False),
     (ValueError("end_samples is past the schedule's end"), False),
 ])
 def test_deaths_are_told_from_the_runs_own_errors(error, death):

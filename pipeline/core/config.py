@@ -340,6 +340,12 @@ class RayConfig:
             "(e.g. \"8 x CPU=32; 8 x CPU=48,GPU=4\", cluster.yaml's pools). The launcher's resource "
             "plan counts them when the nodes up now are too few (Ray 2.60 tells jobs nothing of the "
             "node types an autoscaler knows). \"\" means the nodes up now are all there is.")
+    stage_retries: int = setting(
+        2, ge=0,
+        doc="Times a data stage (ingest to eval) is run again within its job after a Ray process it "
+            "depended on died (an actor, a task's worker, a node, an object lost with it), each "
+            "retry logged with its cause; never after an error of its code or data. Training runs "
+            "have their own: `train.max_relaunches`.")
 
 
 @dataclass(frozen=True)

@@ -323,6 +323,8 @@ def run_stage(name: str, cfg: Config, run: RunDir, *, force: bool = False, log: 
 
     Skipped when its manifest matches the current hash (unless ``force``); otherwise its
     manifest is dropped, its ``run`` function does the work and the new manifest is written.
+    When the work fails because a Ray process it depended on died (``faults.died``), it is
+    done again, up to ``ray.stage_retries`` times, each retry logged with its cause.
     """
     stage = stage_of(name)
     if name.startswith("checkpoints"):
@@ -345,7 +347,20 @@ def run_stage(name: str, cfg: Config, run: RunDir, *, force: bool = False, log: 
     if stage.check is not None:
         stage.check(sr.cfg, where, upstream, **external)
     started, t0 = sr.begin(), time.perf_counter()
-    output = stage.run(sr.cfg, where, upstream, log=log, **external)
+    retries = cfg.ray.stage_retries
+    for attempt in range(retries + 1):
+        try:
+            output = stage.run(sr.cfg, where, upstream, log=log, **external)
+            break
+        except Exception as e:
+            cause = faults.died(e)
+            if cause is None or attempt == retries:
+                if cause is not None:
+                    log(f"[{name}] {cause}, after {retries} retries (ray.stage_retries): failed")
+                raise
+            # The stage's manifest is still dropped and its code rewrites its outputs: a
+            # second run is the rerun a person would have submitted.
+            log(f"[{name}] retry {attempt + 1} of {retries} (ray.stage_retries): {cause}")
     manifest = sr.finish(output, started)
     log(summary(name, manifest, time.perf_counter() - t0) + f" -> {run.stage_uri(name)}")
     return manifest

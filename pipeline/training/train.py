@@ -31,10 +31,10 @@ from collections.abc import Callable
 from typing import Any
 
 import ray.data
-import ray.exceptions as rx
 
 from pipeline.core import console
 from pipeline.core.config import StorageConfig, TrainConfig, parse_resources
+from pipeline.core.faults import died
 from pipeline.core.storage import filesystem, is_remote, pyarrow_filesystem, scheme
 from pipeline.training.checkpoint_io import list_checkpoints
 from pipeline.training.inputs import preprocess_batch
@@ -232,47 +232,6 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
 
 
 # ----------------------------------------------------------------------------- relaunching
-def died(error: BaseException) -> str | None:
-    """What died, when ``fit`` failed because a process of the run died: its Ray Train
-    controller, a helper actor (placement-group cleaner, dataset manager, split coordinator), its
-    worker group or their node. None when the run failed for its own reasons (its training code
-    or its data raised: a relaunch would fail the same way).
-
-    Ray reports a death as ``RayActorError`` (``ActorDiedError``, ``ActorUnavailableError``),
-    ``WorkerCrashedError``, ``NodeDiedError`` or ``OwnerDiedError``, raised by ``fit`` itself
-    (the controller) or wrapped: in a ``ControllerError``, or per worker in a
-    ``WorkerGroupError`` (a worker's health check that failed, or its loop's exception, which is
-    a death when the loop only passed on one, e.g. from the dataset manager). A
-    ``WorkerGroupError`` is a death only when every failed worker's error is one.
-    """
-    from ray.train import ControllerError, WorkerGroupError  # late import: ray.train, as above
-
-    deaths = (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError, rx.OwnerDiedError,
-              rx.LocalRayletDiedError)
-
-    def find(e: BaseException | None, depth: int = 0) -> str | None:
-        if e is None or depth > 8:
-            return None
-        if isinstance(e, WorkerGroupError):
-            found = [find(f, depth + 1) for f in e.worker_failures.values()]
-            return f"its worker group died ({found[0]})" if found and all(found) else None
-        if isinstance(e, ControllerError):
-            return find(e.controller_failure, depth + 1)
-        # Ray Train's wrappers of a worker's exception and of a failed health check are private
-        # classes: known by name, and by the attribute that holds what they wrap
-        if type(e).__name__ == "UserExceptionWithTraceback":
-            return find(getattr(e, "_base_exc", None) or e.__cause__, depth + 1)
-        if type(e).__name__ == "WorkerHealthCheckFailedError":
-            return find(getattr(e, "health_check_failure", None) or e.__cause__, depth + 1)
-        if isinstance(e, rx.RayTaskError):  # before `deaths`: its class also subclasses its cause's
-            return find(e.cause, depth + 1)
-        if isinstance(e, deaths):
-            text = str(e).strip()
-            what = next((line.strip() for line in text.splitlines() if "class_name" in line), "")
-            return f"{type(e).__name__}{': ' + what if what else ''}"
-        return find(e.__cause__, depth + 1)
-
-    return find(error)
 
 
 def _fit_relaunching(build: Callable[[], Any], relaunches: int, label: str,
