@@ -10,15 +10,17 @@ CHAOS_SET below):
   of that run at a time, of any kind the job owns (KINDS): a training worker, a Ray Data task,
   an embedding actor, the job's console actor, a run's Ray Train controller or one of its
   helpers (placement-group cleaner, dataset manager, synchronisation actor), one of Ray Data's
-  helper actors. At each kill the helper watches the run's processes for 5 s (polling every
-  0.1 s: data tasks live for a fraction of a second), draws a kind among those it saw, waits
-  for a live process of that kind and kills it; one that does not come back within 10 s is
-  counted as a miss.
+  helper actors.
 
-Kills come every --every seconds on average (uniform in 0.5-1.5 x every, the first after one
-interval), never faster: a training run takes about 40 s to restart on 2 cores. Only processes
-descended from that run's driver are touched; the driver, the raylet and other people's Ray are
-not.
+Every kind first: until each kind has been killed once over the runs, a process of a kind not
+killed yet is killed as soon as one is alive (the killer looks every 0.1 s: data tasks live for
+a fraction of a second, data stages for seconds). Then kills come every --every seconds on
+average (uniform in 0.5-1.5 x every): the killer watches the run's processes for 5 s, draws a
+kind among those it saw, waits for a live process of that kind and kills it; one that does not
+come back within 10 s is counted as a miss. After killing a training process the killer leaves
+the run alone for every/2 (a training run takes about 40 s to restart on 2 cores), after any
+other 5 s. Only processes descended from that run's driver are touched; the driver, the raylet
+and other people's Ray are not.
 
 Each run must:
 - finish (exit 0);
@@ -27,11 +29,12 @@ Each run must:
 - end every training run at exactly its planned samples.
 
 Writes <out>/chaos.json and prints one line per run: wall time, kills and recoveries by kind,
-worker-group restarts, relaunches, outcome. A kill counts as recovered when its run passed every
-check. The job log says how: a training run's relaunch (its controller or a helper died:
-``relaunch``), a worker-group restart (``restarts`` in the registry), a stage that counted from
-its data (its console actor died: ``counts are incomplete``); Ray retries tasks and restarts
-actors silently. Exits 1 if a run failed a check.
+worker-group restarts, relaunches, stage retries, outcome; the last line names any kind never
+killed. A kill counts as recovered when its run passed every check. The job log says how: a
+training run's relaunch (its controller or a helper died: ``relaunch``), a worker-group restart
+(``restarts`` in the registry), a data stage run again (a Ray process it used died: ``retry``),
+a stage that counted from its data (its console actor died: ``counts are incomplete``); Ray
+retries tasks and restarts actors silently. Exits 1 if a run failed a check.
 """
 
 from __future__ import annotations
@@ -78,9 +81,12 @@ KINDS = {"training worker": ("RayTrainWorker",),
          "data task": ("ray::Read", "ray::MapBatches", "ray::Map(", "ray::Write", "ray::Filter",
                        "ray::Project", "ray::_map_task", "ray::Sort")}
 # What the job log says when it recovers on its own (beyond Ray's silent task retries).
-RECOVERY_LINES = {"relaunches": "] relaunch ", "counts_from_data": "counts are incomplete"}
+RECOVERY_LINES = {"relaunches": "] relaunch ", "stage_retries": "] retry ",
+                  "counts_from_data": "counts are incomplete"}
+TRAINING_KINDS = {"training worker", "train controller", "train helper"}
 POLL_S = 0.1    # how often the killer looks at the processes
 WATCH_S = 5.0   # how long it watches before it draws a kind among those it saw
+DATA_GAP_S = 5.0    # the least time between a kill in a data stage and the next
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -124,53 +130,81 @@ def targets(root: int) -> dict[str, list[tuple[int, str]]]:
 
 
 class Killer(threading.Thread):
-    """Kill one worker process of the run below ``root`` about every ``every`` seconds."""
+    """Kill one worker process of the run below ``root`` about every ``every`` seconds, and
+    first of all one of each kind the campaign has not killed yet (``drawn``, shared by the
+    runs), as soon as one is alive."""
 
-    def __init__(self, root: int, every: float, rng: random.Random, start: float) -> None:
+    def __init__(self, root: int, every: float, rng: random.Random, start: float,
+                 drawn: Counter) -> None:
         super().__init__(daemon=True, name="chaos-killer")
-        self.root, self.every, self.rng, self.t0 = root, every, rng, start
+        self.root, self.every, self.rng, self.t0, self.drawn = root, every, rng, start, drawn
         self.stop = threading.Event()
         self.kills: list[dict] = []
         self.misses: Counter = Counter()
 
     def run(self) -> None:
-        while not self.stop.wait(self.every * self.rng.uniform(0.5, 1.5)):
-            # Ray Data tasks live for a fraction of a second: a kind drawn among the processes
-            # alive at one instant would almost never be a data task. So the killer watches for
-            # WATCH_S, draws the kind among those it saw, and then waits for a live one of it.
-            seen = self._watch()
-            if not seen:
-                continue
-            kind = self.rng.choice(sorted(seen))
-            # A short wait: a data task comes back within seconds while its stage runs; an
-            # embedding actor seen during the watch may have finished for good.
-            deadline = time.time() + 2 * WATCH_S
-            live = []
-            while not live and time.time() < deadline and not self.stop.is_set():
-                live = targets(self.root).get(kind, [])
-                if not live:
-                    time.sleep(POLL_S)
-            try:
-                if not live:
-                    raise ProcessLookupError
-                pid, title = self.rng.choice(live)
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                self.misses[kind] += 1      # none came back in time, or it ended meanwhile
-                continue
-            self.kills.append({"t": round(time.time() - self.t0, 1), "kind": kind, "pid": pid,
-                               "title": title})
-            print(f"  [chaos] {time.time() - self.t0:6.1f} s: killed {kind} {pid} ({title})",
-                  flush=True)
+        # Coverage: data stages last tens of seconds and their processes a fraction of one, so
+        # a schedule alone may never meet some kinds. Until every kind has been killed once in
+        # the campaign, one not killed yet is killed as soon as it is alive, a gap after the
+        # last kill (long after a training process: a run takes about 40 s to restart).
+        next_at = time.time() + self.every * self.rng.uniform(0.5, 1.5)
+        calm_until = 0.0
+        while not self.stop.is_set():
+            now = time.time()
+            undrawn = set(KINDS) - set(self.drawn)
+            if undrawn and now >= calm_until:
+                live = {k: v for k, v in targets(self.root).items() if k in undrawn}
+                if live:
+                    kind = self.rng.choice(sorted(live))
+                    if self._kill(kind, live[kind], "first of its kind"):
+                        calm_until = time.time() + self._gap(kind)
+                        next_at = max(next_at, calm_until)
+                        continue
+            if now >= next_at and now >= calm_until:
+                kind = self._draw()
+                if kind is not None:
+                    # A short wait: a data task comes back within seconds while its stage
+                    # runs; an embedding actor seen during the watch may have finished for good.
+                    live, deadline = [], time.time() + 2 * WATCH_S
+                    while not live and time.time() < deadline and not self.stop.is_set():
+                        live = targets(self.root).get(kind, [])
+                        if not live:
+                            time.sleep(POLL_S)
+                    if self._kill(kind, live, "scheduled"):
+                        calm_until = time.time() + self._gap(kind)
+                next_at = max(time.time() + self.every * self.rng.uniform(0.5, 1.5), calm_until)
+            self.stop.wait(POLL_S)
 
-    def _watch(self) -> set[str]:
-        """The kinds of process seen below the root over WATCH_S seconds."""
+    def _gap(self, kind: str) -> float:
+        """How long to leave the run alone after killing a ``kind``."""
+        return self.every * 0.5 if kind in TRAINING_KINDS else DATA_GAP_S
+
+    def _draw(self) -> str | None:
+        """Ray Data tasks live for a fraction of a second: a kind drawn among the processes alive
+        at one instant would almost never be a data task. So the killer watches for WATCH_S and
+        draws the kind among those it saw."""
         seen: set[str] = set()
         until = time.time() + WATCH_S
         while time.time() < until and not self.stop.is_set():
             seen |= set(targets(self.root))
             time.sleep(POLL_S)
-        return seen
+        return self.rng.choice(sorted(seen)) if seen else None
+
+    def _kill(self, kind: str, live: list[tuple[int, str]], why: str) -> bool:
+        try:
+            if not live:
+                raise ProcessLookupError
+            pid, title = self.rng.choice(live)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            self.misses[kind] += 1      # none came back in time, or it ended meanwhile
+            return False
+        self.drawn[kind] += 1
+        self.kills.append({"t": round(time.time() - self.t0, 1), "kind": kind, "pid": pid,
+                           "title": title, "why": why})
+        print(f"  [chaos] {time.time() - self.t0:6.1f} s: killed {kind} {pid} ({title}; {why})",
+              flush=True)
+        return True
 
 
 def pipeline_job(run_dir: Path, data: Path, log: Path, overrides: list[str],
@@ -233,6 +267,7 @@ def main(argv=None) -> int:
     if not (data / "world.json").exists():
         demo_world.generate(str(data), WORLD, StorageConfig(), log=lambda *_: None)
     rng = random.Random(args.seed)
+    drawn: Counter = Counter()      # kills by kind over the campaign
     results = []
     for i in range(args.runs + 1):
         name = "reference" if i == 0 else f"run-{i}"
@@ -242,7 +277,7 @@ def main(argv=None) -> int:
         started = time.time()
         job = pipeline_job(run_dir, data / "train", out / f"{name}.log", args.overrides,
                            args.verbose)
-        killer = Killer(job.pid, args.every, rng, started) if i else None
+        killer = Killer(job.pid, args.every, rng, started, drawn) if i else None
         if killer:
             killer.start()
         rc = job.wait()
@@ -266,6 +301,7 @@ def main(argv=None) -> int:
         print(f"[chaos] {name}: {wall:.0f} s, {len(kills)} kills {by_kind} "
               f"(missed: {result['misses_by_kind'] or 'none'}), "
               f"{result['restarts']} worker-group restarts, {result['relaunches']} relaunches, "
+              f"{result['stage_retries']} stage retries, "
               f"{result['counts_from_data']} stages counted from their data: "
               f"{'OK' if not problems else 'FAILED ' + '; '.join(problems)}", flush=True)
         if i == 0 and problems:
@@ -275,8 +311,10 @@ def main(argv=None) -> int:
     bad = [r["run"] for r in results if r["problems"]]
     kills = sum((Counter(r["kills_by_kind"]) for r in results), Counter())
     recovered = sum((Counter(r["recovered_by_kind"]) for r in results), Counter())
+    never = sorted(set(KINDS) - set(kills))
     print(f"[chaos] {len(results) - 1} disturbed runs, {sum(kills.values())} kills, recovered "
           f"by kind: {', '.join(f'{k} {recovered[k]}/{n}' for k, n in sorted(kills.items())) or 'none'}; "
+          f"never killed: {', '.join(never) or 'none'}; "
           f"failed: {bad or 'none'}; {out / 'chaos.json'}")
     return 1 if bad else 0
 
