@@ -14,8 +14,9 @@ export PYTHONUNBUFFERED=1
 
 CHAOS_RUNS ?= 5
 CHAOS_EVERY ?= 45
+CHAOS_NODE_RUNS ?= 2
 
-.PHONY: venv demo experiment experiment-composite test test-fast test-cluster test-reliability lint bench chaos clean
+.PHONY: venv demo experiment experiment-composite test test-fast test-cluster test-reliability lint bench chaos chaos-node clean
 
 $(STAMP): requirements.txt requirements-test.txt constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,8 +58,11 @@ test-reliability: venv  ## the faults: bad input through every stage, a job kill
 lint: venv
 	$(BIN)/ruff check pipeline jobs tests bench
 
-chaos: venv  ## a small pipeline CHAOS_RUNS times while Ray worker processes are killed every ~CHAOS_EVERY s; each run checked against an undisturbed one (jobs/chaos.py)
+chaos: venv  ## a small pipeline CHAOS_RUNS times while Ray worker processes are killed every ~CHAOS_EVERY s, every kind once first; each run checked against an undisturbed one (jobs/chaos.py)
 	$(BIN)/python jobs/chaos.py --out chaos_out --runs $(CHAOS_RUNS) --every $(CHAOS_EVERY)
+
+chaos-node: venv  ## the small pipeline submitted to a 3-node Ray on this machine while a worker node crashes, CHAOS_NODE_RUNS times; a failed job is submitted again; each run checked against an undisturbed one
+	$(BIN)/python jobs/chaos.py --out chaos_out --node-crash --runs $(CHAOS_NODE_RUNS)
 
 bench: venv  ## benchmarks print ratios against a reference run (added by the stages that need them)
 	@ls bench/bench_*.py >/dev/null 2>&1 && for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done \

@@ -1,6 +1,7 @@
 """Chaos: the pipeline while its Ray workers are killed (`make chaos`; docs/reliability.md).
 
     python jobs/chaos.py --out chaos_out [--runs 5] [--every 45] [--seed 0]
+    python jobs/chaos.py --out chaos_out --node-crash [--runs 2] [--resubmit 2]
 
 Generates a small demo world once (<out>/data). Then it runs the data stages, the seed and two
 experts (`jobs/run_pipeline.py --until experts --baselines ""`, the demo preset made small:
@@ -35,6 +36,15 @@ training run's relaunch (its controller or a helper died: ``relaunch``), a worke
 (``restarts`` in the registry), a data stage run again (a Ray process it used died: ``retry``),
 a stage that counted from its data (its console actor died: ``counts are incomplete``); Ray
 retries tasks and restarts actors silently. Exits 1 if a run failed a check.
+
+With --node-crash (`make chaos-node`) the runs go to a Ray of three nodes on this machine (a
+head that runs no task and two worker nodes of one CPU and one `accel`, the stand-in for a GPU:
+NODE_SET), each by `ray job submit`, the reference first. In each disturbed run one worker node
+crashes at a random time (its raylet, agents and workers SIGKILLed at once) and a new node joins
+in its place, as an autoscaler would start one. A job that did not succeed is submitted again,
+the same command, up to --resubmit times; then the run must pass the same checks. Writes
+<out>/chaos_node.json: when and which node crashed, the job's last line then, each submission's
+status and recovery lines, and whether the run recovered by itself or after resubmission.
 """
 
 from __future__ import annotations
@@ -239,7 +249,10 @@ def check(run_dir: Path, reference: Path | None, overrides: list[str]) -> list[s
 
 def recoveries(log: Path) -> dict[str, int]:
     """The job log's recovery lines (RECOVERY_LINES), counted."""
-    text = log.read_text(errors="replace") if log.exists() else ""
+    return recoveries_in(log.read_text(errors="replace") if log.exists() else "")
+
+
+def recoveries_in(text: str) -> dict[str, int]:
     return {name: sum(mark in line for line in text.splitlines())
             for name, mark in RECOVERY_LINES.items()}
 
@@ -249,6 +262,107 @@ def restarts(run_dir: Path) -> int:
     return sum(e.get("restarts", 0) for e in entries.values())
 
 
+# ----------------------------------------------------------------------------- a node crash
+# A head that runs no task and two worker nodes of one CPU and one `accel` (a custom resource
+# standing in for a GPU: one expert per node), as tests/test_multinode.py's cluster.
+NODE_SET = ["train.cpus_per_worker=0", "train.data_cpus=0.5", "train.worker_resources=accel=1",
+            "train.max_concurrent=2", "embed.num_cpus_per_actor=0.5"]
+NODE = {"cpus": 1, "resources": {"accel": 1}}
+
+
+def node_crash(args, out: Path, data: Path) -> int:
+    """Each disturbed run is submitted to a 3-node cluster on this machine (`ray job submit`);
+    at a random time one worker node crashes (its raylet, agents and workers SIGKILLed at once:
+    a node gone without a goodbye) and a new node joins in its place, as an autoscaler would
+    start one. A job that did not succeed is submitted again, the same command, up to
+    --resubmit times; the run must then pass ``check`` against the undisturbed reference
+    submitted to the same cluster."""
+    from pipeline.core.localnodes import LocalCluster
+
+    overrides = [*NODE_SET, *args.overrides]
+    nodes = out / "nodes"
+    shutil.rmtree(nodes, ignore_errors=True)
+    nodes.mkdir(parents=True)
+    code = nodes / "code"           # what `--working-dir` ships: the jobs and the package
+    for part in ("pipeline", "jobs"):
+        shutil.copytree(REPO / part, code / part, ignore=shutil.ignore_patterns("__pycache__"))
+    rng = random.Random(args.seed)
+    cluster = LocalCluster(nodes, head_cpus=0, extra_env={"HF_HUB_OFFLINE": "1",
+                                                          "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"})
+    results, reference_wall, spare = [], None, 0
+    try:
+        for name in ("w1", "w2"):
+            cluster.add_worker(name, **NODE)
+        for i in range(args.runs + 1):
+            name = "node-reference" if i == 0 else f"crash-{i}"
+            run_dir = out / name
+            shutil.rmtree(run_dir, ignore_errors=True)
+            cmd = ["python", "jobs/run_pipeline.py", "--run-dir", str(run_dir), "--data",
+                   str(data / "train"), "--until", "experts", "--baselines", ""]
+            for item in [*CHAOS_SET, *overrides]:
+                cmd += ["--set", item]
+            started, crash, attempts = time.time(), None, []
+            while True:
+                job_id = f"{name}-{len(attempts)}-{random.getrandbits(24):06x}"
+                cluster.submit(job_id, code, *cmd)
+                if i and crash is None:
+                    # somewhere in the run: the data stages, the seed or the experts
+                    at = started + rng.uniform(0.15, 0.85) * reference_wall
+                    while time.time() < at and cluster.status(job_id) in ("RUNNING", "PENDING"):
+                        time.sleep(0.5)
+                    victim = rng.choice(sorted(cluster.workers))
+                    during = cluster.status(job_id)
+                    log = cluster.job_log(job_id)
+                    doing = next((line for line in reversed(log.splitlines())
+                                  if line.startswith("[")), "(nothing printed yet)")
+                    cluster.kill_worker(victim)
+                    crash = {"t": round(time.time() - started, 1), "node": victim,
+                             "job_was": during, "last_line": doing[:160]}
+                    print(f"  [chaos] {crash['t']:6.1f} s: crashed node {victim} (the job's last "
+                          f"line: {doing[:120]})", flush=True)
+                    spare += 1
+                    cluster.add_worker(f"spare{spare}", **NODE)     # the autoscaler's replacement
+                state = cluster.wait(job_id, timeout=900)
+                text = cluster.job_log(job_id)
+                (out / f"{job_id}.log").write_text(text)
+                attempts.append({"job": job_id, "status": state, **recoveries_in(text)})
+                if state == "SUCCEEDED" or i == 0 or len(attempts) > args.resubmit:
+                    break
+                print(f"  [chaos] {name}: job {state}, submitting the same command again",
+                      flush=True)
+            wall = time.time() - started
+            if i == 0:
+                reference_wall = wall
+            problems = ([] if state == "SUCCEEDED" else [f"{state}: see {out / (job_id + '.log')}"])
+            if not problems:
+                problems = check(run_dir, out / "node-reference" if i else None, overrides)
+            result = {"run": name, "wall_s": round(wall, 1), "crash": crash,
+                      "submissions": len(attempts), "attempts": attempts,
+                      "recovered": ("by itself" if len(attempts) == 1 else
+                                    f"after {len(attempts) - 1} resubmission(s)") if not problems else None,
+                      "problems": problems}
+            results.append(result)
+            print(f"[chaos] {name}: {wall:.0f} s, "
+                  + (f"node {crash['node']} crashed at {crash['t']:.0f} s, " if crash else "")
+                  + f"{len(attempts)} submission(s), "
+                  + ", ".join(f"{a['status']} ({a['relaunches']} relaunches, {a['stage_retries']} "
+                              f"stage retries)" for a in attempts)
+                  + f": {'OK, recovered ' + result['recovered'] if not problems else 'FAILED ' + '; '.join(problems)}",
+                  flush=True)
+            if i == 0 and problems:
+                print("[chaos] the undisturbed reference run failed: nothing to compare with")
+                break
+    finally:
+        cluster.stop()
+    (out / "chaos_node.json").write_text(json.dumps(results, indent=1))
+    bad = [r["run"] for r in results if r["problems"]]
+    print(f"[chaos] {len(results) - 1} node crashes; recovered by themselves: "
+          f"{sum(r['recovered'] == 'by itself' for r in results[1:])}, after resubmission: "
+          f"{sum(bool(r['recovered']) and r['recovered'] != 'by itself' for r in results[1:])}; "
+          f"failed: {bad or 'none'}; {out / 'chaos_node.json'}")
+    return 1 if bad else 0
+
+
 def main(argv=None) -> int:
     p = cli.parser(__doc__, run_dir=False)
     p.add_argument("--out", default="chaos_out", help="where the world, the runs and chaos.json go")
@@ -256,6 +370,11 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=float, default=45.0,
                    help="mean seconds between kills (default 45; a training run restarts in ~40)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    p.add_argument("--node-crash", action="store_true",
+                   help="instead: crash one worker node of a 3-node cluster on this machine per run "
+                        "(`make chaos-node`); writes chaos_node.json")
+    p.add_argument("--resubmit", type=int, default=2,
+                   help="with --node-crash: times a failed job is submitted again (default 2)")
     args = p.parse_args(argv)
     # The runs use the demo preset made small (CHAOS_SET) and --set: their config, not --config's.
     source = (f"the 'demo' preset with chaos's {' '.join(CHAOS_SET)}"
@@ -266,6 +385,8 @@ def main(argv=None) -> int:
     data = out / "data"
     if not (data / "world.json").exists():
         demo_world.generate(str(data), WORLD, StorageConfig(), log=lambda *_: None)
+    if args.node_crash:
+        return node_crash(args, out, data)
     rng = random.Random(args.seed)
     drawn: Counter = Counter()      # kills by kind over the campaign
     results = []

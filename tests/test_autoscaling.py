@@ -49,7 +49,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.raynodes import LocalCluster, free_ports, processes_naming
+from pipeline.core.localnodes import LocalCluster, free_ports, processes_naming
 from tests.tiny import copy_run, registry_of
 
 # Not in `make test` (`make test-cluster`, 3-4 min): with it the suite would not stay under 30

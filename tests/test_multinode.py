@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.raynodes import LocalCluster
+from pipeline.core.localnodes import LocalCluster
 from tests.tiny import TINY
 
 # In `make test`, and first in it (tests/conftest.py): 7.5 min alone on 2 cores. `pytest -m
@@ -64,26 +64,17 @@ class Cluster(LocalCluster):
     def submit(self, job_id: str, script: str, *args: str, wait: bool = True) -> str:
         """Submit ``python jobs/<script>.py --run-dir RUN <args> <CONFIG>``; with ``wait``,
         return its status once it ended (its log in ``self.logs``)."""
-        self.ray("job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir",
-                 str(self.code), "--", "python", f"jobs/{script}.py", "--run-dir", RUN, *args,
-                 *CONFIG, "--set", f"storage.s3_endpoint_url={self.s3_endpoint}", check=True)
+        super().submit(job_id, self.code, "python", f"jobs/{script}.py", "--run-dir", RUN, *args,
+                       *CONFIG, "--set", f"storage.s3_endpoint_url={self.s3_endpoint}")
         return self.wait(job_id) if wait else "PENDING"
 
-    def status(self, job_id: str) -> str:
-        return self.api(f"/api/jobs/{job_id}")["status"]
-
     def wait(self, job_id: str, timeout: float = 480) -> str:
-        deadline = time.time() + timeout
-        while (state := self.status(job_id)) in ("RUNNING", "PENDING"):
-            if time.time() > deadline:
-                self.ray("job", "stop", job_id)
-                raise AssertionError(f"{job_id} still {state} after {timeout:.0f} s:\n{self.job_log(job_id)}")
-            time.sleep(1)
+        state = super().wait(job_id, timeout)
         self.job_log(job_id)
         return state
 
     def job_log(self, job_id: str) -> str:
-        self.logs[job_id] = self.api(f"/api/jobs/{job_id}/logs")["logs"]
+        self.logs[job_id] = super().job_log(job_id)
         return self.logs[job_id]
 
 

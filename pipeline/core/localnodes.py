@@ -1,4 +1,5 @@
-"""Ray clusters of several nodes on this machine, for the tests that submit jobs to them.
+"""Ray clusters of several nodes on this machine: for `make chaos-node` (jobs/chaos.py
+--node-crash) and the tests that submit jobs to them.
 
 Every node is a `ray start --block` in a process group of its own, started by the test; stopping
 a node (or the cluster) kills that group only, never `ray stop`, which would kill every Ray
@@ -152,6 +153,28 @@ class LocalCluster:
                                      headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
+
+    def submit(self, job_id: str, working_dir: Path, *entrypoint: str) -> None:
+        """``ray job submit --no-wait`` of ``entrypoint`` with ``working_dir`` shipped."""
+        self.ray("job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir",
+                 str(working_dir), "--", *entrypoint, check=True)
+
+    def status(self, job_id: str) -> str:
+        return self.api(f"/api/jobs/{job_id}")["status"]
+
+    def job_log(self, job_id: str) -> str:
+        return self.api(f"/api/jobs/{job_id}/logs")["logs"]
+
+    def wait(self, job_id: str, timeout: float = 480) -> str:
+        """The job's status once it ended; past ``timeout`` it is stopped and TimeoutError
+        raised with its log."""
+        deadline = time.time() + timeout
+        while (state := self.status(job_id)) in ("RUNNING", "PENDING"):
+            if time.time() > deadline:
+                self.ray("job", "stop", job_id)
+                raise TimeoutError(f"{job_id} still {state} after {timeout:.0f} s:\n{self.job_log(job_id)}")
+            time.sleep(1)
+        return state
 
     def alive_nodes(self) -> list[dict]:
         try:
