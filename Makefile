@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1
 
 CHAOS_RUNS ?= 5
 CHAOS_EVERY ?= 45
-CHAOS_NODE_RUNS ?= 2
+CHAOS_NODE_RUNS ?= 3
 
 .PHONY: venv demo experiment experiment-composite test test-fast test-cluster test-reliability lint bench chaos chaos-node clean
 

@@ -1,7 +1,7 @@
 """Chaos: the pipeline while its Ray workers are killed (`make chaos`; docs/reliability.md).
 
     python jobs/chaos.py --out chaos_out [--runs 5] [--every 45] [--seed 0]
-    python jobs/chaos.py --out chaos_out --node-crash [--runs 2] [--resubmit 2]
+    python jobs/chaos.py --out chaos_out --node-crash [--runs 3] [--resubmit 2]
 
 Generates a small demo world once (<out>/data). Then it runs the data stages, the seed and two
 experts (`jobs/run_pipeline.py --until experts --baselines ""`, the demo preset made small:
@@ -279,7 +279,8 @@ def node_crash(args, out: Path, data: Path) -> int:
     submitted to the same cluster."""
     from pipeline.core.localnodes import LocalCluster
 
-    overrides = [*NODE_SET, *args.overrides]
+    # the nodes share this machine's disk: the run directories and the data are one mount
+    overrides = [*NODE_SET, f"storage.shared_mount={out}", *args.overrides]
     nodes = out / "nodes"
     shutil.rmtree(nodes, ignore_errors=True)
     nodes.mkdir(parents=True)
@@ -338,16 +339,19 @@ def node_crash(args, out: Path, data: Path) -> int:
                 problems = check(run_dir, out / "node-reference" if i else None, overrides)
             result = {"run": name, "wall_s": round(wall, 1), "crash": crash,
                       "submissions": len(attempts), "attempts": attempts,
-                      "recovered": ("by itself" if len(attempts) == 1 else
-                                    f"after {len(attempts) - 1} resubmission(s)") if not problems else None,
+                      "restarts": restarts(run_dir) if state == "SUCCEEDED" else None,
+                      "recovered": None if problems or not i else (
+                          "by itself" if len(attempts) == 1 else
+                          f"after {len(attempts) - 1} resubmission(s)"),
                       "problems": problems}
             results.append(result)
             print(f"[chaos] {name}: {wall:.0f} s, "
                   + (f"node {crash['node']} crashed at {crash['t']:.0f} s, " if crash else "")
-                  + f"{len(attempts)} submission(s), "
+                  + f"{len(attempts)} submission(s), {result['restarts']} worker-group restarts, "
                   + ", ".join(f"{a['status']} ({a['relaunches']} relaunches, {a['stage_retries']} "
                               f"stage retries)" for a in attempts)
-                  + f": {'OK, recovered ' + result['recovered'] if not problems else 'FAILED ' + '; '.join(problems)}",
+                  + ": " + ("FAILED " + "; ".join(problems) if problems else
+                            "OK" + (f", recovered {result['recovered']}" if i else "")),
                   flush=True)
             if i == 0 and problems:
                 print("[chaos] the undisturbed reference run failed: nothing to compare with")
@@ -377,9 +381,10 @@ def main(argv=None) -> int:
                    help="with --node-crash: times a failed job is submitted again (default 2)")
     args = p.parse_args(argv)
     # The runs use the demo preset made small (CHAOS_SET) and --set: their config, not --config's.
-    source = (f"the 'demo' preset with chaos's {' '.join(CHAOS_SET)}"
+    own = [*CHAOS_SET, *(NODE_SET if args.node_crash else [])]
+    source = (f"the 'demo' preset with chaos's {' '.join(own)}"
               + (f" and --set {' '.join(args.overrides)}" if args.overrides else ""))
-    cli.show(args, load_config("demo", [*CHAOS_SET, *args.overrides]), source)
+    cli.show(args, load_config("demo", [*own, *args.overrides]), source)
     print(f"[config] {source}")
     out = Path(args.out).resolve()
     data = out / "data"
