@@ -52,6 +52,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -314,8 +315,8 @@ def node_crash(args, out: Path, data: Path) -> int:
                     victim = rng.choice(sorted(cluster.workers))
                     during = cluster.status(job_id)
                     log = cluster.job_log(job_id)
-                    doing = next((line for line in reversed(log.splitlines())
-                                  if line.startswith("[")), "(nothing printed yet)")
+                    doing = next((line for line in reversed(log.splitlines())   # the job's
+                                  if re.match(r"\[[a-z]", line)), "(nothing printed yet)")  # own
                     cluster.kill_worker(victim)
                     crash = {"t": round(time.time() - started, 1), "node": victim,
                              "job_was": during, "last_line": doing[:160]}
