@@ -130,6 +130,32 @@ def test_a_run_whose_controller_dies_is_relaunched_and_ends_at_its_planned_sampl
     assert m["samples_seen"] == 2 * seed["samples_seen"], out
     assert entry["restarts"] == 1 and [s["step"] for s in entry["starts"]] == [seed["step"], step], \
         (entry["starts"], out)
+    # the dead attempt's placement group was released: nothing of the run holds a CPU
+    assert _held_placement_groups() == [], out
+
+
+def _held_placement_groups() -> list[dict]:
+    from ray.util.placement_group import placement_group_table
+
+    return [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+
+
+def test_a_dead_attempts_placement_group_is_released_once(ray_local):
+    """What the launcher does before a relaunch: the placement groups a run's starts recorded
+    that are still held are removed (Ray Train's own cleaner needs the dashboard's state API,
+    which a local Ray lacks); removed ones and starts without one are passed over."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from pipeline.training.train import _release
+
+    group = placement_group([{"CPU": 0.5}])
+    ray.get(group.ready())
+    starts = [{"placement_group": group.id.hex()}, {"placement_group": None}, {}]
+    assert _held_placement_groups() != []
+    assert _release(starts) == 1
+    assert _held_placement_groups() == []
+    assert _release(starts) == 0
 
 
 def test_a_relaunched_run_resumes_from_checkpoints_ray_train_never_took_in(tmp_path):

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray.data
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from pipeline.core import console
 from pipeline.core.config import StorageConfig, TrainConfig, parse_resources
@@ -216,7 +217,8 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
         )
 
     result = _fit_relaunching(build, cfg.max_relaunches, label or name,
-                              lambda: _newest(fs, f"{path.rstrip('/')}/{name}"))
+                              lambda: _newest(fs, f"{path.rstrip('/')}/{name}"),
+                              lambda: _release(_starts(starts_uri, storage)))
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training ended without a checkpoint")
     _prune(fs, f"{path.rstrip('/')}/{name}", cfg.keep_checkpoints, result.checkpoint.path)
@@ -235,15 +237,22 @@ def train(name: str, dataset: ray.data.Dataset, cfg: TrainConfig, storage_path: 
 
 
 def _fit_relaunching(build: Callable[[], Any], relaunches: int, label: str,
-                     newest: Callable[[], str | None]) -> Any:
+                     newest: Callable[[], str | None],
+                     release: Callable[[], int] = lambda: 0) -> Any:
     """``build().fit()``, built and fitted again, up to ``relaunches`` times, after a process of
     the run died (``died``). The same ``RunConfig(name, storage_path)`` resumes the run from its
-    newest whole checkpoint; an error of the run's own is raised at once."""
+    newest whole checkpoint; an error of the run's own is raised at once. After a death the
+    dead attempt's resources are released first (``release``: its placement groups)."""
     for attempt in range(relaunches + 1):
         try:
             return build().fit()
         except Exception as e:
             cause = died(e)
+            if cause is not None:
+                released = release()
+                if released:
+                    console.say(f"[{label}] released {released} placement group(s) of the "
+                                "dead attempt")
             if cause is None or attempt == relaunches:
                 if cause is not None:
                     console.say(f"[{label}] {cause}, after {relaunches} relaunch(es) "
@@ -254,6 +263,26 @@ def _fit_relaunching(build: Callable[[], Any], relaunches: int, label: str,
                         f"{cause}; resuming from "
                         f"{where.rsplit('/', 1)[-1] if where else 'its start (no checkpoint yet)'}")
     raise AssertionError("unreachable")
+
+
+def _release(starts: list[dict]) -> int:
+    """Remove the placement groups of a run's worker groups that are still held; returns how many.
+
+    A placement group outlives the Ray Train controller that made it (it belongs to the job).
+    Ray Train's placement-group cleaner removes it when the controller dies, but it asks the
+    state API whether the controller lives, which a Ray without its dashboard (a local Ray,
+    ``init_ray``) does not answer, and it may be what died. Called when every attempt of the run
+    has ended, so none of these groups is in use."""
+    released = 0
+    for start in starts:
+        pg_id = start.get("placement_group")
+        if not pg_id:
+            continue
+        group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id)))
+        if placement_group_table(group).get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            remove_placement_group(group)
+            released += 1
+    return released
 
 
 def _newest(fs, run_path: str) -> str | None:

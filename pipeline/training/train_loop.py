@@ -262,14 +262,17 @@ def _resume(checkpoint: Checkpoint | None, config: dict[str, Any],
 
 def _record_start(uri: str, storage: dict[str, Any], step: int) -> None:
     """One small file per start of the worker group (``pipeline.training.train.train`` counts them):
-    the node rank 0 started on, from which step, and where it imported ``pipeline`` from (a
-    job's working directory on a cluster, docs/cluster.md)."""
+    the node rank 0 started on, from which step, where it imported ``pipeline`` from (a job's
+    working directory on a cluster, docs/cluster.md) and the worker group's placement group
+    (released by the launcher when the run's controller died: ``train._release``)."""
     fs, path = filesystem(uri, StorageConfig(**storage))
     node = ray.get_runtime_context().get_node_id()
+    group = ray.util.get_current_placement_group()   # the worker group's, for the launcher
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/{time.time_ns()}-{node[:12]}.json", "w") as f:
         json.dump({"node_id": node, "step": step, "time": time.time(), "pid": os.getpid(),
-                   "pipeline": os.path.dirname(console.__file__)}, f)
+                   "pipeline": os.path.dirname(console.__file__),
+                   "placement_group": group.id.hex() if group is not None else None}, f)
 
 
 class Events:
