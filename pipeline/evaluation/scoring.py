@@ -62,8 +62,11 @@ def pool_size(use_gpu: bool) -> int:
 
 
 def _pool(use_gpu: bool, actors: int | None) -> dict[str, Any]:
+    # On a cluster of fewer than 2 CPUs an actor that reserved one would leave the reads none
+    # (their file listing asks a whole CPU): there the one actor reserves nothing.
+    cpus = 1 if use_gpu or ray.cluster_resources().get("CPU", 0) >= 2 else 0
     return {"compute": ActorPoolStrategy(min_size=1, max_size=actors or pool_size(use_gpu)),
-            "num_cpus": 1, **({"num_gpus": 1} if use_gpu else {})}
+            "num_cpus": cpus, **({"num_gpus": 1} if use_gpu else {})}
 
 
 def _member(batch: dict[str, np.ndarray], i: int, exts: Sequence[str]) -> bytes | None:
